@@ -1,0 +1,90 @@
+"""Shared argument checks: every public entry point validates through these, so errors read alike.
+
+Messages name the argument, the expected form and the value received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .patterns import Pattern, check_is_pattern
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    seq_len: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (1 for multi-head attention)."""
+        return self.q_heads // self.kv_heads
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, check_finite: bool = True) -> AttentionShape:
+    """Validate ``q`` [batch, q_heads, seq, dim] and ``k``/``v`` [batch, kv_heads, seq, dim]."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(
+                f"{name} must have rank 4 [batch, heads, seq, head_dim], got shape {tuple(tensor.shape)}"
+            )
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got dtype={tensor.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
+    batch, q_heads, seq_len, head_dim = q.shape
+    k_batch, kv_heads, k_len, k_dim = k.shape
+    if k_batch != batch:
+        raise ValueError(f"q and k must have the same batch size, got q batch={batch}, k batch={k_batch}")
+    if k_len != seq_len:
+        raise ValueError(
+            f"prefill attention needs as many keys as queries, got q seq={seq_len}, k seq={k_len}"
+        )
+    if k_dim != head_dim:
+        raise ValueError(f"q and k must have the same head_dim, got q head_dim={head_dim}, k head_dim={k_dim}")
+    if min(batch, q_heads, kv_heads, seq_len, head_dim) == 0:
+        raise ValueError(f"q and k must have no empty dimension, got q={tuple(q.shape)}, k={tuple(k.shape)}")
+    if q_heads % kv_heads:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the number of KV heads, "
+            f"got q_heads={q_heads}, kv_heads={kv_heads}"
+        )
+    if check_finite:
+        for name, tensor in (("q", q), ("k", k)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name} contains NaN or Inf; sparse index estimation needs finite inputs")
+    return AttentionShape(batch, q_heads, kv_heads, seq_len, head_dim)
+
+
+def check_layer_patterns(patterns: Pattern | Sequence[Pattern], q_heads: int) -> tuple[Pattern, ...]:
+    """One pattern for all heads, or a sequence with one pattern per query head."""
+    if isinstance(patterns, (list, tuple)):
+        if len(patterns) != q_heads:
+            raise ValueError(
+                f"patterns must hold one pattern per query head: got {len(patterns)} patterns for "
+                f"q_heads={q_heads}"
+            )
+        return tuple(check_is_pattern(p, f"patterns[{h}]") for h, p in enumerate(patterns))
+    return (check_is_pattern(patterns, "patterns"),) * q_heads
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ValueError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got scale={scale!r}")
+    return float(scale)

@@ -1,0 +1,315 @@
+"""Sparse attention patterns and the per-(layer, head) configuration that assigns them.
+
+A pattern is a small frozen dataclass holding a budget; what it keeps for a given input is defined
+in docs/semantics.md and implemented once, in :mod:`sparse_prefill.index` (the kept sets) and
+:mod:`sparse_prefill.estimate` (how a prompt chooses them).
+
+``PatternConfig`` maps every (layer, query head) of a model to one pattern and round-trips through
+JSON. :meth:`PatternConfig.from_minference` reads the reference implementation's published format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Mapping, Sequence, Union
+
+__all__ = [
+    "AShape",
+    "VerticalSlash",
+    "BlockSparse",
+    "Dense",
+    "Pattern",
+    "PatternConfig",
+    "pattern_from_dict",
+]
+
+CONFIG_FORMAT = "sparse-prefill/pattern-config"
+CONFIG_VERSION = 1
+
+
+def _check_positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
+    # bool is an int subclass; AShape(True, 64) is almost certainly a mistake.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {name}={value}")
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Keep every causal (query, key) pair: plain causal attention."""
+
+    kind: ClassVar[str] = "dense"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind}
+
+
+@dataclass(frozen=True)
+class AShape:
+    """Static sink + local window: query ``i`` keeps key ``j <= i`` when ``j < sink`` or ``i - j < local``.
+
+    ``sink`` may be 0 (a pure sliding window); ``local`` is at least 1 so that every query keeps
+    itself and no softmax row is empty.
+    """
+
+    sink: int
+    local: int
+    kind: ClassVar[str] = "a_shape"
+
+    def __post_init__(self) -> None:
+        _check_positive_int("AShape", "sink", self.sink, minimum=0)
+        _check_positive_int("AShape", "local", self.local)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "sink": self.sink, "local": self.local}
+
+
+@dataclass(frozen=True)
+class VerticalSlash:
+    """Keep ``vertical`` key columns and ``slash`` diagonals chosen from the last ``last_q`` queries.
+
+    A query keeps every causal key in a chosen column and every key on a chosen diagonal
+    (offset ``i - j``). See docs/semantics.md for the estimation and the always-kept columns and
+    diagonals.
+    """
+
+    vertical: int
+    slash: int
+    last_q: int = 64
+    kind: ClassVar[str] = "vertical_slash"
+
+    def __post_init__(self) -> None:
+        _check_positive_int("VerticalSlash", "vertical", self.vertical)
+        _check_positive_int("VerticalSlash", "slash", self.slash)
+        _check_positive_int("VerticalSlash", "last_q", self.last_q)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "vertical": self.vertical, "slash": self.slash, "last_q": self.last_q}
+
+
+@dataclass(frozen=True)
+class BlockSparse:
+    """Keep the ``top_k`` key blocks of ``block`` tokens for every query block (diagonal block always)."""
+
+    top_k: int
+    block: int = 64
+    kind: ClassVar[str] = "block_sparse"
+
+    def __post_init__(self) -> None:
+        _check_positive_int("BlockSparse", "top_k", self.top_k)
+        _check_positive_int("BlockSparse", "block", self.block)
+        if self.block & (self.block - 1) or self.block < 16:
+            raise ValueError(f"BlockSparse.block must be a power of two >= 16, got block={self.block}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "top_k": self.top_k, "block": self.block}
+
+
+Pattern = Union[Dense, AShape, VerticalSlash, BlockSparse]
+PATTERN_TYPES: dict[str, type] = {cls.kind: cls for cls in (Dense, AShape, VerticalSlash, BlockSparse)}
+
+
+def pattern_from_dict(data: Any, where: str = "pattern") -> Pattern:
+    """Build a pattern from its ``to_dict()`` form, e.g. ``{"type": "a_shape", "sink": 4, "local": 1024}``."""
+    if not isinstance(data, Mapping) or "type" not in data:
+        raise ValueError(f"{where} must be an object with a 'type' key, got {data!r}")
+    kind = data["type"]
+    if kind not in PATTERN_TYPES:
+        raise ValueError(f"{where}: unknown pattern type {kind!r}; expected one of {sorted(PATTERN_TYPES)}")
+    fields = {key: value for key, value in data.items() if key != "type"}
+    try:
+        return PATTERN_TYPES[kind](**fields)
+    except TypeError as error:
+        # Unknown or missing fields arrive as TypeError from the dataclass constructor.
+        raise ValueError(f"{where}: bad fields for {kind!r}: {error}") from error
+
+
+def check_is_pattern(value: Any, where: str = "pattern") -> Pattern:
+    if not isinstance(value, tuple(PATTERN_TYPES.values())):
+        raise TypeError(
+            f"{where} must be one of Dense, AShape, VerticalSlash, BlockSparse, got {type(value).__name__}"
+        )
+    return value
+
+
+# The reference implementation's names, and how its (v, s) pair maps onto our patterns.
+_MINFERENCE_NAMES = {
+    "vertical_and_slash": lambda v, s: VerticalSlash(vertical=v, slash=s),
+    "stream_llm": lambda v, s: AShape(sink=v, local=s),
+    "block_sparse": lambda v, s: BlockSparse(top_k=v),
+}
+
+
+@dataclass(frozen=True)
+class PatternConfig:
+    """One pattern per (layer, query head) of a model.
+
+    ``layers[l][h]`` is the pattern of query head ``h`` in layer ``l``; every layer has the same
+    number of heads. ``metadata`` is free-form JSON (model name, search settings, per-head recall).
+    """
+
+    layers: tuple[tuple[Pattern, ...], ...]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layers = tuple(tuple(heads) for heads in self.layers)
+        if not layers:
+            raise ValueError("PatternConfig.layers must hold at least one layer, got 0 layers")
+        n_heads = len(layers[0])
+        for index, heads in enumerate(layers):
+            if len(heads) != n_heads or n_heads == 0:
+                raise ValueError(
+                    f"PatternConfig.layers: every layer needs the same, non-zero number of heads; "
+                    f"layer 0 has {n_heads}, layer {index} has {len(heads)}"
+                )
+            for head, pattern in enumerate(heads):
+                check_is_pattern(pattern, f"PatternConfig.layers[{index}][{head}]")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, n_layers: int, n_heads: int, pattern: Pattern, **metadata: Any) -> "PatternConfig":
+        """The same pattern on every head of every layer."""
+        _check_positive_int("PatternConfig.uniform", "n_layers", n_layers)
+        _check_positive_int("PatternConfig.uniform", "n_heads", n_heads)
+        check_is_pattern(pattern)
+        return cls(tuple((pattern,) * n_heads for _ in range(n_layers)), metadata)
+
+    # --- access -------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.layers[0])
+
+    def __getitem__(self, key: tuple[int, int]) -> Pattern:
+        layer, head = key
+        return self.layers[layer][head]
+
+    def layer(self, index: int) -> tuple[Pattern, ...]:
+        return self.layers[index]
+
+    def __iter__(self) -> Iterator[tuple[Pattern, ...]]:
+        return iter(self.layers)
+
+    def check_model(self, n_layers: int, n_heads: int) -> None:
+        """Raise ``ValueError`` unless this config was made for a model of this shape."""
+        if (self.n_layers, self.n_heads) != (n_layers, n_heads):
+            raise ValueError(
+                f"pattern config is for {self.n_layers} layers x {self.n_heads} query heads, "
+                f"but the model has {n_layers} layers x {n_heads} query heads"
+            )
+
+    # --- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": CONFIG_FORMAT,
+            "version": CONFIG_VERSION,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "layers": [[pattern.to_dict() for pattern in heads] for heads in self.layers],
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "PatternConfig":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"pattern config must be a JSON object, got {type(data).__name__}")
+        if data.get("format") != CONFIG_FORMAT:
+            raise ValueError(
+                f"pattern config 'format' must be {CONFIG_FORMAT!r}, got {data.get('format')!r} "
+                "(use PatternConfig.from_minference for the reference implementation's files)"
+            )
+        if data.get("version") != CONFIG_VERSION:
+            raise ValueError(f"pattern config 'version' must be {CONFIG_VERSION}, got {data.get('version')!r}")
+        layers = data.get("layers")
+        if not isinstance(layers, list) or not all(isinstance(heads, list) for heads in layers):
+            raise ValueError("pattern config 'layers' must be a list of lists of patterns")
+        config = cls(
+            tuple(
+                tuple(pattern_from_dict(p, f"layers[{l}][{h}]") for h, p in enumerate(heads))
+                for l, heads in enumerate(layers)
+            ),
+            data.get("metadata") or {},
+        )
+        declared = (data.get("n_layers"), data.get("n_heads"))
+        if declared != (config.n_layers, config.n_heads):
+            raise ValueError(
+                f"pattern config declares n_layers, n_heads = {declared} but holds "
+                f"{config.n_layers} layers x {config.n_heads} heads"
+            )
+        return config
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=1)
+            handle.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PatternConfig":
+        """Load our JSON format, or the reference implementation's (a JSON list of layers)."""
+        data = _read_json(path)
+        if isinstance(data, list):
+            return cls.from_minference(data)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_minference(cls, data: Any) -> "PatternConfig":
+        """Read the reference implementation's format.
+
+        ``data`` is a path or the parsed JSON: a list with one object per layer, each mapping the
+        head index as a string to ``[name, v, s, score]``. Names: ``vertical_and_slash``
+        (v verticals, s slashes), ``stream_llm`` (v sink, s local) and ``block_sparse`` (v blocks).
+        The score is kept in ``metadata["scores"]``.
+        """
+        if isinstance(data, (str, os.PathLike)):
+            data = _read_json(data)
+        if not isinstance(data, list) or not data:
+            raise ValueError("MInference config must be a non-empty JSON list with one object per layer")
+        layers, scores = [], []
+        for l, layer in enumerate(data):
+            if not isinstance(layer, Mapping) or not layer:
+                raise ValueError(f"MInference config layer {l} must be a non-empty object mapping head -> entry")
+            try:
+                heads = sorted(int(key) for key in layer)
+            except ValueError:
+                raise ValueError(f"MInference config layer {l}: head keys must be integers as strings, got {list(layer)}")
+            if heads != list(range(len(heads))):
+                raise ValueError(f"MInference config layer {l}: heads must be numbered 0..{len(heads) - 1}, got {heads}")
+            patterns, layer_scores = [], []
+            for h in heads:
+                entry = layer[str(h)]
+                if not (isinstance(entry, list) and len(entry) == 4):
+                    raise ValueError(f"MInference config layer {l} head {h}: expected [name, v, s, score], got {entry!r}")
+                name, v, s, score = entry
+                if name not in _MINFERENCE_NAMES:
+                    raise ValueError(
+                        f"MInference config layer {l} head {h}: unknown pattern {name!r}; "
+                        f"expected one of {sorted(_MINFERENCE_NAMES)}"
+                    )
+                if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and float(x) == int(x) for x in (v, s)):
+                    raise ValueError(f"MInference config layer {l} head {h}: v and s must be whole numbers, got {v!r}, {s!r}")
+                if not isinstance(score, (int, float)) or not math.isfinite(score):
+                    raise ValueError(f"MInference config layer {l} head {h}: score must be a finite number, got {score!r}")
+                patterns.append(_MINFERENCE_NAMES[name](int(v), int(s)))
+                layer_scores.append(float(score))
+            layers.append(tuple(patterns))
+            scores.append(layer_scores)
+        return cls(tuple(layers), {"source": "minference", "scores": scores})
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"pattern config file not found: {os.fspath(path)!r}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"pattern config {os.fspath(path)!r} is not valid JSON: {error}") from error
