@@ -9,6 +9,32 @@ from .reference import ReferenceResult, reference_attention
 
 __version__ = "0.1.0"
 
+
+def enable(model, config=None, *, min_seq_len=None):
+    """Switch a transformers model to sparse prefill; see :func:`sparse_prefill.integrations.transformers.enable`.
+
+    transformers is imported on this first call, not when ``sparse_prefill`` is imported.
+    """
+    from .integrations import transformers as integration
+
+    if min_seq_len is None:
+        min_seq_len = integration.DEFAULT_MIN_SEQ_LEN
+    return integration.enable(model, config, min_seq_len=min_seq_len)
+
+
+def disable(model):
+    """Restore the model's previous attention; see :func:`sparse_prefill.integrations.transformers.disable`."""
+    from .integrations import transformers as integration
+
+    return integration.disable(model)
+
+
+def register():
+    """Register ``attn_implementation="sparse_prefill"`` with transformers (imports transformers)."""
+    from .integrations import transformers as integration
+
+    integration.register()
+
 __all__ = [
     "AShape",
     "BlockSparse",
@@ -18,5 +44,8 @@ __all__ = [
     "ReferenceResult",
     "reference_attention",
     "sparse_attention",
+    "enable",
+    "disable",
+    "register",
     "__version__",
 ]

@@ -1,0 +1,358 @@
+"""Sparse prefill inside Hugging Face transformers models, through its public attention registry.
+
+transformers lets a library add an attention implementation by name
+(``AttentionInterface.register``) and the mask builder that goes with it
+(``AttentionMaskInterface.register``); a model then selects it with
+``attn_implementation="sparse_prefill"``. This module registers one function under that name. It
+runs :func:`sparse_prefill.sparse_attention` on prefill calls that are long enough and hands every
+other call (decoding steps, short prompts, all-dense layers, sliding-window layers) to transformers'
+own SDPA attention. Nothing of transformers is patched.
+
+Usage::
+
+    import sparse_prefill
+    model = AutoModelForCausalLM.from_pretrained(...)
+    sparse_prefill.enable(model, PatternConfig.load("patterns.json"))   # or None: the default
+    model.generate(...)                                                  # prefill sparse, decode dense
+    sparse_prefill.disable(model)                                        # back to what it was
+
+or, after ``sparse_prefill.register()`` (or importing this module), load with
+``attn_implementation="sparse_prefill"`` and attach a config with :func:`enable` afterwards. A model
+selected by name but never enabled runs the default config (:func:`default_pattern`).
+
+When the sparse path runs
+-------------------------
+All of: the call is a prefill (as many queries as keys: no past KV cache), the sequence has at
+least ``min_seq_len`` tokens (default :data:`DEFAULT_MIN_SEQ_LEN`), the layer has a pattern other
+than :class:`~sparse_prefill.Dense` on some head, and the layer has no sliding window shorter than
+the sequence (such layers are already local; they stay with SDPA). The attention mask must then be
+purely causal: a padded batch raises ``ValueError`` rather than silently attending to padding.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from ..attention import sparse_attention
+from ..patterns import Dense, Pattern, PatternConfig, VerticalSlash
+
+try:  # the public home of SDPA attention since transformers 4.48
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa_attention
+except ImportError:  # pragma: no cover - older or reorganised transformers: take it from the registry
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as _ALL_ATTENTION_FUNCTIONS
+
+    _sdpa_attention = _ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+__all__ = [
+    "ATTENTION_NAME",
+    "DEFAULT_MIN_SEQ_LEN",
+    "SparsePrefillState",
+    "default_pattern",
+    "default_config",
+    "enable",
+    "disable",
+    "register",
+    "sparse_prefill_attention",
+    "state_of",
+]
+
+ATTENTION_NAME = "sparse_prefill"
+
+# Below ~2K tokens attention is a small share of prefill time and a sparse index saves nothing worth
+# its estimation cost; every published sparse-prefill method starts well above this.
+DEFAULT_MIN_SEQ_LEN = 2048
+
+
+def default_pattern(seq_len: int) -> VerticalSlash:
+    """The pattern used on every head when no config is given, scaled to the prompt length.
+
+    ``VerticalSlash(vertical=clamp(seq_len // 32, 64, 1000), slash=clamp(seq_len // 8, 256, 6096))``:
+    at 128K and beyond it is MInference's published default budget (1000 verticals, 6096 slashes);
+    shorter prompts keep a larger share of their keys (at 6K: 192 columns and 768 diagonals), since
+    a short prompt's attention is less concentrated and its absolute cost is small.
+
+    Parameters
+    ----------
+    seq_len : int
+        Prompt length in tokens, >= 1.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got seq_len={seq_len!r}")
+    vertical = min(1000, max(64, seq_len // 32))
+    slash = min(6096, max(256, seq_len // 8))
+    return VerticalSlash(vertical=vertical, slash=slash)
+
+
+def default_config(n_layers: int, n_heads: int, seq_len: int) -> PatternConfig:
+    """:func:`default_pattern` on every head of every layer, as a :class:`PatternConfig`."""
+    return PatternConfig.uniform(
+        n_layers, n_heads, default_pattern(seq_len), source="sparse_prefill.default_pattern", seq_len=seq_len
+    )
+
+
+@dataclass
+class SparsePrefillState:
+    """What :func:`enable` attaches to a model.
+
+    config : PatternConfig or None
+        Per-(layer, head) patterns; None means :func:`default_pattern` of each prompt's length.
+    min_seq_len : int
+        Shortest prefill that runs sparse.
+    restore_implementation : str
+        The attention implementation :func:`disable` puts back.
+    sparse_calls, dense_calls : int
+        Layer calls that took the sparse path and the dense (SDPA) path since :func:`enable`;
+        a prefill of an ``L``-layer model adds ``L`` to one of them, as does every decoding step.
+    """
+
+    config: PatternConfig | None
+    min_seq_len: int
+    restore_implementation: str
+    sparse_calls: int = 0
+    dense_calls: int = 0
+
+    def layer_patterns(self, layer_idx: int, n_heads: int, seq_len: int) -> tuple[Pattern, ...]:
+        if self.config is None:
+            return (default_pattern(seq_len),) * n_heads
+        return self.config.layer(layer_idx)
+
+
+# Attention module -> state of its model. Weak keys: enabling a model never keeps it alive, and no
+# attribute is added to transformers' objects.
+_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, SparsePrefillState]" = weakref.WeakKeyDictionary()
+# Used by models selected with attn_implementation="sparse_prefill" that were never enabled.
+_UNATTACHED = SparsePrefillState(config=None, min_seq_len=DEFAULT_MIN_SEQ_LEN, restore_implementation="sdpa")
+
+
+def register() -> None:
+    """Register ``"sparse_prefill"`` with transformers' attention and attention-mask registries.
+
+    Idempotent. Masks are built exactly as for ``"sdpa"`` (None when the mask is purely causal and
+    a boolean [batch, 1, q, k] mask otherwise), which is what lets the attention function tell a
+    padded batch from an unpadded one: an implementation name without a mask builder gets no mask.
+    """
+    AttentionInterface.register(ATTENTION_NAME, sparse_prefill_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def sparse_prefill_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: sparse on long prefill, transformers' SDPA otherwise.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The calling attention layer; ``module.layer_idx`` selects the layer's patterns.
+    query : Tensor [batch, q_heads, q_len, head_dim]
+    key, value : Tensor [batch, kv_heads, kv_len, head_dim]
+        ``kv_heads`` may divide ``q_heads`` (GQA); K/V are passed on without repeating.
+    attention_mask : Tensor [batch, 1, q_len, kv_len] or None
+        As built by transformers' ``sdpa_mask``: None for a purely causal mask.
+    scaling : float, optional
+        Softmax scale; ``1/sqrt(head_dim)`` when None.
+    dropout : float
+        Attention dropout probability; the sparse path is for inference and needs 0.
+
+    Returns
+    -------
+    (Tensor [batch, q_len, q_heads, head_dim], None)
+    """
+    state = _STATES.get(module, _UNATTACHED)
+    if not _takes_sparse_path(state, module, query, key, kwargs):
+        state.dense_calls += 1
+        return _sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    patterns = state.layer_patterns(module.layer_idx, query.shape[1], query.shape[2])
+    if all(isinstance(pattern, Dense) for pattern in patterns):
+        state.dense_calls += 1
+        return _sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError(
+            f"sparse prefill computes attention without dropout (inference only), got dropout={dropout}; "
+            "call model.eval() or sparse_prefill.disable(model) for training"
+        )
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(
+            "sparse prefill supports plain softmax attention; this layer passes "
+            f"softcap={kwargs.get('softcap')!r}, s_aux={'set' if kwargs.get('s_aux') is not None else None}"
+        )
+    if attention_mask is not None:
+        _check_causal_mask(attention_mask, query.shape[2])
+    out = sparse_attention(query, key, value, patterns, scale=scaling)  # [batch, q_heads, seq, head_dim]
+    state.sparse_calls += 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _takes_sparse_path(
+    state: SparsePrefillState, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict
+) -> bool:
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len != kv_len or q_len < state.min_seq_len:
+        # Decoding, prefill on top of a cache, or a short prompt.
+        return False
+    # Mistral, Qwen2/3 and Phi-3 pass their window here; a window shorter than the prompt makes the
+    # mask non-causal, and such a layer is local already.
+    sliding_window = kwargs.get("sliding_window")
+    if sliding_window is not None and sliding_window < q_len:
+        return False
+    if not isinstance(getattr(module, "layer_idx", None), int):
+        raise ValueError(
+            f"sparse prefill needs the attention module's layer_idx to pick its patterns; "
+            f"{type(module).__name__} has layer_idx={getattr(module, 'layer_idx', None)!r}"
+        )
+    return True
+
+
+def _check_causal_mask(attention_mask: torch.Tensor, seq_len: int, chunk_size: int = 1024) -> None:
+    """Raise ``ValueError`` unless ``attention_mask`` [batch, 1|heads, seq, seq] keeps exactly the causal pairs."""
+    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (seq_len, seq_len):
+        raise ValueError(
+            f"sparse prefill expects a [batch, 1, {seq_len}, {seq_len}] attention mask, "
+            f"got shape {tuple(attention_mask.shape)}"
+        )
+    keys = torch.arange(seq_len, device=attention_mask.device)
+    # Row chunks: comparing against a full seq x seq causal mask would double the mask's memory.
+    for start in range(0, seq_len, chunk_size):
+        rows = keys[start : start + chunk_size]
+        block = attention_mask[:, :, rows]
+        # transformers builds boolean masks (True = attend) for SDPA and additive float masks
+        # (0 = attend, large negative = masked) for eager attention.
+        kept = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
+        if not bool(torch.equal(kept, (keys[None, :] <= rows[:, None]).expand_as(kept))):
+            raise ValueError(
+                "sparse prefill supports unpadded batches only: the attention mask hides causal (query, key) "
+                "pairs, as padding does. Prefill each prompt on its own (batch of 1) or use prompts of equal "
+                "length without padding, or call sparse_prefill.disable(model) for this batch."
+            )
+
+
+def enable(
+    model: torch.nn.Module,
+    config: PatternConfig | None = None,
+    *,
+    min_seq_len: int = DEFAULT_MIN_SEQ_LEN,
+) -> SparsePrefillState:
+    """Switch ``model`` to sparse prefill: long prefills sparse, everything else transformers' SDPA.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A decoder-only model whose attention layers use transformers' attention registry
+        (Llama, Mistral, Qwen2, Qwen3, Phi-3 and most recent architectures).
+    config : PatternConfig, optional
+        One pattern per (layer, query head), checked against the model's shape. None uses
+        :func:`default_pattern` of each prompt's length on every head.
+    min_seq_len : int
+        Prefills shorter than this many tokens stay dense (default :data:`DEFAULT_MIN_SEQ_LEN`).
+
+    Returns
+    -------
+    SparsePrefillState
+        The attached state; its ``sparse_calls`` / ``dense_calls`` count layer calls per path.
+        Calling :func:`enable` again replaces it.
+    """
+    if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 1:
+        raise ValueError(f"min_seq_len must be a positive int, got min_seq_len={min_seq_len!r}")
+    if config is not None and not isinstance(config, PatternConfig):
+        raise TypeError(f"config must be a PatternConfig or None, got {type(config).__name__}")
+    model_config = _model_config(model)
+    n_layers, n_heads = _model_shape(model_config)
+    if config is not None:
+        config.check_model(n_layers, n_heads)
+    attention_modules = _attention_modules(model)
+    if not attention_modules:
+        raise ValueError(
+            f"found no attention layers (modules with an integer layer_idx) in {type(model).__name__}; "
+            "sparse prefill works with models that use transformers' AttentionInterface"
+        )
+    register()
+    current = model_config._attn_implementation
+    previous = _state_of_modules(attention_modules)
+    restore = previous.restore_implementation if previous is not None else current
+    if restore == ATTENTION_NAME:  # loaded with attn_implementation="sparse_prefill"
+        restore = "sdpa"
+    state = SparsePrefillState(config=config, min_seq_len=min_seq_len, restore_implementation=restore)
+    for module in attention_modules:
+        _STATES[module] = state
+    _set_attn_implementation(model, ATTENTION_NAME)
+    return state
+
+
+def disable(model: torch.nn.Module) -> None:
+    """Undo :func:`enable`: restore the attention implementation the model had before it.
+
+    A model loaded with ``attn_implementation="sparse_prefill"`` goes back to ``"sdpa"``. Calling
+    this on a model that is not enabled only does that switch.
+    """
+    model_config = _model_config(model)
+    attention_modules = _attention_modules(model)
+    state = _state_of_modules(attention_modules)
+    for module in attention_modules:
+        _STATES.pop(module, None)
+    if state is not None:
+        _set_attn_implementation(model, state.restore_implementation)
+    elif model_config._attn_implementation == ATTENTION_NAME:
+        _set_attn_implementation(model, "sdpa")
+
+
+def state_of(model: torch.nn.Module) -> SparsePrefillState | None:
+    """The state :func:`enable` attached to ``model``, or None when it is not enabled."""
+    return _state_of_modules(_attention_modules(model))
+
+
+def _state_of_modules(modules: list[torch.nn.Module]) -> SparsePrefillState | None:
+    return next((_STATES[m] for m in modules if m in _STATES), None)
+
+
+def _model_config(model: torch.nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    return config
+
+
+def _model_shape(model_config: Any) -> tuple[int, int]:
+    # Multimodal configs keep the language model's shape in a sub-config.
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    try:
+        return int(text_config.num_hidden_layers), int(text_config.num_attention_heads)
+    except AttributeError as error:
+        raise ValueError(
+            f"cannot read num_hidden_layers / num_attention_heads from {type(text_config).__name__}: {error}"
+        ) from None
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    # The modules that call the attention function are the ones transformers gives a layer_idx and
+    # a head count; decoder layers in some models carry a layer_idx too but never call it.
+    return [
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "layer_idx", None), int)
+        and any(hasattr(module, name) for name in ("num_key_value_groups", "num_heads", "head_dim"))
+    ]
+
+
+def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.54 checks the name is registered
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+# Registering a name is transformers' public extension mechanism; doing it on import makes
+# attn_implementation="sparse_prefill" loadable as soon as this module is imported.
+register()
