@@ -8,7 +8,7 @@ realistic workload without a model.
 Construction, per KV head (its query heads share the plants):
 - a shared base vector rotated by RoPE at every position, for queries and keys alike: the logit of
   (i, j) then depends on i - j only and decays, with ripples, as the distance grows;
-- ``sinks`` first keys and ``columns`` random key positions get a shared direction that every query
+- ``sinks`` first keys and ``columns`` random key positions (before the last 64) get a shared direction that every query
   also carries (a heavy column);
 - key ``j`` carries a random unit vector ``u_j``, and for each planted diagonal offset ``o`` query
   ``i`` carries ``u_{i - o}``, so the pair (i, i - o) gets a large logit on that diagonal;
@@ -92,7 +92,9 @@ def planted_qkv(
         base = _rope(unit(1).expand(seq, -1) * local_strength**0.5 * root_d, positions, rope_base)
         q[:, heads] += base
         k[:, kv] += base
-        heavy = torch.cat([torch.arange(sinks), sinks + torch.randperm(seq - sinks, generator=g)[:columns]])
+        # Heavy columns come before the last 64 positions, where every estimating query can see them.
+        pool = max(seq - 64 - sinks, min(columns, seq - sinks))
+        heavy = torch.cat([torch.arange(sinks), sinks + torch.randperm(pool, generator=g)[:columns]])
         direction = unit(1)[0] * column_strength**0.5 * root_d
         k[:, kv, heavy] += direction
         q[:, heads] += direction

@@ -7,13 +7,14 @@ import torch
 from ..index import AShapeIndex, DenseIndex, HeadIndex
 from ..patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
 from .block_sparse import block_scores, block_sparse_index, mean_pool_blocks
-from .vertical_slash import select_vertical_slash, vertical_slash_index, vertical_slash_scores
+from .vertical_slash import diagonal_sums, last_query_attention, top_with_forced, vertical_slash_index
 
 __all__ = [
     "estimate_index",
     "vertical_slash_index",
-    "vertical_slash_scores",
-    "select_vertical_slash",
+    "last_query_attention",
+    "diagonal_sums",
+    "top_with_forced",
     "block_sparse_index",
     "block_scores",
     "mean_pool_blocks",

@@ -1,0 +1,133 @@
+import json
+
+import pytest
+
+from sparse_prefill import AShape, BlockSparse, Dense, PatternConfig, VerticalSlash
+from sparse_prefill.patterns import pattern_from_dict
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: AShape(sink=-1, local=8), "AShape.sink must be >= 0"),
+        (lambda: AShape(sink=4, local=0), "AShape.local must be >= 1"),
+        (lambda: VerticalSlash(vertical=0, slash=10), "VerticalSlash.vertical must be >= 1"),
+        (lambda: VerticalSlash(vertical=10, slash=-3), "VerticalSlash.slash must be >= 1"),
+        (lambda: VerticalSlash(vertical=10, slash=10, last_q=0), "VerticalSlash.last_q must be >= 1"),
+        (lambda: BlockSparse(top_k=0), "BlockSparse.top_k must be >= 1"),
+        (lambda: BlockSparse(top_k=4, block=48), "power of two"),
+    ],
+)
+def test_bad_budgets_raise_value_error_naming_the_field(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("value", [1.5, "8", True, None])
+def test_non_integer_budgets_raise_type_error(value):
+    with pytest.raises(TypeError, match="VerticalSlash.vertical must be an int"):
+        VerticalSlash(vertical=value, slash=10)
+
+
+def test_patterns_are_frozen_and_hashable():
+    pattern = VerticalSlash(1000, 6096)
+    with pytest.raises(Exception):
+        pattern.vertical = 3
+    assert len({pattern, VerticalSlash(1000, 6096), AShape(4, 64)}) == 2
+
+
+def test_config_json_round_trip(tmp_path):
+    config = PatternConfig(
+        (
+            (VerticalSlash(100, 200), AShape(4, 64), BlockSparse(8), Dense()),
+            (Dense(), VerticalSlash(10, 20, last_q=32), AShape(0, 16), BlockSparse(2, block=128)),
+        ),
+        {"model": "tiny"},
+    )
+    path = tmp_path / "patterns.json"
+    config.save(path)
+    loaded = PatternConfig.load(path)
+    assert loaded == config
+    assert loaded[1, 1] == VerticalSlash(10, 20, last_q=32)
+    assert loaded.metadata["model"] == "tiny"
+
+
+def test_uniform_and_model_check():
+    config = PatternConfig.uniform(30, 9, VerticalSlash(1000, 6096))
+    assert (config.n_layers, config.n_heads) == (30, 9)
+    config.check_model(30, 9)
+    with pytest.raises(ValueError, match=r"30 layers x 9 query heads, but the model has 32 layers x 32"):
+        config.check_model(32, 32)
+
+
+def test_reads_minference_format(tmp_path):
+    data = [
+        {"0": ["vertical_and_slash", 1000, 6096, 0.9], "1": ["stream_llm", 100, 800, 0.5]},
+        {"1": ["block_sparse", 16, 0, 0.7], "0": ["vertical_and_slash", 3500, 100, 0.95]},
+    ]
+    path = tmp_path / "best_pattern.json"
+    path.write_text(json.dumps(data))
+    config = PatternConfig.load(path)
+    assert config.layers == (
+        (VerticalSlash(1000, 6096), AShape(sink=100, local=800)),
+        (VerticalSlash(3500, 100), BlockSparse(16)),
+    )
+    assert config.metadata["scores"] == [[0.9, 0.5], [0.95, 0.7]]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ([], "non-empty JSON list"),
+        ([{"0": ["nope", 1, 2, 0.1]}], "unknown pattern 'nope'"),
+        ([{"0": ["vertical_and_slash", 1, 2]}], r"expected \[name, v, s, score\]"),
+        ([{"1": ["vertical_and_slash", 1, 2, 0.3]}], "numbered 0..0"),
+        ([{"x": ["vertical_and_slash", 1, 2, 0.3]}], "integers as strings"),
+        ([{"0": ["vertical_and_slash", 1.5, 2, 0.3]}], "whole numbers"),
+        ([{"0": ["vertical_and_slash", 0, 2, 0.3]}], "VerticalSlash.vertical must be >= 1"),
+        ([{"0": ["stream_llm", 1, 2, 0.3]}, {"0": ["stream_llm", 1, 2, 0.3], "1": ["stream_llm", 1, 2, 0.3]}],
+         "same, non-zero number of heads"),
+    ],
+)
+def test_malformed_minference_config(data, message):
+    with pytest.raises(ValueError, match=message):
+        PatternConfig.from_minference(data)
+
+
+def test_malformed_json_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        PatternConfig.load(path)
+    with pytest.raises(ValueError, match="not found"):
+        PatternConfig.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"format": "other"}, "'format' must be"),
+        ({"format": "sparse-prefill/pattern-config", "version": 9}, "'version' must be 1"),
+        ({"format": "sparse-prefill/pattern-config", "version": 1, "layers": "x"}, "list of lists"),
+        (
+            {"format": "sparse-prefill/pattern-config", "version": 1, "n_layers": 1, "n_heads": 1,
+             "layers": [[{"type": "vertical_slash", "vertical": 1}]]},
+            r"bad fields for 'vertical_slash'",
+        ),
+        (
+            {"format": "sparse-prefill/pattern-config", "version": 1, "n_layers": 2, "n_heads": 1,
+             "layers": [[{"type": "dense"}]]},
+            "declares n_layers, n_heads",
+        ),
+        ({"format": "sparse-prefill/pattern-config", "version": 1, "layers": [[{"type": "blocky"}]]},
+         "unknown pattern type 'blocky'"),
+    ],
+)
+def test_malformed_own_config(data, message):
+    with pytest.raises(ValueError, match=message):
+        PatternConfig.from_dict(data)
+
+
+def test_pattern_from_dict_needs_type():
+    with pytest.raises(ValueError, match="'type' key"):
+        pattern_from_dict({"sink": 3})
