@@ -34,6 +34,13 @@ def sparse_attention(
     Returns
     -------
     Tensor [batch, q_heads, seq, head_dim], dtype of ``q``.
+
+    CUDA tensors in float16/bfloat16 run the Triton kernels; anything else runs the exact PyTorch
+    reference, which computes the same kept sets (docs/semantics.md).
     """
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        from .kernels import triton_sparse_attention  # lazy: importing the package never imports Triton
+
+        return triton_sparse_attention(q, k, v, patterns, scale=scale)
     result = reference_attention(q, k, v, patterns, scale=scale)
     return result.out.to(q.dtype)

@@ -14,15 +14,17 @@ from ..patterns import BlockSparse
 
 
 def mean_pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """[batch, seq, dim] -> [batch, ceil(seq / block), dim] block means, in float32 (float64 stays)."""
+    """[batch, seq, dim] -> [batch, ceil(seq / block), dim] block means, in float32 (float64 stays).
+
+    Sums in the wider dtype without copying ``x`` (a 1M-token layer's queries are gigabytes).
+    """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     batch, seq, dim = x.shape
-    n_blocks = -(-seq // block)
-    padded = torch.zeros(batch, n_blocks * block, dim, dtype=dtype, device=x.device)
-    padded[:, :seq] = x
-    counts = torch.full((n_blocks,), block, dtype=dtype, device=x.device)
-    counts[-1] = seq - (n_blocks - 1) * block
-    return padded.view(batch, n_blocks, block, dim).sum(dim=2) / counts[None, :, None]
+    full = seq // block
+    parts = [x[:, : full * block].reshape(batch, full, block, dim).sum(dim=2, dtype=dtype) / block]
+    if seq > full * block:
+        parts.append(x[:, full * block :].sum(dim=1, keepdim=True, dtype=dtype) / (seq - full * block))
+    return torch.cat(parts, dim=1)
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, block: int, scale: float) -> torch.Tensor:

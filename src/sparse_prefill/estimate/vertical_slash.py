@@ -47,10 +47,11 @@ def diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
 
 
 def top_with_forced(scores: torch.Tensor, count: int, forced: int) -> torch.Tensor:
-    """Indices [batch, count], ascending, of the top ``count`` scores with indices ``< forced`` always in."""
-    boosted = scores.clone()
-    boosted[:, :forced] = float("inf")
-    return boosted.topk(count, dim=1, sorted=False).indices.sort(dim=1).values
+    """Indices [batch, count], ascending: ``0 .. min(forced, count) - 1``, then the best scores after them."""
+    forced = min(forced, count)
+    first = torch.arange(forced, device=scores.device).expand(scores.shape[0], -1)
+    best = scores[:, forced:].topk(count - forced, dim=1, sorted=False).indices + forced
+    return torch.cat([first, best.sort(dim=1).values], dim=1)
 
 
 def vertical_slash_index(q: torch.Tensor, k: torch.Tensor, pattern: VerticalSlash, scale: float) -> VerticalSlashIndex:

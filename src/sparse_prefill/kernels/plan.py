@@ -1,0 +1,250 @@
+"""Plan: from one layer's patterns and Q/K to the work list the sparse kernel walks.
+
+Every head, whatever its pattern, is described by the same three lists, built on the device with
+tensor operations (no host synchronisation, no Python loop over heads):
+
+- **block diagonals** ``d`` (per head): for query block ``m`` the key block ``m - d`` is a tile
+  to compute. Dense, A-shape and Vertical-Slash heads use these: a diagonal offset ``o`` touches,
+  for every query block, exactly the key blocks on block diagonals ``o // 64`` and
+  ``ceil(o / 64)`` (query and key blocks are both 64 wide).
+- **key blocks** (per head and query block): Block-Sparse heads list their chosen tiles here.
+- **columns** (per head): single keys gathered ``BLOCK_N`` at a time, skipped for a query block
+  when their key block already lies on one of its diagonal tiles.
+
+Inside diagonal tiles of A-shape and Vertical-Slash heads an element mask keeps exactly the pairs
+whose offset ``i - j`` is kept or whose key ``j`` is a kept column, so the kernel computes exactly
+the kept set of docs/semantics.md (tiles may hold pairs that are computed and then masked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..estimate.block_sparse import mean_pool_blocks
+from ..estimate.vertical_slash import diagonal_sums, top_with_forced
+from ..index import LOCAL_DIAGONALS, SINK_COLUMNS, AShapeIndex, BlockSparseIndex, DenseIndex, HeadIndex, VerticalSlashIndex
+from ..patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
+
+BLOCK = 64  # query and key tile size the plan is built for
+
+__all__ = ["BLOCK", "SparsePlan", "build_plan"]
+
+
+@dataclass
+class SparsePlan:
+    """The kernel's work list for one layer; ``bh`` runs over ``batch * q_heads``.
+
+    diagonals : int32 [bh, n_blocks]   block diagonals ascending, padded with n_blocks
+    diagonal_limit : int32 [bh, n_blocks]  per query block m: how many diagonals are <= m
+    diagonal_flag : int8 [bh, n_blocks + 1]  1 where d is a diagonal (last entry always 0)
+    blocks : int32 [bh, n_blocks, max_blocks]  Block-Sparse key blocks ascending
+    block_count : int32 [bh, n_blocks]
+    columns : int32 [bh, max_columns]  gathered key columns ascending, padded with seq
+    column_count : int32 [bh]
+    offset_flag, column_flag : int8 [bh, seq]  element mask inside diagonal tiles
+    masked : int8 [bh]  1 when the element mask applies (A-shape, Vertical-Slash)
+    indices : list of HeadIndex, one per query head (what was estimated; for tests and recall)
+    """
+
+    seq: int
+    diagonals: torch.Tensor
+    diagonal_limit: torch.Tensor
+    diagonal_flag: torch.Tensor
+    blocks: torch.Tensor
+    block_count: torch.Tensor
+    columns: torch.Tensor
+    column_count: torch.Tensor
+    offset_flag: torch.Tensor
+    column_flag: torch.Tensor
+    masked: torch.Tensor
+    indices: list[HeadIndex]
+
+    def computed_pairs(self) -> torch.Tensor:
+        """[bh] query-key pairs the kernel multiplies (tiles x 64 x 64 plus gathered columns, an upper bound)."""
+        n_blocks = self.diagonal_limit.shape[1]
+        diagonal_tiles = self.diagonal_limit.sum(dim=1).long()
+        block_tiles = self.block_count.sum(dim=1).long()
+        return (diagonal_tiles + block_tiles) * BLOCK * BLOCK + self.column_count.long() * n_blocks * BLOCK
+
+
+def _by_kind(patterns: Sequence[Pattern]) -> dict[type, list[int]]:
+    heads: dict[type, list[int]] = {}
+    for head, pattern in enumerate(patterns):
+        heads.setdefault(type(pattern), []).append(head)
+    return heads
+
+
+def _plan_vertical_slash(q, k, ids, vs, scale, mark_columns, mark_offsets, indices) -> None:
+    """Estimate the Vertical-Slash heads ``ids`` of one KV group (docs/semantics.md) and mark them."""
+    batch, _, seq, dim = q.shape
+    device = q.device
+    group = q.shape[1] // k.shape[1]
+    kv_head = ids[0] // group
+    verticals = [min(p.vertical, seq) for p in vs]
+    slashes = [min(p.slash, seq) for p in vs]
+    n_last = min(max(p.last_q for p in vs), seq)
+    ids_t = torch.tensor(ids, device=device)
+    # The group's query heads are rows of one product: K is read once, in its own dtype.
+    q_last = q[:, ids_t, -n_last:].reshape(batch, len(ids) * n_last, dim)
+    logits = torch.matmul(q_last, k[:, kv_head].transpose(-1, -2)).float().view(batch, len(ids), n_last, seq) * scale
+    positions = torch.arange(seq - n_last, seq, device=device)
+    future = torch.arange(seq, device=device)[None, :] > positions[:, None]
+    probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+    # A head with a smaller last_q uses only its own last rows (rows are independent softmaxes).
+    own_rows = torch.tensor([min(p.last_q, seq) for p in vs], device=device)
+    probs = probs * (torch.arange(n_last, device=device)[None, :] >= n_last - own_rows[:, None])[None, :, :, None]
+    flat = probs.flatten(0, 1)  # [batch * heads, n_last, seq]
+    cols = _top_per_head(flat.sum(dim=1), verticals, batch, SINK_COLUMNS)
+    # Padding entries of cols repeat a kept column, so zeroing them is harmless.
+    residual = flat.scatter(2, cols[:, None, :].expand(-1, n_last, -1), 0.0)
+    offsets = _top_per_head(diagonal_sums(residual), slashes, batch, LOCAL_DIAGONALS)
+    cols = cols.view(batch, len(ids), -1)
+    offsets = offsets.view(batch, len(ids), -1)
+    mark_columns(ids, cols, torch.tensor(verticals, device=device))
+    mark_offsets(ids, offsets)  # padding repeats a kept offset
+    for j, h in enumerate(ids):
+        indices[h] = VerticalSlashIndex(columns=cols[:, j, : verticals[j]], offsets=offsets[:, j, : slashes[j]])
+
+
+def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], scale: float) -> SparsePlan:
+    """Estimate every head's index and lay out the kernel's work list.
+
+    q : [batch, q_heads, seq, head_dim]; k : [batch, kv_heads, seq, head_dim]; ``patterns`` has one
+    pattern per query head (already validated).
+    """
+    batch, q_heads, seq, _ = q.shape
+    group = q_heads // k.shape[1]
+    device = q.device
+    n_blocks = -(-seq // BLOCK)
+    heads = _by_kind(patterns)
+    max_blocks = max([patterns[h].top_k for h in heads.get(BlockSparse, [])] + [1])
+    max_columns = max([min(patterns[h].vertical, seq) for h in heads.get(VerticalSlash, [])]
+                      + [min(patterns[h].sink, seq) for h in heads.get(AShape, [])] + [1])
+
+    int32 = dict(dtype=torch.int32, device=device)
+    diagonal_flag = torch.zeros(batch, q_heads, n_blocks + 1, dtype=torch.bool, device=device)
+    blocks = torch.zeros(batch, q_heads, n_blocks, max_blocks, **int32)
+    block_count = torch.zeros(batch, q_heads, n_blocks, **int32)
+    columns = torch.full((batch, q_heads, max_columns), seq, **int32)
+    column_count = torch.zeros(batch, q_heads, **int32)
+    offset_flag = torch.zeros(batch, q_heads, seq, dtype=torch.int8, device=device)
+    column_flag = torch.zeros(batch, q_heads, seq, dtype=torch.int8, device=device)
+    masked = torch.zeros(batch, q_heads, dtype=torch.int8, device=device)
+    indices: list[HeadIndex | None] = [None] * q_heads
+    positions = torch.arange(seq, device=device)
+
+    def mark_offsets(head_ids: list[int], offsets: torch.Tensor) -> None:
+        """offsets: long [batch, len(head_ids), n] -> offset flags and the block diagonals they touch."""
+        ids = torch.tensor(head_ids, device=device)
+        flags = torch.zeros(batch, len(head_ids), seq, dtype=torch.int8, device=device)
+        offset_flag[:, ids] = flags.scatter_(2, offsets, 1)
+        touched = torch.zeros(batch, len(head_ids), n_blocks + 1, dtype=torch.bool, device=device)
+        touched.scatter_(2, offsets // BLOCK, True).scatter_(2, (offsets + BLOCK - 1) // BLOCK, True)
+        diagonal_flag[:, ids] |= touched
+
+    def mark_columns(head_ids: list[int], cols: torch.Tensor, counts: torch.Tensor) -> None:
+        """cols: long [batch, len(head_ids), n] ascending, entries past counts[h] ignored."""
+        ids = torch.tensor(head_ids, device=device)
+        valid = torch.arange(cols.shape[2], device=device)[None, None, :] < counts[None, :, None]
+        cols = torch.where(valid, cols, seq)
+        columns[:, ids, : cols.shape[2]] = cols.to(torch.int32)
+        column_count[:, ids] = counts.to(torch.int32)[None, :]
+        flags = torch.zeros(batch, len(head_ids), seq + 1, dtype=torch.int8, device=device)
+        column_flag[:, ids] = flags.scatter_(2, cols, 1)[:, :, :seq]
+
+    for head in heads.get(Dense, []):
+        diagonal_flag[:, head, :n_blocks] = True
+        indices[head] = DenseIndex(batch)
+
+    if AShape in heads:
+        ids = heads[AShape]
+        sinks = torch.tensor([min(patterns[h].sink, seq) for h in ids], device=device)
+        locals_ = torch.tensor([min(patterns[h].local, seq) for h in ids], device=device)
+        # offsets 0..local-1 kept; pad with offset 0 (already kept) to a rectangle
+        offsets = torch.where(positions[None, :] < locals_[:, None], positions[None, :], 0)
+        mark_offsets(ids, offsets.expand(batch, -1, -1))
+        mark_columns(ids, positions[None, None, :max_columns].expand(batch, len(ids), -1).clone(), sinks)
+        masked[:, ids] = 1
+        for h, sink, local in zip(ids, sinks.tolist(), locals_.tolist()):
+            indices[h] = AShapeIndex(batch, sink=sink, local=local)
+
+    if VerticalSlash in heads:
+        # One KV group at a time: the last-query scores are [batch, group, last_q, seq] floats, and
+        # for all heads at once they would not fit beside a 1M-token layer.
+        for kv_head in range(k.shape[1]):
+            ids = [h for h in heads[VerticalSlash] if h // group == kv_head]
+            if ids:
+                _plan_vertical_slash(q, k, ids, [patterns[h] for h in ids], scale, mark_columns, mark_offsets, indices)
+        masked[:, heads[VerticalSlash]] = 1
+
+    if BlockSparse in heads:
+        for h in heads[BlockSparse]:
+            pattern = patterns[h]
+            if pattern.block != BLOCK:
+                raise ValueError(f"the GPU kernels support BlockSparse(block={BLOCK}) only, got block={pattern.block} on head {h}")
+        ids = heads[BlockSparse]
+        ids_t = torch.tensor(ids, device=device)
+        top_ks = torch.tensor([min(patterns[h].top_k, n_blocks) for h in ids], device=device)
+        # Pool first, then pick heads: only the pooled [blocks, dim] rows are ever copied.
+        pooled_q = mean_pool_blocks(q.flatten(0, 1), BLOCK).view(batch, q_heads, n_blocks, -1)[:, ids_t]
+        pooled_k = mean_pool_blocks(k.flatten(0, 1), BLOCK).view(batch, k.shape[1], n_blocks, -1)[:, ids_t // group]
+        scores = torch.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k).flatten(0, 1) * scale
+        future = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+        diagonal = torch.arange(n_blocks, device=device)
+        scores[:, diagonal, diagonal] = float("inf")
+        kmax = int(min(max_blocks, n_blocks))
+        top = scores.topk(kmax, dim=2)  # sorted by score, descending
+        rank = torch.arange(kmax, device=device)
+        keep = (top.values > float("-inf")) & (rank[None, None, :] < top_ks.repeat(batch)[:, None, None])
+        chosen = torch.where(keep, top.indices, n_blocks).sort(dim=2).values
+        chosen = chosen.view(batch, len(ids), n_blocks, kmax)
+        blocks[:, ids_t, :, :kmax] = torch.where(chosen == n_blocks, 0, chosen).to(torch.int32)
+        block_count[:, ids_t] = (chosen < n_blocks).sum(dim=3).to(torch.int32)
+        for j, h in enumerate(ids):
+            indices[h] = BlockSparseIndex(blocks=torch.where(chosen[:, j] == n_blocks, -1, chosen[:, j]).long(), block=BLOCK)
+
+    diagonal_flag[:, :, n_blocks] = False
+    arange = torch.arange(n_blocks + 1, device=device)
+    diagonals = torch.where(diagonal_flag, arange, n_blocks).sort(dim=2).values[:, :, :n_blocks]
+    diagonal_limit = diagonal_flag[:, :, :n_blocks].to(torch.int32).cumsum(dim=2)
+    bh = batch * q_heads
+    return SparsePlan(
+        seq=seq,
+        diagonals=diagonals.to(torch.int32).reshape(bh, n_blocks).contiguous(),
+        diagonal_limit=diagonal_limit.to(torch.int32).reshape(bh, n_blocks).contiguous(),
+        diagonal_flag=diagonal_flag.to(torch.int8).reshape(bh, n_blocks + 1).contiguous(),
+        blocks=blocks.reshape(bh, n_blocks, max_blocks).contiguous(),
+        block_count=block_count.reshape(bh, n_blocks).contiguous(),
+        columns=columns.reshape(bh, max_columns).contiguous(),
+        column_count=column_count.reshape(bh).contiguous(),
+        offset_flag=offset_flag.reshape(bh, seq).contiguous(),
+        column_flag=column_flag.reshape(bh, seq).contiguous(),
+        masked=masked.reshape(bh).contiguous(),
+        indices=indices,  # type: ignore[arg-type]
+    )
+
+
+def _top_per_head(scores: torch.Tensor, counts: list[int], batch: int, forced: int) -> torch.Tensor:
+    """scores [batch*n_heads, seq] -> long [batch*n_heads, max(counts)] ascending; head j keeps counts[j].
+
+    Same choice as :func:`top_with_forced` per head. Entries past a head's count repeat its last
+    kept index, so they never name a pair the head does not keep.
+    """
+    count = max(counts)
+    if min(counts) == count:
+        return top_with_forced(scores, count, forced)
+    per_row = torch.tensor(counts, device=scores.device).repeat(batch)[:, None]  # [batch*n_heads, 1]
+    rank = torch.arange(count, device=scores.device)[None, :]
+    # Forced indices first (in order), then the rest by descending score; keep each head's first counts.
+    free_scores = scores.clone()
+    free_scores[:, :forced] = float("-inf")
+    ranked = free_scores.topk(count, dim=1).indices  # descending score, forced ones last or absent
+    n_forced = per_row.clamp(max=forced)
+    ranked = torch.where(rank < n_forced, rank, ranked.gather(1, (rank - n_forced).clamp(min=0)))
+    big = scores.shape[1]
+    chosen = torch.where(rank < per_row, ranked, big).sort(dim=1).values
+    return torch.where(chosen == big, chosen.gather(1, per_row - 1), chosen)
