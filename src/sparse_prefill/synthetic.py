@@ -36,7 +36,7 @@ class PlantedQKV:
 def _rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """Rotate pairs of channels (x[..., :d/2], x[..., d/2:]) by position-dependent angles."""
     half = x.shape[-1] // 2
-    frequencies = base ** (-torch.arange(half, dtype=torch.float64) / half)
+    frequencies = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
     angles = positions.to(torch.float64)[:, None] * frequencies[None, :]  # [seq, half]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     first, second = x[..., :half], x[..., half : 2 * half]
@@ -64,6 +64,8 @@ def planted_qkv(
 ) -> PlantedQKV:
     """Build planted Q/K/V (see the module docstring). Strengths are logit scales before 1/sqrt(d).
 
+    Tensors are made on ``generator``'s device when one is given, else on ``device``.
+
     ``offsets`` defaults to three diagonals: one near (seq // 7), one mid (seq // 3), one far
     (seq // 2), so most planted slashes lie far from the main diagonal.
     """
@@ -74,18 +76,20 @@ def planted_qkv(
     if q_heads % kv_heads:
         raise ValueError(f"q_heads must be a multiple of kv_heads, got q_heads={q_heads}, kv_heads={kv_heads}")
     group = q_heads // kv_heads
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    # Generated where it is used: a 1M-token Llama-shaped input is tens of GB in float32.
+    g = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
+    device = g.device
     f = torch.float32
     root_d = head_dim**0.25  # the logit of two vectors of norm s*d^(1/4) is s^2 after the 1/sqrt(d) scale
 
     def unit(*shape: int) -> torch.Tensor:
-        x = torch.randn(*shape, head_dim, generator=g, dtype=f)
+        x = torch.randn(*shape, head_dim, generator=g, dtype=f, device=device)
         return x / x.norm(dim=-1, keepdim=True)
 
-    positions = torch.arange(seq)
-    q = noise * torch.randn(batch, q_heads, seq, head_dim, generator=g, dtype=f)
-    k = noise * torch.randn(batch, kv_heads, seq, head_dim, generator=g, dtype=f)
-    v = torch.randn(batch, kv_heads, seq, head_dim, generator=g, dtype=f)
+    positions = torch.arange(seq, device=device)
+    q = noise * torch.randn(batch, q_heads, seq, head_dim, generator=g, dtype=f, device=device)
+    k = noise * torch.randn(batch, kv_heads, seq, head_dim, generator=g, dtype=f, device=device)
+    v = torch.randn(batch, kv_heads, seq, head_dim, generator=g, dtype=f, device=device)
     planted_columns, planted_offsets = [], []
     for kv in range(kv_heads):
         heads = slice(kv * group, (kv + 1) * group)
@@ -94,7 +98,7 @@ def planted_qkv(
         k[:, kv] += base
         # Heavy columns come before the last 64 positions, where every estimating query can see them.
         pool = max(seq - 64 - sinks, min(columns, seq - sinks))
-        heavy = torch.cat([torch.arange(sinks), sinks + torch.randperm(pool, generator=g)[:columns]])
+        heavy = torch.cat([torch.arange(sinks, device=device), sinks + torch.randperm(pool, generator=g, device=device)[:columns]])
         direction = unit(1)[0] * column_strength**0.5 * root_d
         k[:, kv, heavy] += direction
         q[:, heads] += direction
@@ -103,11 +107,11 @@ def planted_qkv(
         for offset in offsets:
             q[:, heads, offset:] += marks[: seq - offset]
         planted_columns.append(heavy.sort().values)
-        planted_offsets.append(torch.tensor(sorted(offsets)))
+        planted_offsets.append(torch.tensor(sorted(offsets), device=device))
     return PlantedQKV(
-        q=q.to(device=device, dtype=dtype),
-        k=k.to(device=device, dtype=dtype),
-        v=v.to(device=device, dtype=dtype),
+        q=q.to(dtype),
+        k=k.to(dtype),
+        v=v.to(dtype),
         columns=torch.stack(planted_columns),
         offsets=torch.stack(planted_offsets),
     )

@@ -1,0 +1,205 @@
+"""Per-layer attention time at Llama-3-8B shapes: our sparse kernels against dense SDPA (GPU only).
+
+Shapes: batch 1, 32 query heads, 8 KV heads, head_dim 128, bfloat16.
+Workloads:
+  planted  sparse_prefill.synthetic.planted_qkv with its documented defaults (RoPE-like distance
+           decay, 2 sinks, 3 heavy columns, diagonals at seq/7, seq/3, seq/2, noise 0.4)
+  random   plain Gaussian Q/K/V (the worst case: the top diagonals scatter)
+Patterns, the same on every head: VerticalSlash(1000, 6096), AShape(64, 8192), BlockSparse(100).
+
+For each (workload, length, pattern): index-build time (estimation + plan), kernel time, the
+fraction of causal pairs the kernel multiplies (tiles x 64 x 64 + gathered columns) and keeps
+exactly, and the kernel's effective TFLOP/s over the pairs it multiplies (4 * head_dim FLOPs a pair:
+QK^T and PV). Dense: cuDNN and FlashAttention-2 through torch SDPA (K/V repeated outside the timed
+region), measured up to --max-dense and extrapolated quadratically beyond (marked "estimated").
+
+Usage: python benchmarks/kernels.py --out benchmarks/results [--lengths 32768 131072 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sparse_prefill import AShape, BlockSparse, VerticalSlash
+from sparse_prefill.index import AShapeIndex, BlockSparseIndex, VerticalSlashIndex
+from sparse_prefill.kernels import build_plan, run_plan
+from sparse_prefill.synthetic import planted_qkv
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+PATTERNS = {
+    "vertical_slash": VerticalSlash(1000, 6096),
+    "a_shape": AShape(64, 8192),
+    "block_sparse": BlockSparse(100),
+}
+
+
+def cuda_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Median milliseconds of fn() over ``repeats`` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def causal_pairs(seq: int) -> int:
+    return seq * (seq + 1) // 2
+
+
+def exact_kept_pairs(plan, seq: int) -> float:
+    """Mean over heads of the exact kept pairs (docs/semantics.md), counted from the indices."""
+    totals = []
+    for index in plan.indices:
+        if isinstance(index, VerticalSlashIndex):
+            columns, offsets = index.columns[0], index.offsets[0]
+            # column c keeps seq - c pairs, offset o keeps seq - o; (c, o) meet once when c + o < seq
+            meets = torch.searchsorted(offsets.contiguous(), (seq - 1 - columns).contiguous(), right=True).sum()
+            totals.append(((seq - columns).sum() + (seq - offsets).sum() - meets).item())
+        elif isinstance(index, BlockSparseIndex):
+            tiles = index.block_mask()[0]
+            on_diagonal = tiles.diagonal().sum().item()
+            totals.append((tiles.sum().item() - on_diagonal) * 64 * 64 + on_diagonal * 64 * 65 / 2)
+        elif isinstance(index, AShapeIndex):
+            sink, local = index.sink, index.local
+            band = local * seq - local * (local - 1) / 2
+            rows_past = seq - local  # rows with keys outside the band: each adds min(sink, t), t = 1..rows_past
+            extra = rows_past * (rows_past + 1) / 2 if rows_past <= sink else sink * (sink + 1) / 2 + (rows_past - sink) * sink
+            totals.append(band + extra)
+        else:
+            totals.append(causal_pairs(seq))
+    return statistics.mean(totals)
+
+
+def make_workload(name: str, seq: int):
+    if name == "planted":
+        planted = planted_qkv(1, Q_HEADS, KV_HEADS, seq, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        return planted.q, planted.k, planted.v
+    g = torch.Generator(device="cuda").manual_seed(seq)
+    q = torch.randn(1, Q_HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, KV_HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, KV_HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    return q, k, v
+
+
+def dense_times(q, k, v, seq: int, max_dense: int, cache: dict) -> dict:
+    """cuDNN and FA2 SDPA milliseconds (measured, or extrapolated quadratically from the largest measured)."""
+    results = {}
+    for backend_name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash2", SDPBackend.FLASH_ATTENTION)):
+        if seq <= max_dense:
+            k_full = k.repeat_interleave(Q_HEADS // KV_HEADS, 1)
+            v_full = v.repeat_interleave(Q_HEADS // KV_HEADS, 1)
+
+            def dense():
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
+
+            ms = cuda_time(dense, repeats=3 if seq <= 131072 else 1)
+            del k_full, v_full
+            cache[backend_name] = (seq, ms)
+            results[backend_name] = {"ms": ms, "estimated": False}
+        else:
+            base_seq, base_ms = cache[backend_name]
+            results[backend_name] = {"ms": base_ms * causal_pairs(seq) / causal_pairs(base_seq), "estimated": True}
+        flops = 4 * HEAD_DIM * causal_pairs(seq) * Q_HEADS
+        results[backend_name]["tflops"] = flops / results[backend_name]["ms"] / 1e9
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 262144, 524288, 1048576])
+    parser.add_argument("--workloads", nargs="+", default=["planted", "random"])
+    parser.add_argument("--max-dense", type=int, default=262144, help="longest length dense SDPA is measured at")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    scale = HEAD_DIM**-0.5
+    rows = []
+    for workload in args.workloads:
+        dense_cache: dict = {}
+        for seq in args.lengths:
+            q, k, v = make_workload(workload, seq)
+            dense = dense_times(q, k, v, seq, args.max_dense, dense_cache)
+            for name, pattern in PATTERNS.items():
+                patterns = [pattern] * Q_HEADS
+                plan_ms = cuda_time(lambda: build_plan(q, k, patterns, scale), repeats=3)
+                plan = build_plan(q, k, patterns, scale)
+                out = torch.empty_like(q)
+                kernel_ms = cuda_time(lambda: run_plan(q, k, v, plan, scale, out=out), repeats=3)
+                computed = plan.computed_pairs().double().mean().item()
+                kept = exact_kept_pairs(plan, seq)
+                total_ms = plan_ms + kernel_ms
+                row = {
+                    "workload": workload, "seq": seq, "pattern": name, "budget": repr(pattern),
+                    "index_ms": plan_ms, "kernel_ms": kernel_ms, "total_ms": total_ms,
+                    "computed_fraction": computed / causal_pairs(seq), "kept_fraction": kept / causal_pairs(seq),
+                    "kernel_tflops": 4 * HEAD_DIM * computed * Q_HEADS / kernel_ms / 1e9,
+                    "dense": dense,
+                    "speedup_vs_cudnn": dense["cudnn"]["ms"] / total_ms,
+                    "speedup_vs_flash2": dense["flash2"]["ms"] / total_ms,
+                    "index_share_of_cudnn": plan_ms / dense["cudnn"]["ms"],
+                }
+                rows.append(row)
+                print(f"{workload:8s} {seq:>8d} {name:15s} index {plan_ms:8.2f} ms  kernel {kernel_ms:9.2f} ms  "
+                      f"computed {row['computed_fraction']:6.1%} kept {row['kept_fraction']:6.1%}  "
+                      f"{row['kernel_tflops']:6.1f} TF/s  cuDNN {dense['cudnn']['ms']:9.1f} ms"
+                      f"{'*' if dense['cudnn']['estimated'] else ' '} ({dense['cudnn']['tflops']:.0f} TF/s)  "
+                      f"x{row['speedup_vs_cudnn']:.2f}", flush=True)
+                del plan, out
+            del q, k, v
+            torch.cuda.empty_cache()
+    meta = {
+        "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "python": platform.python_version(),
+        "shapes": {"batch": 1, "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
+    }
+    (args.out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, meta, args.out / "kernels.png")
+
+
+def plot(rows: list, meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted({r["workload"] for r in rows})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        mine = [r for r in rows if r["workload"] == workload]
+        lengths = sorted({r["seq"] for r in mine})
+        first = [next(r for r in mine if r["seq"] == n) for n in lengths]
+        for backend, style in (("cudnn", "k-"), ("flash2", "k--")):
+            ax.plot(lengths, [r["dense"][backend]["ms"] for r in first], style, label=f"dense {backend}")
+        for name in PATTERNS:
+            ours = [next(r for r in mine if r["seq"] == n and r["pattern"] == name) for n in lengths]
+            ax.plot(lengths, [r["total_ms"] for r in ours], "o-", label=f"{name} (index + kernel)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel("ms per layer (32 q heads, 8 kv heads, d=128)")
+        ax.set_title(f"{workload} workload")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"attention per layer, {meta['gpu']}, {meta['date']} (dense beyond max-dense: extrapolated)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
