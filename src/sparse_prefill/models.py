@@ -287,8 +287,8 @@ def needle_prompt(
     tokenizer: Any,
     n_tokens: int = 6000,
     *,
-    depth: float = 0.4,
-    answer: str = "amber-7193",
+    depth: float = 0.5,
+    answer: str = "7193",
     haystack: str | None = None,
 ) -> NeedlePrompt:
     """Hide ``"The secret passphrase is <answer>."`` at ``depth`` of a public-domain text and ask for it.
@@ -303,7 +303,8 @@ def needle_prompt(
         Where the needle goes, as a fraction of the haystack (0 = start, 1 = end), moved to the
         next sentence boundary.
     answer : str
-        The passphrase.
+        The passphrase. The default is a number because SmolLM2-135M recalls a number from the middle
+        of a 4K-token prompt densely but not a word-number pair such as ``amber-7193``.
     haystack : str, optional
         The filler text; :func:`kjv_text` when None.
     """
