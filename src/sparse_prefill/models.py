@@ -74,7 +74,8 @@ class LoadedModel:
             warnings.warn(
                 f"prompt of {n_tokens} tokens is longer than the model's context of {self.context_length} tokens "
                 f"and RoPE is not scaled for it: quality will degrade. Load with "
-                f"load_model(..., rope_scaling_for={n_tokens}) (YaRN) or `--rope-scaling` on the command line.",
+                f"load_model(..., rope_scaling_for={n_tokens}) to apply YaRN (`sparse-prefill run` does so unless "
+                "--no-rope-scaling is given).",
                 stacklevel=2,
             )
 

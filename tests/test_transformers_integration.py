@@ -1,0 +1,281 @@
+"""sparse_prefill inside transformers models: tiny random Llama, Mistral, Qwen2, Qwen3 and Phi-3 on CPU.
+
+Each model has 2 layers, hidden size 64, 4 query heads and 2 KV heads (GQA), so every test runs in
+well under a second; prompts are 200 tokens with ``min_seq_len=64`` so that the sparse path runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import sparse_prefill  # noqa: E402
+from sparse_prefill import AShape, BlockSparse, Dense, PatternConfig, VerticalSlash, reference_attention  # noqa: E402
+from sparse_prefill.integrations import transformers as integration  # noqa: E402
+
+SEQ = 200
+MIN_SEQ = 64
+N_LAYERS, N_HEADS, N_KV_HEADS = 2, 4, 2
+
+COMMON = dict(
+    num_hidden_layers=N_LAYERS,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=N_HEADS,
+    num_key_value_heads=N_KV_HEADS,
+    vocab_size=128,
+    max_position_embeddings=512,
+)
+
+
+def _config(arch: str):
+    if arch == "llama":
+        return transformers.LlamaConfig(**COMMON)
+    if arch == "mistral":
+        return transformers.MistralConfig(**COMMON)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**COMMON)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**COMMON, head_dim=16)
+    if arch == "phi3":
+        # Phi-3's default special tokens (32000) lie outside a 128-token vocabulary.
+        return transformers.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+
+
+def _model(arch: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = _config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()
+
+
+def _ids(batch: int = 1, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
+    # From 3 up: ids 0-2 are special tokens, and generate() reads a pad id in the prompt as padding.
+    return torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# Every pattern kind, a different one per head, with budgets well below the 200-token prompt.
+MIXED = (
+    VerticalSlash(vertical=8, slash=16, last_q=16),
+    AShape(sink=4, local=32),
+    BlockSparse(top_k=2, block=16),
+    Dense(),
+)
+
+
+def _mixed_config() -> PatternConfig:
+    return PatternConfig((MIXED, MIXED[::-1]))
+
+
+def _all_keeping_config() -> PatternConfig:
+    # Budgets above the sequence length keep every causal pair, through the sparse code path.
+    return PatternConfig.uniform(N_LAYERS, N_HEADS, VerticalSlash(vertical=SEQ, slash=SEQ, last_q=16))
+
+
+def _attention_inputs(model) -> list[torch.Tensor]:
+    """Forward pre-hooks on each layer's output projection: the attention output [batch, seq, heads*dim]."""
+    captured: list[torch.Tensor] = []
+    handles = [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().clone()))
+        for layer in model.model.layers
+    ]
+    return captured, handles
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_keeping_patterns_equal_sdpa(arch):
+    model = _model(arch)
+    ids = _ids()
+    dense = model(ids).logits
+    for config in (_all_keeping_config(), PatternConfig.uniform(N_LAYERS, N_HEADS, Dense())):
+        state = sparse_prefill.enable(model, config, min_seq_len=MIN_SEQ)
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, dense, rtol=1e-4, atol=1e-5)
+        all_dense = all(isinstance(p, Dense) for heads in config for p in heads)
+        # All-Dense layers go straight to SDPA; the VerticalSlash config runs the sparse path.
+        assert (state.sparse_calls, state.dense_calls) == ((0, N_LAYERS) if all_dense else (N_LAYERS, 0))
+    sparse_prefill.disable(model)
+
+
+def _reference_attention_fn(config: PatternConfig):
+    """A test-only attention function: the library's reference on the very q/k/v the model passes."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        assert key.shape[1] == N_KV_HEADS and query.shape[1] == N_HEADS  # GQA reaches us unrepeated
+        out = reference_attention(query, key, value, config.layer(module.layer_idx), scale=scaling).out
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_patterns_equal_reference_attention(arch):
+    config = _mixed_config()
+    model = _model(arch)
+    ids = _ids()
+    dense = model(ids).logits
+
+    name = f"sparse_prefill_test_reference_{arch}"
+    transformers.AttentionInterface.register(name, _reference_attention_fn(config))
+    transformers.masking_utils.AttentionMaskInterface.register(name, transformers.masking_utils.sdpa_mask)
+    model.set_attn_implementation(name)
+    captured, handles = _attention_inputs(model)
+    expected = model(ids).logits
+    expected_attention = list(captured)
+    captured.clear()
+
+    state = sparse_prefill.enable(model, config, min_seq_len=MIN_SEQ)
+    logits = model(ids).logits
+    for handle in handles:
+        handle.remove()
+    assert state.sparse_calls == N_LAYERS
+    for layer, (got, want) in enumerate(zip(captured, expected_attention)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"layer {layer}: {m}")
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    # The patterns drop real attention mass: the sparse model is not the dense one.
+    assert (logits - dense).abs().max() > 1e-3
+    sparse_prefill.disable(model)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_generate_prefills_sparse_and_decodes_dense(arch):
+    model = _model(arch)
+    ids = _ids()
+    new_tokens = 5
+    dense = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    state = sparse_prefill.enable(model, _all_keeping_config(), min_seq_len=MIN_SEQ)
+    sparse = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    assert torch.equal(sparse, dense)
+    # One sparse prefill over every layer, then one dense call per layer per decoding step.
+    assert state.sparse_calls == N_LAYERS
+    assert state.dense_calls == N_LAYERS * (new_tokens - 1)
+
+    sparse_prefill.enable(model, _mixed_config(), min_seq_len=MIN_SEQ)
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, SEQ + new_tokens)
+    sparse_prefill.disable(model)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_disable_restores_dense_exactly(arch):
+    model = _model(arch)
+    ids = _ids()
+    dense = model(ids).logits
+    sparse_prefill.enable(model, _mixed_config(), min_seq_len=MIN_SEQ)
+    assert model.config._attn_implementation == integration.ATTENTION_NAME
+    assert not torch.equal(model(ids).logits, dense)
+    sparse_prefill.disable(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert integration.state_of(model) is None
+    assert torch.equal(model(ids).logits, dense)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_padded_batch_is_refused(arch):
+    model = _model(arch)
+    ids = _ids(batch=2)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, :7] = 0  # left padding on the second prompt
+    sparse_prefill.enable(model, _mixed_config(), min_seq_len=MIN_SEQ)
+    with pytest.raises(ValueError, match="unpadded batches only"):
+        model(ids, attention_mask=mask)
+    # An all-ones mask is no padding: batch 2 runs, and equals each prompt on its own.
+    batched = model(ids, attention_mask=torch.ones(2, SEQ, dtype=torch.long)).logits
+    for row in range(2):
+        torch.testing.assert_close(batched[row], model(ids[row : row + 1]).logits[0], rtol=1e-4, atol=1e-5)
+    sparse_prefill.disable(model)
+
+
+@torch.no_grad()
+def test_short_prompts_and_sliding_window_layers_stay_dense():
+    ids = _ids()
+    model = _model("llama")
+    dense = model(ids).logits
+    state = sparse_prefill.enable(model, _mixed_config(), min_seq_len=SEQ + 1)
+    assert torch.equal(model(ids).logits, dense)
+    assert (state.sparse_calls, state.dense_calls) == (0, N_LAYERS)
+
+    # A Mistral window shorter than the prompt: the layers are local already and keep SDPA.
+    windowed = _model("mistral", sliding_window=50)
+    dense = windowed(ids).logits
+    state = sparse_prefill.enable(windowed, _mixed_config(), min_seq_len=MIN_SEQ)
+    assert torch.equal(windowed(ids).logits, dense)
+    assert (state.sparse_calls, state.dense_calls) == (0, N_LAYERS)
+
+
+@torch.no_grad()
+def test_attn_implementation_by_name_at_load(tmp_path):
+    _model("llama").save_pretrained(tmp_path)
+    sparse_prefill.register()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparse_prefill").eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ids = _ids()
+    assert model.config._attn_implementation == "sparse_prefill"
+    # Not enabled yet: the default config, with the default threshold far above 200 tokens.
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+    state = sparse_prefill.enable(model, _all_keeping_config(), min_seq_len=MIN_SEQ)
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+    assert state.sparse_calls == N_LAYERS and state.restore_implementation == "sdpa"
+    sparse_prefill.disable(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_enable_checks_config_against_model():
+    model = _model("llama")
+    with pytest.raises(ValueError, match="3 layers x 4 query heads, but the model has 2 layers x 4"):
+        sparse_prefill.enable(model, PatternConfig.uniform(3, N_HEADS, Dense()))
+    with pytest.raises(ValueError, match="2 layers x 8 query heads"):
+        sparse_prefill.enable(model, PatternConfig.uniform(N_LAYERS, 8, Dense()))
+    with pytest.raises(ValueError, match="min_seq_len must be a positive int, got min_seq_len=0"):
+        sparse_prefill.enable(model, None, min_seq_len=0)
+    with pytest.raises(TypeError, match="config must be a PatternConfig"):
+        sparse_prefill.enable(model, {"layers": []})
+    with pytest.raises(TypeError, match="transformers PreTrainedModel"):
+        sparse_prefill.enable(torch.nn.Linear(2, 2))
+    assert model.config._attn_implementation == "sdpa"  # a refused enable() changes nothing
+
+
+@torch.no_grad()
+def test_default_config_runs_sparse():
+    model = _model("qwen2")
+    state = sparse_prefill.enable(model, min_seq_len=MIN_SEQ)
+    assert state.config is None
+    logits = model(_ids()).logits
+    assert torch.isfinite(logits).all() and state.sparse_calls == N_LAYERS
+    sparse_prefill.disable(model)
+
+
+def test_default_pattern_scales_with_length():
+    assert integration.default_pattern(1000) == VerticalSlash(vertical=64, slash=256)
+    assert integration.default_pattern(6000) == VerticalSlash(vertical=187, slash=750)
+    assert integration.default_pattern(131072) == VerticalSlash(vertical=1000, slash=6096)
+    assert integration.default_pattern(1 << 20) == VerticalSlash(vertical=1000, slash=6096)
+    config = integration.default_config(30, 9, 6000)
+    config.check_model(30, 9)
+    with pytest.raises(ValueError, match="seq_len must be a positive int, got seq_len=0"):
+        integration.default_pattern(0)
+
+
+def test_import_stays_light():
+    code = (
+        "import sys, sparse_prefill; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'; "
+        "import torch; assert not torch.cuda.is_initialized(), 'CUDA initialised'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
