@@ -63,11 +63,16 @@ class SparsePlan:
     indices: list[HeadIndex]
 
     def computed_pairs(self) -> torch.Tensor:
-        """[bh] query-key pairs the kernel multiplies (tiles x 64 x 64 plus gathered columns, an upper bound)."""
+        """[bh] query-key pairs the kernel multiplies: 64 x 64 per tile, and 64 per (column, query block at or after it).
+
+        Columns a diagonal tile already covers are counted too (the kernel masks them out of a
+        gathered tile it still multiplies), so this is an upper bound by at most the column term.
+        """
         n_blocks = self.diagonal_limit.shape[1]
-        diagonal_tiles = self.diagonal_limit.sum(dim=1).long()
-        block_tiles = self.block_count.sum(dim=1).long()
-        return (diagonal_tiles + block_tiles) * BLOCK * BLOCK + self.column_count.long() * n_blocks * BLOCK
+        tiles = self.diagonal_limit.sum(dim=1).long() + self.block_count.sum(dim=1).long()
+        valid = torch.arange(self.columns.shape[1], device=self.columns.device)[None, :] < self.column_count[:, None]
+        column_blocks = torch.where(valid, n_blocks - self.columns.long() // BLOCK, 0).sum(dim=1)
+        return tiles * BLOCK * BLOCK + column_blocks * BLOCK
 
 
 def _by_kind(patterns: Sequence[Pattern]) -> dict[type, list[int]]:
@@ -189,19 +194,25 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
         ids_t = torch.tensor(ids, device=device)
         top_ks = torch.tensor([min(patterns[h].top_k, n_blocks) for h in ids], device=device)
         # Pool first, then pick heads: only the pooled [blocks, dim] rows are ever copied.
-        pooled_q = mean_pool_blocks(q.flatten(0, 1), BLOCK).view(batch, q_heads, n_blocks, -1)[:, ids_t]
-        pooled_k = mean_pool_blocks(k.flatten(0, 1), BLOCK).view(batch, k.shape[1], n_blocks, -1)[:, ids_t // group]
-        scores = torch.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k).flatten(0, 1) * scale
+        pooled_q = mean_pool_blocks(q.flatten(0, 1), BLOCK).view(batch, q_heads, n_blocks, -1)[:, ids_t].flatten(0, 1)
+        pooled_k = mean_pool_blocks(k.flatten(0, 1), BLOCK).view(batch, k.shape[1], n_blocks, -1)[:, ids_t // group].flatten(0, 1)
         future = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
         diagonal = torch.arange(n_blocks, device=device)
-        scores[:, diagonal, diagonal] = float("inf")
         kmax = int(min(max_blocks, n_blocks))
-        top = scores.topk(kmax, dim=2)  # sorted by score, descending
         rank = torch.arange(kmax, device=device)
-        keep = (top.values > float("-inf")) & (rank[None, None, :] < top_ks.repeat(batch)[:, None, None])
-        chosen = torch.where(keep, top.indices, n_blocks).sort(dim=2).values
-        chosen = chosen.view(batch, len(ids), n_blocks, kmax)
+        head_top_k = top_ks.repeat(batch)
+        # Block scores are [blocks x blocks] floats per head (1 GB at 1M tokens): a few heads at a time.
+        step = max(1, 2**28 // (n_blocks * n_blocks))
+        chosen = []
+        for first in range(0, pooled_q.shape[0], step):
+            part = slice(first, first + step)
+            scores = torch.matmul(pooled_q[part], pooled_k[part].transpose(1, 2)) * scale
+            scores = scores.masked_fill(future, float("-inf"))
+            scores[:, diagonal, diagonal] = float("inf")
+            top = scores.topk(kmax, dim=2)  # sorted by score, descending
+            keep = (top.values > float("-inf")) & (rank[None, None, :] < head_top_k[part, None, None])
+            chosen.append(torch.where(keep, top.indices, n_blocks).sort(dim=2).values)
+        chosen = torch.cat(chosen).view(batch, len(ids), n_blocks, kmax)
         blocks[:, ids_t, :, :kmax] = torch.where(chosen == n_blocks, 0, chosen).to(torch.int32)
         block_count[:, ids_t] = (chosen < n_blocks).sum(dim=3).to(torch.int32)
         for j, h in enumerate(ids):
