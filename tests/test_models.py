@@ -250,3 +250,16 @@ def test_run_demo_on_smollm2_json(smollm2, capsys):
     assert report["dense"]["needle_found"]
     assert report["sparse"]["prefill_seconds"] > 0 and report["speedup"] > 0
     assert isinstance(report["agreement"]["first_token_agrees"], bool)
+
+
+def test_run_scales_rope_for_long_prompts_or_warns(tiny_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(" ".join(f"w{i % 100}" for i in range(300)))  # the tiny model's context is 256
+    base = ["run", "--model", str(tiny_dir), "--prompt-file", str(prompt), "--no-chat-template", "--json",
+            "--max-new-tokens", "2"]
+    assert cli.main(base) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rope_scaling"]["rope_type"] == "yarn" and report["rope_scaling"]["factor"] == 302 / 256
+    with pytest.warns(UserWarning, match="longer than the model's context of 256"):
+        assert cli.main(base + ["--no-rope-scaling"]) == 0
+    assert json.loads(capsys.readouterr().out)["rope_scaling"] is None
