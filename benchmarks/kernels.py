@@ -196,10 +196,23 @@ def plot(rows: list, meta: dict, path: Path) -> None:
         ax.set_title(f"{workload} workload")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"attention per layer, {meta['gpu']}, {meta['date']} (dense beyond max-dense: extrapolated)")
+    fig.suptitle(f"attention per layer, {meta['gpu']}, {meta['date']}\n"
+                 f"torch {meta['torch']}, triton {meta['triton']}; dense past --max-dense is extrapolated", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def replot(json_path: Path) -> None:
+    """Redraw a PNG from a saved JSON (no GPU needed): python benchmarks/kernels.py --replot FILE.json"""
+    data = json.loads(json_path.read_text())
+    plot(data["rows"], data["meta"], json_path.with_suffix(".png"))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["--replot"]:
+        for name in sys.argv[2:]:
+            replot(Path(name))
+    else:
+        main()
