@@ -203,7 +203,10 @@ def _run(args: argparse.Namespace) -> int:
     tokenizer = loaded.tokenizer
     needle = None
     if args.demo:
-        needle = needle_prompt(tokenizer, args.demo_tokens)
+        try:
+            needle = needle_prompt(tokenizer, args.demo_tokens)
+        except ValueError as error:
+            return fail(f"--demo-tokens {args.demo_tokens}: {error}")
         text = needle.text
     else:
         from .models import chat_prompt

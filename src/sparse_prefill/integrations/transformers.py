@@ -32,7 +32,7 @@ purely causal: a padded batch raises ``ValueError`` rather than silently attendi
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -111,7 +111,7 @@ class SparsePrefillState:
         a prefill of an ``L``-layer model adds ``L`` to one of them, as does every decoding step.
     """
 
-    config: PatternConfig | None
+    config: PatternConfig | None = field(repr=False)
     min_seq_len: int
     restore_implementation: str
     sparse_calls: int = 0
