@@ -64,8 +64,8 @@ __all__ = [
 
 ATTENTION_NAME = "sparse_prefill"
 
-# Below ~2K tokens attention is a small share of prefill time and a sparse index saves nothing worth
-# its estimation cost; every published sparse-prefill method starts well above this.
+# Attention's share of prefill cost grows with length; below ~2K tokens it is small, and the index
+# estimation would be overhead for little saving.
 DEFAULT_MIN_SEQ_LEN = 2048
 
 
@@ -74,7 +74,7 @@ def default_pattern(seq_len: int) -> VerticalSlash:
 
     ``VerticalSlash(vertical=clamp(seq_len // 32, 64, 1000), slash=clamp(seq_len // 8, 256, 6096))``:
     at 128K and beyond it is MInference's published default budget (1000 verticals, 6096 slashes);
-    shorter prompts keep a larger share of their keys (at 6K: 192 columns and 768 diagonals), since
+    shorter prompts keep a larger share of their keys (at 6144 tokens: 192 columns and 768 diagonals), since
     a short prompt's attention is less concentrated and its absolute cost is small.
 
     Parameters
