@@ -5,7 +5,8 @@ Workloads:
   planted  sparse_prefill.synthetic.planted_qkv with its documented defaults (RoPE-like distance
            decay, 2 sinks, 3 heavy columns, diagonals at seq/7, seq/3, seq/2, noise 0.4)
   random   plain Gaussian Q/K/V (the worst case: the top diagonals scatter)
-Patterns, the same on every head: VerticalSlash(1000, 6096), AShape(64, 8192), BlockSparse(100).
+Patterns, the same on every head: VerticalSlash(1000, 6096) with slash_block 64 (block diagonals,
+the default) and 1 (single diagonals, the paper's exact set), AShape(64, 8192), BlockSparse(100).
 
 For each (workload, length, pattern): index-build time (estimation + plan), kernel time, the
 fraction of causal pairs the kernel multiplies (tiles x 64 x 64 + gathered columns) and keeps
@@ -37,6 +38,7 @@ from sparse_prefill.synthetic import planted_qkv
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PATTERNS = {
     "vertical_slash": VerticalSlash(1000, 6096),
+    "vertical_slash_exact": VerticalSlash(1000, 6096, slash_block=1),
     "a_shape": AShape(64, 8192),
     "block_sparse": BlockSparse(100),
 }
@@ -65,11 +67,21 @@ def exact_kept_pairs(plan, seq: int) -> float:
     """Mean over heads of the exact kept pairs (docs/semantics.md), counted from the indices."""
     totals = []
     for index in plan.indices:
-        if isinstance(index, VerticalSlashIndex):
-            columns, offsets = index.columns[0], index.offsets[0]
+        if isinstance(index, VerticalSlashIndex) and index.slash_block == 1:
+            columns, offsets = index.columns[0], index.diagonals[0]
             # column c keeps seq - c pairs, offset o keeps seq - o; (c, o) meet once when c + o < seq
             meets = torch.searchsorted(offsets.contiguous(), (seq - 1 - columns).contiguous(), right=True).sum()
             totals.append(((seq - columns).sum() + (seq - offsets).sum() - meets).item())
+        elif isinstance(index, VerticalSlashIndex):  # block diagonals of 64 (seq a multiple of 64 here)
+            columns, diagonals = index.columns[0], index.diagonals[0]
+            n_blocks = seq // 64
+            tiles = ((n_blocks - diagonals) * 64 * 64).sum() - (64 * 64 - 64 * 65 // 2) * n_blocks * int((diagonals == 0).any())
+            # a column c lies in the tiles of query blocks c // 64 + d, d > 0 chosen (64 rows each), and
+            # in the rows c.. of its own block when d = 0 is chosen
+            later = torch.searchsorted(diagonals.contiguous(), (n_blocks - 1 - columns // 64).contiguous(), right=True)
+            later = later - int((diagonals == 0).any())
+            own = (64 - columns % 64) * int((diagonals == 0).any())
+            totals.append(((seq - columns).sum() + tiles - (later * 64 + own).sum()).item())
         elif isinstance(index, BlockSparseIndex):
             tiles = index.block_mask()[0]
             on_diagonal = tiles.diagonal().sum().item()

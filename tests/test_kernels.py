@@ -47,8 +47,9 @@ def check_against_reference(q, k, v, patterns, tolerance=1e-2):
     return out, plan
 
 
-MIXED = [VerticalSlash(8, 70, last_q=16), BlockSparse(2), AShape(3, 40), Dense(), VerticalSlash(100, 5), AShape(0, 1),
-         BlockSparse(1), VerticalSlash(1, 1, last_q=1)]
+MIXED = [VerticalSlash(8, 70, last_q=16, slash_block=1), BlockSparse(2), AShape(3, 40), Dense(), VerticalSlash(100, 5),
+         AShape(0, 1), BlockSparse(1), VerticalSlash(1, 1, last_q=1, slash_block=1), VerticalSlash(3, 130, last_q=16),
+         AShape(5, 130)]
 
 
 @given(
@@ -67,28 +68,29 @@ def test_mixed_patterns_match_reference(seq, dim, heads, batch, dtype):
 
 def test_plan_estimates_what_the_reference_estimates():
     """Same kept sets as the reference estimators (float32 inputs on CPU: no ties, same arithmetic)."""
-    planted = planted_qkv(batch=2, q_heads=4, kv_heads=2, seq=300, head_dim=64)
+    planted = planted_qkv(batch=2, q_heads=6, kv_heads=2, seq=300, head_dim=64)
     q, k = planted.q.to(DEVICE), planted.k.to(DEVICE)
-    patterns = [VerticalSlash(10, 80), VerticalSlash(20, 70, last_q=32), BlockSparse(3), AShape(2, 50)]
+    patterns = [VerticalSlash(10, 80, slash_block=1), VerticalSlash(20, 70, last_q=32, slash_block=1), BlockSparse(3),
+                AShape(2, 50), VerticalSlash(10, 200), VerticalSlash(5, 100, last_q=16)]
     from sparse_prefill.kernels.plan import build_plan
 
     plan = build_plan(q, k, patterns, 64**-0.5)
-    want = reference_attention(q, k, q[:, ::2], patterns, return_indices=True).indices
+    want = reference_attention(q, k, k, patterns, return_indices=True).indices
     rows = torch.arange(300, device=DEVICE)
-    for head in range(4):
+    for head in range(6):
         assert torch.equal(plan.indices[head].kept_mask(rows, 300), want[head].kept_mask(rows, 300)), head
 
 
 def test_planted_structure_at_larger_size():
     planted = planted_qkv(batch=1, q_heads=2, kv_heads=1, seq=700, head_dim=64, dtype=LOW_PRECISION, device=DEVICE)
-    check_against_reference(planted.q, planted.k, planted.v, [VerticalSlash(16, 96), BlockSparse(4)])
+    check_against_reference(planted.q, planted.k, planted.v, [VerticalSlash(16, 96, slash_block=1), VerticalSlash(16, 200)])
 
 
 def test_output_buffer_is_fully_written():
     q, k, v = fresh_qkv(2, 2, 1, 129, 64, torch.float16)
     from sparse_prefill.kernels import build_plan, run_plan
 
-    plan = build_plan(q, k, [VerticalSlash(4, 64), BlockSparse(1)], 0.125)
+    plan = build_plan(q, k, [VerticalSlash(4, 64, slash_block=1), BlockSparse(1)], 0.125)
     out = torch.full_like(q, float("nan"))
     run_plan(q, k, v, plan, 0.125, out=out)
     assert torch.isfinite(out).all()
@@ -108,7 +110,7 @@ def test_kernel_rejects_float32_and_bad_block():
 @pytest.mark.parametrize("seq", [8192 + 37, 32768, 131072])
 def test_real_sizes_on_gpu(seq):
     planted = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq=seq, head_dim=128, dtype=torch.bfloat16, device="cuda")
-    patterns = [VerticalSlash(1000, 6096), BlockSparse(32), AShape(64, 4096), VerticalSlash(200, 1000)] * 2
+    patterns = [VerticalSlash(1000, 6096), BlockSparse(32), AShape(64, 4096), VerticalSlash(200, 1000, slash_block=1)] * 2
     # The reference is exact but slow: check a few query heads' rows only via row chunks.
     out, plan = triton_sparse_attention(planted.q, planted.k, planted.v, patterns, return_plan=True)
     rows = torch.cat([torch.arange(0, 256), torch.arange(seq // 2, seq // 2 + 256), torch.arange(seq - 256, seq)]).cuda()

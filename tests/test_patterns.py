@@ -15,6 +15,7 @@ from sparse_prefill.patterns import pattern_from_dict
         (lambda: VerticalSlash(vertical=10, slash=-3), "VerticalSlash.slash must be >= 1"),
         (lambda: VerticalSlash(vertical=10, slash=10, last_q=0), "VerticalSlash.last_q must be >= 1"),
         (lambda: BlockSparse(top_k=0), "BlockSparse.top_k must be >= 1"),
+        (lambda: VerticalSlash(10, 10, slash_block=32), "slash_block must be 1 or 64, got slash_block=32"),
         (lambda: BlockSparse(top_k=4, block=48), "power of two"),
     ],
 )
@@ -40,7 +41,7 @@ def test_config_json_round_trip(tmp_path):
     config = PatternConfig(
         (
             (VerticalSlash(100, 200), AShape(4, 64), BlockSparse(8), Dense()),
-            (Dense(), VerticalSlash(10, 20, last_q=32), AShape(0, 16), BlockSparse(2, block=128)),
+            (Dense(), VerticalSlash(10, 20, last_q=32, slash_block=1), AShape(0, 16), BlockSparse(2, block=128)),
         ),
         {"model": "tiny"},
     )
@@ -48,7 +49,7 @@ def test_config_json_round_trip(tmp_path):
     config.save(path)
     loaded = PatternConfig.load(path)
     assert loaded == config
-    assert loaded[1, 1] == VerticalSlash(10, 20, last_q=32)
+    assert loaded[1, 1] == VerticalSlash(10, 20, last_q=32, slash_block=1)
     assert loaded.metadata["model"] == "tiny"
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sparse_prefill import AShape, BlockSparse, Dense, VerticalSlash, reference_attention, sparse_attention
 from sparse_prefill.estimate import diagonal_sums, last_query_attention
-from sparse_prefill.index import LOCAL_DIAGONALS, SINK_COLUMNS, kept_fraction
+from sparse_prefill.index import SINK_COLUMNS, forced_diagonals, kept_fraction
 from sparse_prefill.synthetic import planted_qkv
 
 
@@ -50,12 +50,12 @@ def brute_last_query_probs(q, k, last_q, scale):
 
 def brute_vertical_slash(q, k, pattern, scale, columns):
     """Column scores, and diagonal scores of the mass not on ``columns``, from plain loops."""
-    seq = q.shape[0]
-    column, diagonal = [0.0] * seq, [0.0] * seq
+    seq, block = q.shape[0], pattern.slash_block
+    column, diagonal = [0.0] * seq, [0.0] * (-(-seq // block))
     for (i, j), p in brute_last_query_probs(q, k, pattern.last_q, scale).items():
         column[j] += p
         if j not in columns:
-            diagonal[i - j] += p
+            diagonal[i // block - j // block] += p
     return column, diagonal
 
 
@@ -92,32 +92,33 @@ def test_last_query_attention_and_diagonal_sums_match_loops(seq):
     torch.testing.assert_close(diagonal_sums(probs)[0], want_diagonal, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("slash_block", [1, 64])
 @pytest.mark.parametrize("seq", [3, 64, 100, 200])
-def test_vertical_slash_kept_set_matches_definition(seq):
+def test_vertical_slash_kept_set_matches_definition(seq, slash_block):
     q, k, v = random_qkv(1, 1, 1, seq, 16)
-    pattern = VerticalSlash(vertical=10, slash=70, last_q=20)
+    pattern = VerticalSlash(vertical=10, slash=70 if slash_block == 1 else 130, last_q=20, slash_block=slash_block)
     result = reference_attention(q, k, v, pattern, return_indices=True)
     index = result.indices[0]
-    columns, offsets = set(index.columns[0].tolist()), set(index.offsets[0].tolist())
-    assert len(columns) == min(10, seq) and len(offsets) == min(70, seq)
+    columns, diagonals = set(index.columns[0].tolist()), set(index.diagonals[0].tolist())
+    n_diagonals = -(-seq // slash_block)
+    assert len(columns) == min(10, seq)
+    assert len(diagonals) == min(-(-pattern.slash // slash_block), n_diagonals)
     assert set(range(min(SINK_COLUMNS, seq))) <= columns
-    assert set(range(min(LOCAL_DIAGONALS, seq))) <= offsets
+    forced = forced_diagonals(slash_block)
+    assert set(range(min(forced, n_diagonals))) <= diagonals
     column_scores, diagonal_scores = brute_vertical_slash(q[0, 0], k[0, 0], pattern, 16**-0.5, columns)
     # Outside the forced ones, the chosen are the best scored.
-    free_columns = [j for j in range(SINK_COLUMNS, seq)]
-    chosen = [j for j in free_columns if j in columns]
-    rest = [j for j in free_columns if j not in columns]
-    if chosen and rest:
-        assert min(column_scores[j] for j in chosen) >= max(column_scores[j] for j in rest) - 1e-6
-    free = [o for o in range(LOCAL_DIAGONALS, seq)]
-    chosen = [o for o in free if o in offsets]
-    rest = [o for o in free if o not in offsets]
-    if chosen and rest:
-        assert min(diagonal_scores[o] for o in chosen) >= max(diagonal_scores[o] for o in rest) - 1e-6
+    for chosen_set, scores, first in ((columns, column_scores, SINK_COLUMNS), (diagonals, diagonal_scores, forced)):
+        free = range(first, len(scores))
+        chosen = [x for x in free if x in chosen_set]
+        rest = [x for x in free if x not in chosen_set]
+        if chosen and rest:
+            assert min(scores[x] for x in chosen) >= max(scores[x] for x in rest) - 1e-6
     mask = index.kept_mask(torch.arange(seq), seq)[0]
     for i in range(seq):
         for j in range(seq):
-            assert mask[i, j].item() == (j <= i and (j in columns or (i - j) in offsets))
+            on_diagonal = (i // slash_block - j // slash_block) in diagonals
+            assert mask[i, j].item() == (j <= i and (j in columns or on_diagonal))
 
 
 @pytest.mark.parametrize("seq, top_k, block", [(1, 1, 16), (40, 2, 16), (100, 3, 16), (130, 10, 32)])
@@ -145,7 +146,7 @@ def test_a_shape_kept_set_matches_definition(seq, sink, local):
 def test_output_is_masked_softmax_over_kept_set():
     """The output for one row, computed by hand from the kept keys only."""
     q, k, v = random_qkv(2, 2, 1, 90, 16)
-    result = reference_attention(q, k, v, VerticalSlash(5, 66, last_q=8), return_indices=True)
+    result = reference_attention(q, k, v, VerticalSlash(5, 66, last_q=8, slash_block=1), return_indices=True)
     for b in range(2):
         for head in range(2):
             mask = result.indices[head].kept_mask(torch.arange(90), 90)[b]
@@ -167,7 +168,8 @@ def test_patterns_that_keep_everything_equal_sdpa(seq, dim, heads, batch):
     q_heads, kv_heads = heads
     q, k, v = random_qkv(batch, q_heads, kv_heads, seq, dim)
     want = dense_sdpa(q, k, v)
-    everything = [Dense(), VerticalSlash(seq, seq), BlockSparse(top_k=seq), AShape(0, seq), AShape(seq, 1)]
+    everything = [Dense(), VerticalSlash(seq, seq, slash_block=1), VerticalSlash(1, seq), BlockSparse(top_k=seq),
+                  AShape(0, seq), AShape(seq, 1)]
     for pattern in everything:
         out = reference_attention(q, k, v, pattern, chunk_size=37).out
         assert rel_error(out, want) < 1e-5, pattern
@@ -194,7 +196,7 @@ def test_float64_stays_float64_and_budgets_clamp():
     q, k, v = random_qkv(1, 2, 1, 30, 16, dtype=torch.float64)
     result = reference_attention(q, k, v, VerticalSlash(10**6, 10**6), return_indices=True)
     assert result.out.dtype == torch.float64
-    assert result.indices[0].columns.shape[1] == 30 and result.indices[0].offsets.shape[1] == 30
+    assert result.indices[0].columns.shape[1] == 30 and result.indices[0].diagonals.shape[1] == 1
     torch.testing.assert_close(result.out, dense_sdpa(q, k, v))
 
 
@@ -218,13 +220,13 @@ def test_recall_matches_brute_force_and_dense_is_one():
 def test_estimator_recovers_planted_columns_and_diagonals():
     planted = planted_qkv(batch=2, q_heads=4, kv_heads=2, seq=1024, head_dim=128, columns=3, offsets=(150, 400, 700),
                           generator=torch.Generator().manual_seed(torch.seed() % 2**31))
-    pattern = VerticalSlash(vertical=16, slash=64 + 16)
+    pattern = VerticalSlash(vertical=16, slash=64 + 16, slash_block=1)
     result = reference_attention(planted.q, planted.k, planted.v, pattern, return_indices=True, return_recall=True)
     for head, index in enumerate(result.indices):
         kv = head // 2
         for b in range(2):
             assert set(planted.columns[kv].tolist()) <= set(index.columns[b].tolist())
-            assert set(planted.offsets[kv].tolist()) <= set(index.offsets[b].tolist())
+            assert set(planted.offsets[kv].tolist()) <= set(index.diagonals[b].tolist())
     a_shape = reference_attention(planted.q, planted.k, planted.v, AShape(16, 80), return_recall=True)
     assert result.recall.mean() > a_shape.recall.mean() + 0.1
 

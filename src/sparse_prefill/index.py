@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "SINK_COLUMNS",
     "LOCAL_DIAGONALS",
+    "forced_diagonals",
     "DenseIndex",
     "AShapeIndex",
     "VerticalSlashIndex",
@@ -27,11 +28,16 @@ __all__ = [
 ]
 
 # Vertical-Slash always keeps the first SINK_COLUMNS key columns (attention sinks: most models put
-# heavy mass on the first tokens) and the LOCAL_DIAGONALS nearest diagonals (offsets 0..63: every
-# query sees its own 64-token neighbourhood, and offset 0 keeps every softmax row non-empty).
-# Both count against the pattern's budget.
+# heavy mass on the first tokens) and its nearest diagonals: offsets 0..LOCAL_DIAGONALS-1 with
+# slash_block 1, block diagonals 0 and 1 with slash_block 64. Either way every query sees at least
+# its 64 nearest keys, and itself, so no softmax row is empty. Both count against the budget.
 SINK_COLUMNS = 4
 LOCAL_DIAGONALS = 64
+
+
+def forced_diagonals(slash_block: int) -> int:
+    """How many of the nearest diagonals (in units of slash_block) are always kept."""
+    return LOCAL_DIAGONALS if slash_block == 1 else -(-LOCAL_DIAGONALS // slash_block) + 1
 
 
 def _causal(rows: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -67,22 +73,25 @@ class AShapeIndex:
 
 @dataclass(frozen=True)
 class VerticalSlashIndex:
-    """Chosen key columns and diagonal offsets, per batch element, each sorted ascending.
+    """Chosen key columns and diagonals, per batch element, each sorted ascending.
 
-    ``columns`` [batch, n_vertical] holds key positions; ``offsets`` [batch, n_slash] holds
-    distances ``i - j``. Key ``j <= i`` is kept when ``j`` is a column or ``i - j`` an offset.
+    ``columns`` [batch, n_vertical] holds key positions. ``diagonals`` [batch, n_slash] holds
+    distances in units of ``slash_block`` tokens: key ``j <= i`` is kept when ``j`` is a column or
+    ``i // slash_block - j // slash_block`` is a diagonal (with ``slash_block = 1``, the offset
+    ``i - j``).
     """
 
     columns: torch.Tensor
-    offsets: torch.Tensor
+    diagonals: torch.Tensor
+    slash_block: int = 1
 
     def kept_mask(self, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
         column_flag = _flags(self.columns, n_keys)  # [batch, keys]
-        offset_flag = _flags(self.offsets, n_keys)  # [batch, offsets]
+        diagonal_flag = _flags(self.diagonals, -(-n_keys // self.slash_block))  # [batch, diagonals]
         keys = torch.arange(n_keys, device=rows.device)
-        distance = rows[:, None] - keys[None, :]  # [rows, keys]
-        on_slash = offset_flag[:, distance.clamp(min=0)]  # [batch, rows, keys]
-        return (distance >= 0) & (column_flag[:, None, :] | on_slash)
+        distance = rows[:, None] // self.slash_block - keys[None, :] // self.slash_block  # [rows, keys]
+        on_slash = diagonal_flag[:, distance.clamp(min=0)]  # [batch, rows, keys]
+        return (keys[None, :] <= rows[:, None]) & (column_flag[:, None, :] | on_slash)
 
 
 @dataclass(frozen=True)

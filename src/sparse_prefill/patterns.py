@@ -70,25 +70,32 @@ class AShape:
 
 @dataclass(frozen=True)
 class VerticalSlash:
-    """Keep ``vertical`` key columns and ``slash`` diagonals chosen from the last ``last_q`` queries.
+    """Keep ``vertical`` key columns and about ``slash`` diagonals chosen from the last ``last_q`` queries.
 
-    A query keeps every causal key in a chosen column and every key on a chosen diagonal
-    (offset ``i - j``). See docs/semantics.md for the estimation and the always-kept columns and
-    diagonals.
+    ``slash_block`` is the unit diagonals are chosen in. With 1, a query keeps every causal key on a
+    chosen diagonal ``i - j`` (the paper's kept set). With 64 (the default), the sequence is cut
+    into 64-token blocks and whole block diagonals ``i // 64 - j // 64`` are chosen,
+    ``ceil(slash / 64)`` of them: the same number of pairs, laid out as the tiles the GPU kernel
+    computes, so it computes what it keeps. See docs/semantics.md.
     """
 
     vertical: int
     slash: int
     last_q: int = 64
+    slash_block: int = 64
     kind: ClassVar[str] = "vertical_slash"
 
     def __post_init__(self) -> None:
         _check_positive_int("VerticalSlash", "vertical", self.vertical)
         _check_positive_int("VerticalSlash", "slash", self.slash)
         _check_positive_int("VerticalSlash", "last_q", self.last_q)
+        _check_positive_int("VerticalSlash", "slash_block", self.slash_block)
+        if self.slash_block not in (1, 64):
+            raise ValueError(f"VerticalSlash.slash_block must be 1 or 64, got slash_block={self.slash_block}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "vertical": self.vertical, "slash": self.slash, "last_q": self.last_q}
+        return {"type": self.kind, "vertical": self.vertical, "slash": self.slash, "last_q": self.last_q,
+                "slash_block": self.slash_block}
 
 
 @dataclass(frozen=True)

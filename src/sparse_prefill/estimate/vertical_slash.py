@@ -2,9 +2,9 @@
 
 The last ``last_q`` queries of a head attend (softmax, causal) to all keys. Summing their attention
 down each key column scores the columns, and the top ``vertical`` are kept. The attention that the
-chosen columns already cover is then removed, and the rest is summed along each diagonal
-``i - j = o`` to score the offsets; the top ``slash`` are kept. The first ``SINK_COLUMNS`` columns
-and the ``LOCAL_DIAGONALS`` nearest offsets are always kept.
+chosen columns already cover is then removed, and the rest is summed along each diagonal (offset
+``i - j``, or block diagonal ``i // 64 - j // 64`` with ``slash_block=64``) to score the diagonals;
+the best are kept. The first ``SINK_COLUMNS`` columns and the nearest diagonals are always kept.
 
 Why columns first: a heavy column (an attention sink) seen from the last queries also lights up
 the diagonals through it (query ``i`` meets column ``c`` at offset ``i - c``), one offset per
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..index import LOCAL_DIAGONALS, SINK_COLUMNS, VerticalSlashIndex
+from ..index import SINK_COLUMNS, VerticalSlashIndex, forced_diagonals
 from ..patterns import VerticalSlash
 
 
@@ -37,13 +37,21 @@ def last_query_attention(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: f
     return logits.softmax(dim=-1)
 
 
-def diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
-    """[batch, n_last, seq] last-query attention -> [batch, seq]: mass at each offset ``o = i - j``."""
-    n_last, seq = probs.shape[1], probs.shape[2]
-    positions = torch.arange(seq - n_last, seq, device=probs.device)
-    key_of_offset = positions[:, None] - torch.arange(seq, device=probs.device)[None, :]  # [n_last, offsets]
-    on_row = probs.gather(2, key_of_offset.clamp(min=0).expand(probs.shape[0], -1, -1))
-    return (on_row * (key_of_offset >= 0)).sum(dim=1)
+def diagonal_sums(probs: torch.Tensor, slash_block: int = 1) -> torch.Tensor:
+    """Last-query attention [batch, n_last, seq] -> [batch, ceil(seq / slash_block)]: mass per diagonal.
+
+    Diagonal ``d`` of the row at position ``i`` holds the keys ``j <= i`` with
+    ``i // slash_block - j // slash_block = d`` (with ``slash_block = 1``: the offset ``i - j``).
+    """
+    batch, n_last, seq = probs.shape
+    n_diagonals = -(-seq // slash_block)
+    if slash_block > 1:
+        padded = torch.nn.functional.pad(probs, (0, n_diagonals * slash_block - seq))
+        probs = padded.view(batch, n_last, n_diagonals, slash_block).sum(dim=3)  # [batch, n_last, key blocks]
+    row_block = torch.arange(seq - n_last, seq, device=probs.device) // slash_block
+    key_of_diagonal = row_block[:, None] - torch.arange(n_diagonals, device=probs.device)[None, :]
+    on_row = probs.gather(2, key_of_diagonal.clamp(min=0).expand(batch, -1, -1))
+    return (on_row * (key_of_diagonal >= 0)).sum(dim=1)
 
 
 def top_with_forced(scores: torch.Tensor, count: int, forced: int) -> torch.Tensor:
@@ -57,11 +65,13 @@ def top_with_forced(scores: torch.Tensor, count: int, forced: int) -> torch.Tens
 def vertical_slash_index(q: torch.Tensor, k: torch.Tensor, pattern: VerticalSlash, scale: float) -> VerticalSlashIndex:
     """Estimate one head's Vertical-Slash index (``q``, ``k``: [batch, seq, head_dim]).
 
-    Budgets larger than the sequence are clamped to ``seq``.
+    Budgets larger than the sequence are clamped to what it has.
     """
     probs = last_query_attention(q, k, pattern.last_q, scale)
     seq = probs.shape[2]
+    block = pattern.slash_block
     columns = top_with_forced(probs.sum(dim=1), min(pattern.vertical, seq), SINK_COLUMNS)
     residual = probs.scatter(2, columns[:, None, :].expand(-1, probs.shape[1], -1), 0.0)
-    offsets = top_with_forced(diagonal_sums(residual), min(pattern.slash, seq), LOCAL_DIAGONALS)
-    return VerticalSlashIndex(columns=columns, offsets=offsets)
+    n_diagonals = min(-(-pattern.slash // block), -(-seq // block))
+    diagonals = top_with_forced(diagonal_sums(residual, block), n_diagonals, forced_diagonals(block))
+    return VerticalSlashIndex(columns=columns, diagonals=diagonals, slash_block=block)

@@ -25,7 +25,15 @@ import torch
 
 from ..estimate.block_sparse import mean_pool_blocks
 from ..estimate.vertical_slash import diagonal_sums, top_with_forced
-from ..index import LOCAL_DIAGONALS, SINK_COLUMNS, AShapeIndex, BlockSparseIndex, DenseIndex, HeadIndex, VerticalSlashIndex
+from ..index import (
+    SINK_COLUMNS,
+    AShapeIndex,
+    BlockSparseIndex,
+    DenseIndex,
+    HeadIndex,
+    VerticalSlashIndex,
+    forced_diagonals,
+)
 from ..patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
 
 BLOCK = 64  # query and key tile size the plan is built for
@@ -45,7 +53,7 @@ class SparsePlan:
     columns : int32 [bh, max_columns]  gathered key columns ascending, padded with seq
     column_count : int32 [bh]
     offset_flag, column_flag : int8 [bh, seq]  element mask inside diagonal tiles
-    masked : int8 [bh]  1 when the element mask applies (A-shape, Vertical-Slash)
+    mask_from : int32 [bh]  diagonal tiles d >= mask_from get the element mask (n_blocks + 1: none)
     indices : list of HeadIndex, one per query head (what was estimated; for tests and recall)
     """
 
@@ -59,7 +67,7 @@ class SparsePlan:
     column_count: torch.Tensor
     offset_flag: torch.Tensor
     column_flag: torch.Tensor
-    masked: torch.Tensor
+    mask_from: torch.Tensor
     indices: list[HeadIndex]
 
     def computed_pairs(self) -> torch.Tensor:
@@ -82,14 +90,15 @@ def _by_kind(patterns: Sequence[Pattern]) -> dict[type, list[int]]:
     return heads
 
 
-def _plan_vertical_slash(q, k, ids, vs, scale, mark_columns, mark_offsets, indices) -> None:
-    """Estimate the Vertical-Slash heads ``ids`` of one KV group (docs/semantics.md) and mark them."""
+def _plan_vertical_slash(q, k, ids, vs, scale, mark_columns, mark_offsets, mark_diagonals, indices) -> None:
+    """Estimate the Vertical-Slash heads ``ids`` (one KV group, one slash_block) and mark them."""
     batch, _, seq, dim = q.shape
     device = q.device
     group = q.shape[1] // k.shape[1]
     kv_head = ids[0] // group
+    slash_block = vs[0].slash_block
     verticals = [min(p.vertical, seq) for p in vs]
-    slashes = [min(p.slash, seq) for p in vs]
+    n_diagonals = [min(-(-p.slash // slash_block), -(-seq // slash_block)) for p in vs]
     n_last = min(max(p.last_q for p in vs), seq)
     ids_t = torch.tensor(ids, device=device)
     # The group's query heads are rows of one product: K is read once, in its own dtype.
@@ -105,13 +114,18 @@ def _plan_vertical_slash(q, k, ids, vs, scale, mark_columns, mark_offsets, indic
     cols = _top_per_head(flat.sum(dim=1), verticals, batch, SINK_COLUMNS)
     # Padding entries of cols repeat a kept column, so zeroing them is harmless.
     residual = flat.scatter(2, cols[:, None, :].expand(-1, n_last, -1), 0.0)
-    offsets = _top_per_head(diagonal_sums(residual), slashes, batch, LOCAL_DIAGONALS)
+    diagonals = _top_per_head(diagonal_sums(residual, slash_block), n_diagonals, batch, forced_diagonals(slash_block))
     cols = cols.view(batch, len(ids), -1)
-    offsets = offsets.view(batch, len(ids), -1)
+    diagonals = diagonals.view(batch, len(ids), -1)  # padding repeats a kept diagonal
     mark_columns(ids, cols, torch.tensor(verticals, device=device))
-    mark_offsets(ids, offsets)  # padding repeats a kept offset
+    if slash_block == 1:
+        mark_offsets(ids, diagonals)
+    else:
+        mark_diagonals(ids, diagonals)
     for j, h in enumerate(ids):
-        indices[h] = VerticalSlashIndex(columns=cols[:, j, : verticals[j]], offsets=offsets[:, j, : slashes[j]])
+        indices[h] = VerticalSlashIndex(
+            columns=cols[:, j, : verticals[j]], diagonals=diagonals[:, j, : n_diagonals[j]], slash_block=slash_block
+        )
 
 
 def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], scale: float) -> SparsePlan:
@@ -137,7 +151,8 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
     column_count = torch.zeros(batch, q_heads, **int32)
     offset_flag = torch.zeros(batch, q_heads, seq, dtype=torch.int8, device=device)
     column_flag = torch.zeros(batch, q_heads, seq, dtype=torch.int8, device=device)
-    masked = torch.zeros(batch, q_heads, dtype=torch.int8, device=device)
+    # Diagonal tiles d >= mask_from get the element mask; by default none do.
+    mask_from = torch.full((batch, q_heads), n_blocks + 1, **int32)
     indices: list[HeadIndex | None] = [None] * q_heads
     positions = torch.arange(seq, device=device)
 
@@ -149,6 +164,12 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
         touched = torch.zeros(batch, len(head_ids), n_blocks + 1, dtype=torch.bool, device=device)
         touched.scatter_(2, offsets // BLOCK, True).scatter_(2, (offsets + BLOCK - 1) // BLOCK, True)
         diagonal_flag[:, ids] |= touched
+
+    def mark_diagonals(head_ids: list[int], diagonals: torch.Tensor) -> None:
+        """diagonals: long [batch, len(head_ids), n] block diagonals computed whole."""
+        ids = torch.tensor(head_ids, device=device)
+        touched = torch.zeros(batch, len(head_ids), n_blocks + 1, dtype=torch.bool, device=device)
+        diagonal_flag[:, ids] |= touched.scatter_(2, diagonals, True)
 
     def mark_columns(head_ids: list[int], cols: torch.Tensor, counts: torch.Tensor) -> None:
         """cols: long [batch, len(head_ids), n] ascending, entries past counts[h] ignored."""
@@ -172,7 +193,8 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
         offsets = torch.where(positions[None, :] < locals_[:, None], positions[None, :], 0)
         mark_offsets(ids, offsets.expand(batch, -1, -1))
         mark_columns(ids, positions[None, None, :max_columns].expand(batch, len(ids), -1).clone(), sinks)
-        masked[:, ids] = 1
+        # Tile d spans offsets up to 64 d + 63: inside the window for d < local // 64.
+        mask_from[:, ids] = (locals_ // BLOCK).to(torch.int32)[None, :]
         for h, sink, local in zip(ids, sinks.tolist(), locals_.tolist()):
             indices[h] = AShapeIndex(batch, sink=sink, local=local)
 
@@ -180,10 +202,15 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
         # One KV group at a time: the last-query scores are [batch, group, last_q, seq] floats, and
         # for all heads at once they would not fit beside a 1M-token layer.
         for kv_head in range(k.shape[1]):
-            ids = [h for h in heads[VerticalSlash] if h // group == kv_head]
-            if ids:
-                _plan_vertical_slash(q, k, ids, [patterns[h] for h in ids], scale, mark_columns, mark_offsets, indices)
-        masked[:, heads[VerticalSlash]] = 1
+            for slash_block in (1, 64):
+                ids = [h for h in heads[VerticalSlash] if h // group == kv_head and patterns[h].slash_block == slash_block]
+                if ids:
+                    _plan_vertical_slash(q, k, ids, [patterns[h] for h in ids], scale,
+                                         mark_columns, mark_offsets, mark_diagonals, indices)
+                if ids and slash_block == 1:
+                    # The tile on the main diagonal holds offsets 0..63, all kept when the budget has them.
+                    mask_from[:, ids] = torch.tensor([int(min(patterns[h].slash, seq) >= BLOCK) for h in ids],
+                                                     dtype=torch.int32, device=device)[None, :]
 
     if BlockSparse in heads:
         for h in heads[BlockSparse]:
@@ -234,7 +261,7 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
         column_count=column_count.reshape(bh).contiguous(),
         offset_flag=offset_flag.reshape(bh, seq).contiguous(),
         column_flag=column_flag.reshape(bh, seq).contiguous(),
-        masked=masked.reshape(bh).contiguous(),
+        mask_from=mask_from.reshape(bh).contiguous(),
         indices=indices,  # type: ignore[arg-type]
     )
 

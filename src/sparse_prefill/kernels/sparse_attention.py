@@ -42,7 +42,7 @@ def _sparse_attention_fwd(
     diagonals, diagonal_limit, diagonal_flag,
     blocks, block_count,
     columns, column_count,
-    offset_flag, column_flag, masked,
+    offset_flag, column_flag, mask_from,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -70,7 +70,7 @@ def _sparse_attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    is_masked = tl.load(masked + bh) != 0
+    mask_from_d = tl.load(mask_from + bh)
 
     # 1. Tiles on the head's block diagonals: key block m - d for each diagonal d <= m.
     n_diagonal = tl.load(diagonal_limit + bh64 * n_blocks + m)
@@ -79,7 +79,7 @@ def _sparse_attention_fwd(
         keys = (m - d) * BLOCK_N + offs_n
         key_ok = keys < seq
         keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
-        if is_masked:
+        if d >= mask_from_d:
             # Exact kept set inside the tile: a kept offset i - j, or a kept column j.
             distance = tl.maximum(rows[:, None] - keys[None, :], 0)
             on_offset = tl.load(offset_flag + bh64 * seq + distance, mask=keep, other=0) != 0
@@ -155,7 +155,7 @@ def run_plan(
         plan.diagonals, plan.diagonal_limit, plan.diagonal_flag,
         plan.blocks, plan.block_count,
         plan.columns, plan.column_count,
-        plan.offset_flag, plan.column_flag, plan.masked,
+        plan.offset_flag, plan.column_flag, plan.mask_from,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
