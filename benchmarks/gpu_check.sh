@@ -14,8 +14,9 @@ import torch
 from sparse_prefill import AShape, BlockSparse, Dense, VerticalSlash
 from sparse_prefill.kernels import triton_sparse_attention
 from sparse_prefill.synthetic import planted_qkv
-p = planted_qkv(1, 8, 2, 8192 + 37, 128, dtype=torch.bfloat16, device="cuda")
-out = triton_sparse_attention(p.q, p.k, p.v, [VerticalSlash(500, 2000), BlockSparse(16), AShape(64, 1000), Dense()] * 2)
+p = planted_qkv(1, 8, 2, 4096 + 37, 128, dtype=torch.bfloat16, device="cuda")
+out = triton_sparse_attention(p.q, p.k, p.v, [VerticalSlash(200, 1000), BlockSparse(16), AShape(64, 1000), Dense(),
+                                              VerticalSlash(100, 500, slash_block=1), BlockSparse(2), AShape(0, 100), VerticalSlash(1, 1)])
 torch.cuda.synchronize()
 print("memcheck run finished, finite:", bool(torch.isfinite(out).all()))
 PY

@@ -132,11 +132,60 @@ def dense_times(q, k, v, seq: int, max_dense: int, cache: dict) -> dict:
     return results
 
 
+_FLEX = {}
+
+
+def flex_times(q, k, v, plan, pattern) -> dict | None:
+    """FlexAttention on the same kept set: mask build ms and attention ms (compiled, GQA native).
+
+    Block-Sparse: a BlockMask from our plan's key-block lists (off-diagonal blocks full, the
+    diagonal block causal). A-shape: create_block_mask over the window's mask_mod, compiled (its
+    natural use for a static pattern). Other patterns: None.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    if "attention" not in _FLEX:
+        _FLEX["attention"] = torch.compile(flex_attention, dynamic=False)
+    attention = _FLEX["attention"]
+    batch, q_heads, seq, _ = q.shape
+    n_blocks = plan.block_count.shape[1]
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    if isinstance(pattern, BlockSparse):
+        def build():
+            count = plan.block_count.view(batch, q_heads, n_blocks)
+            blocks = plan.blocks.view(batch, q_heads, n_blocks, -1)
+            # Our lists are ascending with the diagonal block last: everything before it is full.
+            full_count = (count - 1).clamp(min=0)
+            diagonal = torch.arange(n_blocks, device=q.device, dtype=torch.int32).view(1, 1, n_blocks, 1)
+            return BlockMask.from_kv_blocks(
+                torch.ones_like(count), diagonal.expand(batch, q_heads, n_blocks, 1).contiguous(),
+                full_count, blocks, BLOCK_SIZE=64, mask_mod=causal, seq_lengths=(seq, seq), compute_q_blocks=False,
+            )
+    elif isinstance(pattern, AShape):
+        sink, local = pattern.sink, pattern.local
+
+        def window(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & ((kv_idx < sink) | (q_idx - kv_idx < local))
+
+        def build():
+            return create_block_mask(window, None, None, seq, seq, device=q.device, BLOCK_SIZE=64, _compile=True)
+    else:
+        return None
+    build_ms = cuda_time(build, repeats=3)
+    block_mask = build()
+    attention_ms = cuda_time(lambda: attention(q, k, v, block_mask=block_mask, enable_gqa=True), repeats=3)
+    return {"build_ms": build_ms, "attention_ms": attention_ms, "total_ms": build_ms + attention_ms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 262144, 524288, 1048576])
     parser.add_argument("--workloads", nargs="+", default=["planted", "random"])
     parser.add_argument("--max-dense", type=int, default=262144, help="longest length dense SDPA is measured at")
+    parser.add_argument("--flex-max", type=int, default=262144, help="longest length FlexAttention is measured at")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +202,12 @@ def main() -> None:
                 plan = build_plan(q, k, patterns, scale)
                 out = torch.empty_like(q)
                 kernel_ms = cuda_time(lambda: run_plan(q, k, v, plan, scale, out=out), repeats=3)
+                flex = None
+                if seq <= args.flex_max:
+                    try:
+                        flex = flex_times(q, k, v, plan, pattern)
+                    except Exception as error:  # report, never hide: a failed baseline is a result too
+                        flex = {"error": f"{type(error).__name__}: {error}"[:300]}
                 computed = plan.computed_pairs().double().mean().item()
                 kept = exact_kept_pairs(plan, seq)
                 total_ms = plan_ms + kernel_ms
@@ -162,6 +217,7 @@ def main() -> None:
                     "computed_fraction": computed / causal_pairs(seq), "kept_fraction": kept / causal_pairs(seq),
                     "kernel_tflops": 4 * HEAD_DIM * computed * Q_HEADS / kernel_ms / 1e9,
                     "dense": dense,
+                    "flex": flex,
                     "speedup_vs_cudnn": dense["cudnn"]["ms"] / total_ms,
                     "speedup_vs_flash2": dense["flash2"]["ms"] / total_ms,
                     "index_share_of_cudnn": plan_ms / dense["cudnn"]["ms"],
@@ -171,7 +227,9 @@ def main() -> None:
                       f"computed {row['computed_fraction']:6.1%} kept {row['kept_fraction']:6.1%}  "
                       f"{row['kernel_tflops']:6.1f} TF/s  cuDNN {dense['cudnn']['ms']:9.1f} ms"
                       f"{'*' if dense['cudnn']['estimated'] else ' '} ({dense['cudnn']['tflops']:.0f} TF/s)  "
-                      f"x{row['speedup_vs_cudnn']:.2f}", flush=True)
+                      f"x{row['speedup_vs_cudnn']:.2f}"
+                      + (f"  flex {flex['total_ms']:.1f} ms (build {flex['build_ms']:.1f})" if flex and "total_ms" in flex else
+                         f"  flex {flex}" if flex else ""), flush=True)
                 del plan, out
             del q, k, v
             torch.cuda.empty_cache()
