@@ -263,7 +263,7 @@ def plot(rows: list, meta: dict, path: Path) -> None:
         first = [next(r for r in mine if r["seq"] == n) for n in lengths]
         for backend, style in (("cudnn", "k-"), ("flash2", "k--")):
             ax.plot(lengths, [r["dense"][backend]["ms"] for r in first], style, label=f"dense {backend}")
-        for name in PATTERNS:
+        for name in sorted({r["pattern"] for r in mine}, key=list(PATTERNS).index):
             ours = [next(r for r in mine if r["seq"] == n and r["pattern"] == name) for n in lengths]
             ax.plot(lengths, [r["total_ms"] for r in ours], "o-", label=f"{name} (index + kernel)")
         ax.set_xscale("log", base=2)
