@@ -165,7 +165,8 @@ def test_generate_prefills_sparse_and_decodes_dense(arch):
     assert state.dense_calls == N_LAYERS * (new_tokens - 1)
 
     sparse_prefill.enable(model, _mixed_config(), min_seq_len=MIN_SEQ)
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    # min_new_tokens: a random model may well pick the EOS id first.
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     assert out.shape == (1, SEQ + new_tokens)
     sparse_prefill.disable(model)
 
