@@ -90,20 +90,21 @@ def _by_kind(patterns: Sequence[Pattern]) -> dict[type, list[int]]:
     return heads
 
 
-def _plan_vertical_slash(q, k, ids, vs, scale, mark_columns, mark_offsets, mark_diagonals, indices) -> None:
-    """Estimate the Vertical-Slash heads ``ids`` (one KV group, one slash_block) and mark them."""
-    batch, _, seq, dim = q.shape
+def _plan_vertical_slash(q, k, kv_range, ids, vs, scale, mark_columns, mark_offsets, mark_diagonals, indices) -> None:
+    """Estimate the Vertical-Slash heads ``ids`` (all in KV heads ``kv_range``, one slash_block) and mark them."""
+    batch, q_heads, seq, dim = q.shape
     device = q.device
-    group = q.shape[1] // k.shape[1]
-    kv_head = ids[0] // group
+    group = q_heads // k.shape[1]
+    first_kv, end_kv = kv_range
     slash_block = vs[0].slash_block
     verticals = [min(p.vertical, seq) for p in vs]
     n_diagonals = [min(-(-p.slash // slash_block), -(-seq // slash_block)) for p in vs]
     n_last = min(max(p.last_q for p in vs), seq)
-    ids_t = torch.tensor(ids, device=device)
-    # The group's query heads are rows of one product: K is read once, in its own dtype.
-    q_last = q[:, ids_t, -n_last:].reshape(batch, len(ids) * n_last, dim)
-    logits = torch.matmul(q_last, k[:, kv_head].transpose(-1, -2)).float().view(batch, len(ids), n_last, seq) * scale
+    # Each KV head's query heads are the rows of one product: K is read once, in its own dtype.
+    q_last = q[:, first_kv * group : end_kv * group, -n_last:].reshape(batch, end_kv - first_kv, group * n_last, dim)
+    logits = torch.matmul(q_last, k[:, first_kv:end_kv].transpose(-1, -2))  # [batch, kv, group*n_last, seq]
+    logits = logits.view(batch, (end_kv - first_kv) * group, n_last, seq)
+    logits = logits[:, torch.tensor(ids, device=device) - first_kv * group].float() * scale
     positions = torch.arange(seq - n_last, seq, device=device)
     future = torch.arange(seq, device=device)[None, :] > positions[:, None]
     probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
@@ -199,15 +200,20 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
             indices[h] = AShapeIndex(batch, sink=sink, local=local)
 
     if VerticalSlash in heads:
-        # One KV group at a time: the last-query scores are [batch, group, last_q, seq] floats, and
-        # for all heads at once they would not fit beside a 1M-token layer.
-        for kv_head in range(k.shape[1]):
+        # As many KV groups at a time as keep the last-query scores ([batch, heads, last_q, seq]
+        # floats) near 1 GiB: all of them at 128K, one at a time at 1M tokens.
+        n_last = min(max(patterns[h].last_q for h in heads[VerticalSlash]), seq)
+        kv_step = max(1, 2**30 // (4 * batch * group * n_last * seq))
+        for first_kv in range(0, k.shape[1], kv_step):
+            kv_range = (first_kv, min(first_kv + kv_step, k.shape[1]))
             for slash_block in (1, 64):
-                ids = [h for h in heads[VerticalSlash] if h // group == kv_head and patterns[h].slash_block == slash_block]
-                if ids:
-                    _plan_vertical_slash(q, k, ids, [patterns[h] for h in ids], scale,
-                                         mark_columns, mark_offsets, mark_diagonals, indices)
-                if ids and slash_block == 1:
+                ids = [h for h in heads[VerticalSlash]
+                       if kv_range[0] <= h // group < kv_range[1] and patterns[h].slash_block == slash_block]
+                if not ids:
+                    continue
+                _plan_vertical_slash(q, k, kv_range, ids, [patterns[h] for h in ids], scale,
+                                     mark_columns, mark_offsets, mark_diagonals, indices)
+                if slash_block == 1:
                     # The tile on the main diagonal holds offsets 0..63, all kept when the budget has them.
                     mask_from[:, ids] = torch.tensor([int(min(patterns[h].slash, seq) >= BLOCK) for h in ids],
                                                      dtype=torch.int32, device=device)[None, :]
