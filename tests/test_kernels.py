@@ -124,3 +124,23 @@ def test_real_sizes_on_gpu(seq):
         ref = torch.einsum("bqk,bkd->bqd", probs, vh)
         error = ((out[:, head, rows].double() - ref).norm() / ref.norm()).item()
         assert error <= 1e-2, (head, error)
+
+
+@pytest.mark.parametrize("seq, last_q", [(1, 64), (50, 64), (64, 16), (200, 64), (333, 100)])
+def test_fused_estimator_scores_match_pytorch(seq, last_q):
+    """Column sums and per-row 64-key block sums of the last-query attention, without the N x last_q matrix."""
+    from sparse_prefill.estimate import last_query_attention
+    from sparse_prefill.kernels.estimate import last_query_scores
+
+    q, k, _ = fresh_qkv(2, 4, 2, seq, 64, torch.float32)
+    n_rows = min(last_q, seq)
+    own = torch.tensor([n_rows, n_rows // 2 + 1, 1, n_rows] * 2, dtype=torch.int32, device=DEVICE)
+    columns, blocks, _, _ = last_query_scores(q, k, own, n_rows, 0.125)
+    for bh in range(8):
+        b, h = divmod(bh, 4)
+        probs = last_query_attention(q[b : b + 1, h], k[b : b + 1, h // 2], n_rows, 0.125)[0]  # [n_rows, seq]
+        probs[: n_rows - own[bh]] = 0
+        torch.testing.assert_close(columns[bh], probs.sum(0), rtol=1e-4, atol=1e-6)
+        padded = torch.nn.functional.pad(probs, (0, blocks.shape[2] * 64 - seq))
+        want = padded.view(n_rows, -1, 64).sum(2)
+        torch.testing.assert_close(blocks[bh, :n_rows], want, rtol=1e-4, atol=1e-6)

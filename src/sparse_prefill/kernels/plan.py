@@ -129,6 +129,50 @@ def _plan_vertical_slash(q, k, kv_range, ids, vs, scale, mark_columns, mark_offs
         )
 
 
+def _plan_block_diagonals(q, k, ids, vs, scale, mark_columns, mark_diagonals, indices) -> None:
+    """Vertical-Slash heads with ``slash_block=64``, all at once, from the fused Triton estimator."""
+    from .estimate import LOG2E, TILE, last_query_scores
+
+    batch, q_heads, seq, dim = q.shape
+    device = q.device
+    group = q_heads // k.shape[1]
+    n = len(ids)
+    ids_t = torch.tensor(ids, device=device)
+    verticals = [min(p.vertical, seq) for p in vs]
+    n_diagonals = [min(-(-p.slash // TILE), -(-seq // TILE)) for p in vs]
+    own = {h: min(p.last_q, seq) for h, p in zip(ids, vs)}
+    n_rows = max(own.values())
+    own_rows = torch.tensor([own.get(h, n_rows) for h in range(q_heads)] * batch, dtype=torch.int32, device=device)
+    column_scores, block_sums, row_max, row_sum = last_query_scores(q, k, own_rows, n_rows, scale)
+    pick = (torch.arange(batch, device=device)[:, None] * q_heads + ids_t[None, :]).flatten()  # [batch * n]
+    cols = _top_per_head(column_scores[pick], verticals, batch, SINK_COLUMNS)  # [batch * n, max V]
+    # Take the chosen columns' attention out of the row-block sums (recomputed for those keys only).
+    positions = torch.arange(seq - n_rows, seq, device=device)
+    q_rows = q[:, ids_t, seq - n_rows :].flatten(0, 1)  # [batch * n, n_rows, dim]
+    kv_rows = (torch.arange(batch, device=device)[:, None] * k.shape[1] + (ids_t // group)[None, :]).flatten()
+    k_cols = k.reshape(-1, dim)[kv_rows[:, None] * seq + cols]  # [batch * n, max V, dim]
+    logits = torch.einsum("hrd,hvd->hrv", q_rows.float(), k_cols.float()) * (scale * LOG2E)
+    row_max, row_sum = row_max[pick, :n_rows], row_sum[pick, :n_rows]
+    row_used = torch.arange(n_rows, device=device)[None, :] >= n_rows - own_rows[pick][:, None]  # [batch * n, n_rows]
+    counted = torch.arange(cols.shape[1], device=device)[None, :] < torch.tensor(verticals, device=device).repeat(batch)[:, None]
+    taken = torch.exp2(logits - torch.where(row_used, row_max, 0.0)[:, :, None]) / torch.where(row_used, row_sum, 1.0)[:, :, None]
+    taken = taken * (row_used[:, :, None] & counted[:, None, :] & (cols[:, None, :] <= positions[None, :, None]))
+    residual = block_sums[pick, :n_rows].scatter_add(2, (cols // TILE)[:, None, :].expand(-1, n_rows, -1), -taken)
+    # Block diagonal d of row r is its sum over key block (position // 64) - d.
+    n_tiles = residual.shape[2]
+    key_block = positions[:, None] // TILE - torch.arange(n_tiles, device=device)[None, :]  # [n_rows, d]
+    on_row = residual.gather(2, key_block.clamp(min=0).expand(residual.shape[0], -1, -1))
+    diagonal_scores = (on_row * (key_block >= 0)).sum(dim=1)
+    diagonals = _top_per_head(diagonal_scores, n_diagonals, batch, forced_diagonals(TILE))
+    cols = cols.view(batch, n, -1)
+    diagonals = diagonals.view(batch, n, -1)
+    mark_columns(ids, cols, torch.tensor(verticals, device=device))
+    mark_diagonals(ids, diagonals)
+    for j, h in enumerate(ids):
+        indices[h] = VerticalSlashIndex(columns=cols[:, j, : verticals[j]], diagonals=diagonals[:, j, : n_diagonals[j]],
+                                        slash_block=TILE)
+
+
 def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], scale: float) -> SparsePlan:
     """Estimate every head's index and lay out the kernel's work list.
 
@@ -200,13 +244,18 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
             indices[h] = AShapeIndex(batch, sink=sink, local=local)
 
     if VerticalSlash in heads:
-        # As many KV groups at a time as keep the last-query scores ([batch, heads, last_q, seq]
-        # floats) near 1 GiB: all of them at 128K, one at a time at 1M tokens.
+        # Block diagonals (the default): one fused pass for all heads. Single diagonals need
+        # per-offset sums: PyTorch, as many KV groups at a time as keep the last-query scores
+        # ([batch, heads, last_q, seq] floats) near 1 GiB.
+        block_heads = [h for h in heads[VerticalSlash] if patterns[h].slash_block == BLOCK]
+        if block_heads:
+            _plan_block_diagonals(q, k, block_heads, [patterns[h] for h in block_heads], scale,
+                                  mark_columns, mark_diagonals, indices)
         n_last = min(max(patterns[h].last_q for h in heads[VerticalSlash]), seq)
         kv_step = max(1, 2**30 // (4 * batch * group * n_last * seq))
         for first_kv in range(0, k.shape[1], kv_step):
             kv_range = (first_kv, min(first_kv + kv_step, k.shape[1]))
-            for slash_block in (1, 64):
+            for slash_block in (1,):
                 ids = [h for h in heads[VerticalSlash]
                        if kv_range[0] <= h // group < kv_range[1] and patterns[h].slash_block == slash_block]
                 if not ids:

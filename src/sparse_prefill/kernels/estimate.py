@@ -1,0 +1,147 @@
+"""Fused Vertical-Slash score estimation for block diagonals (``slash_block=64``).
+
+The last ``n_last`` queries of every head attend to all keys; the estimator needs, per head,
+the column sums of that attention and, per query row, its sum over each 64-key block. Two Triton
+passes over K produce exactly those, and never hold the ``n_last x seq`` probabilities in memory:
+
+1. ``_row_statistics``: per row, the running max and sum of ``exp`` over a chunk of keys
+   (split over chunks so that long sequences fill the GPU); combined in PyTorch.
+2. ``_column_and_block_sums``: with the final max and sum, every (head, 64-key tile) program
+   forms the probabilities of its tile and writes their column sums and their per-row sums.
+
+Outputs are ``[bh, seq]`` column scores and ``[bh, n_rows, n_tiles]`` row-block sums, about
+1/64 of the probabilities' size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1/ln(2)
+TILE = 64  # keys per tile: the block-diagonal unit
+
+
+@triton.jit
+def _row_statistics(
+    Q, K, row_max, row_sum,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    seq, q_heads, group, n_rows, tiles_per_chunk, n_chunks, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch = bh // q_heads
+    head = bh % q_heads
+    rows = tl.arange(0, BLOCK_Q)
+    positions = seq - n_rows + rows  # row r is the query at this position
+    row_ok = (rows < n_rows) & (positions >= 0)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+                + positions[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_base = K + batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    for tile in range(chunk * tiles_per_chunk, tl.minimum((chunk + 1) * tiles_per_chunk, tl.cdiv(seq, TILE))):
+        keys = tile * TILE + tl.arange(0, TILE)
+        key_ok = keys < seq
+        k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :],
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where((keys[None, :] <= positions[:, None]) & key_ok[None, :] & row_ok[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    out = (bh.to(tl.int64) * BLOCK_Q + rows) * n_chunks + chunk
+    tl.store(row_max + out, m_i)
+    tl.store(row_sum + out, l_i)
+
+
+@triton.jit
+def _column_and_block_sums(
+    Q, K, row_max, row_sum, own_rows, column_scores, block_sums,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    seq, q_heads, group, n_rows, n_tiles, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch = bh // q_heads
+    head = bh % q_heads
+    rows = tl.arange(0, BLOCK_Q)
+    positions = seq - n_rows + rows
+    # A head with a smaller last_q uses only its own last rows.
+    row_ok = (rows < n_rows) & (positions >= 0) & (rows >= n_rows - tl.load(own_rows + bh))
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+                + positions[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    keys = tile * TILE + tl.arange(0, TILE)
+    key_ok = keys < seq
+    k = tl.load(K + batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
+                + keys[:, None].to(tl.int64) * stride_ks + dims[None, :],
+                mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    keep = (keys[None, :] <= positions[:, None]) & key_ok[None, :] & row_ok[:, None]
+    stats = bh.to(tl.int64) * BLOCK_Q + rows
+    m = tl.load(row_max + stats)
+    l = tl.load(row_sum + stats)
+    p = tl.where(keep, tl.math.exp2(s - tl.where(row_ok, m, 0.0)[:, None]) / tl.where(row_ok, l, 1.0)[:, None], 0.0)
+    tl.store(column_scores + bh.to(tl.int64) * seq + keys, tl.sum(p, 0), mask=key_ok)
+    tl.store(block_sums + (bh.to(tl.int64) * BLOCK_Q + rows) * n_tiles + tile, tl.sum(p, 1))
+
+
+def last_query_scores(
+    q: torch.Tensor, k: torch.Tensor, own_rows: torch.Tensor, n_rows: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Column scores and row-block sums of the last-query attention, for every query head.
+
+    Parameters
+    ----------
+    q : [batch, q_heads, seq, head_dim]; k : [batch, kv_heads, seq, head_dim]
+    own_rows : int32 [batch * q_heads]
+        How many of the last ``n_rows`` queries each head uses (its ``min(last_q, seq)``).
+    n_rows : int
+        The largest ``own_rows``.
+
+    Returns
+    -------
+    column_scores : float32 [batch * q_heads, seq]
+    block_sums : float32 [batch * q_heads, block_q, n_tiles]; row ``r`` is the query at position
+        ``seq - n_rows + r`` (rows ``>= n_rows`` are padding, zero)
+    row_max, row_sum : float32 [batch * q_heads, block_q]  base-2 softmax statistics of each row
+    """
+    batch, q_heads, seq, head_dim = q.shape
+    bh = batch * q_heads
+    block_q = max(16, triton.next_power_of_2(n_rows))
+    n_tiles = triton.cdiv(seq, TILE)
+    n_chunks = min(n_tiles, max(1, 4096 // bh))  # enough programs to fill the GPU
+    tiles_per_chunk = triton.cdiv(n_tiles, n_chunks)
+    n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)
+    common = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)), BLOCK_Q=block_q,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    group = q_heads // k.shape[1]
+    partial_max = torch.empty(bh, block_q, n_chunks, dtype=torch.float32, device=q.device)
+    partial_sum = torch.empty_like(partial_max)
+    _row_statistics[(n_chunks, bh)](
+        q, k, partial_max, partial_sum, *strides, seq, q_heads, group, n_rows, tiles_per_chunk, n_chunks,
+        scale * LOG2E, **common,
+    )
+    row_max = partial_max.amax(dim=2)
+    safe = torch.where(row_max == float("-inf"), 0.0, row_max)
+    row_sum = (partial_sum * torch.exp2(partial_max - safe[:, :, None])).sum(dim=2)
+    column_scores = torch.empty(bh, seq, dtype=torch.float32, device=q.device)
+    block_sums = torch.empty(bh, block_q, n_tiles, dtype=torch.float32, device=q.device)
+    _column_and_block_sums[(n_tiles, bh)](
+        q, k, row_max.contiguous(), row_sum.contiguous(), own_rows, column_scores, block_sums, *strides,
+        seq, q_heads, group, n_rows, n_tiles, scale * LOG2E, **common,
+    )
+    return column_scores, block_sums, row_max, row_sum
