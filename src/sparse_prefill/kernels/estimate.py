@@ -29,6 +29,7 @@ def _row_statistics(
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     seq, q_heads, group, n_rows, tiles_per_chunk, n_chunks, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -67,6 +68,7 @@ def _column_and_block_sums(
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     seq, q_heads, group, n_rows, n_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -125,7 +127,7 @@ def last_query_scores(
     n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)
     common = dict(
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)), BLOCK_Q=block_q,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TILE=TILE,
     )
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     group = q_heads // k.shape[1]
