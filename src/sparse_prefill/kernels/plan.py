@@ -232,15 +232,17 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
 
     if AShape in heads:
         ids = heads[AShape]
-        sinks = torch.tensor([min(patterns[h].sink, seq) for h in ids], device=device)
-        locals_ = torch.tensor([min(patterns[h].local, seq) for h in ids], device=device)
+        sink_list = [min(patterns[h].sink, seq) for h in ids]
+        local_list = [min(patterns[h].local, seq) for h in ids]
+        sinks = torch.tensor(sink_list, device=device)
+        locals_ = torch.tensor(local_list, device=device)
         # offsets 0..local-1 kept; pad with offset 0 (already kept) to a rectangle
         offsets = torch.where(positions[None, :] < locals_[:, None], positions[None, :], 0)
         mark_offsets(ids, offsets.expand(batch, -1, -1))
         mark_columns(ids, positions[None, None, :max_columns].expand(batch, len(ids), -1).clone(), sinks)
         # Tile d spans offsets up to 64 d + 63: inside the window for d < local // 64.
         mask_from[:, ids] = (locals_ // BLOCK).to(torch.int32)[None, :]
-        for h, sink, local in zip(ids, sinks.tolist(), locals_.tolist()):
+        for h, sink, local in zip(ids, sink_list, local_list):
             indices[h] = AShapeIndex(batch, sink=sink, local=local)
 
     if VerticalSlash in heads:
