@@ -45,9 +45,8 @@ __all__ = ["BLOCK", "SparsePlan", "build_plan"]
 class SparsePlan:
     """The kernel's work list for one layer; ``bh`` runs over ``batch * q_heads``.
 
-    pairs : int32 [bh, n_pairs]  diagonal pairs j (block diagonals 2j and 2j + 1, at least one kept)
-        ascending, padded with n_pairs; the kernel computes a pair as one 64 x 128 tile
-    pair_limit : int32 [bh, n_blocks]  per query block m: how many pairs have 2j <= m
+    diagonals : int32 [bh, n_blocks]   block diagonals ascending, padded with n_blocks
+    diagonal_limit : int32 [bh, n_blocks]  per query block m: how many diagonals are <= m
     diagonal_flag : int8 [bh, n_blocks + 1]  1 where d is a diagonal (last entry always 0)
     blocks : int32 [bh, n_blocks, max_blocks]  Block-Sparse key blocks ascending
     block_count : int32 [bh, n_blocks]
@@ -59,8 +58,8 @@ class SparsePlan:
     """
 
     seq: int
-    pairs: torch.Tensor
-    pair_limit: torch.Tensor
+    diagonals: torch.Tensor
+    diagonal_limit: torch.Tensor
     diagonal_flag: torch.Tensor
     blocks: torch.Tensor
     block_count: torch.Tensor
@@ -72,14 +71,13 @@ class SparsePlan:
     indices: list[HeadIndex]
 
     def computed_pairs(self) -> torch.Tensor:
-        """[bh] query-key pairs the kernel multiplies: 64 x 128 per diagonal pair, 64 x 64 per listed
-        block, and 64 per (column, query block at or after it).
+        """[bh] query-key pairs the kernel multiplies: 64 x 64 per tile, and 64 per (column, query block at or after it).
 
-        The unkept half of a diagonal pair and columns a diagonal tile already covers are counted
-        (the kernel multiplies and then masks them).
+        Columns a diagonal tile already covers are counted too (the kernel masks them out of a
+        gathered tile it still multiplies), so this is an upper bound by at most the column term.
         """
-        n_blocks = self.pair_limit.shape[1]
-        tiles = 2 * self.pair_limit.sum(dim=1).long() + self.block_count.sum(dim=1).long()
+        n_blocks = self.diagonal_limit.shape[1]
+        tiles = self.diagonal_limit.sum(dim=1).long() + self.block_count.sum(dim=1).long()
         valid = torch.arange(self.columns.shape[1], device=self.columns.device)[None, :] < self.column_count[:, None]
         column_blocks = torch.where(valid, n_blocks - self.columns.long() // BLOCK, 0).sum(dim=1)
         return tiles * BLOCK * BLOCK + column_blocks * BLOCK
@@ -305,18 +303,14 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
             indices[h] = BlockSparseIndex(blocks=torch.where(chosen[:, j] == n_blocks, -1, chosen[:, j]).long(), block=BLOCK)
 
     diagonal_flag[:, :, n_blocks] = False
-    # Block diagonals 2j and 2j + 1 make one 64 x 128 tile: one load and one wider product where
-    # both are kept (runs of diagonals, as near the main diagonal), a masked half where one is.
-    n_pairs = n_blocks // 2 + 1
-    flags = torch.nn.functional.pad(diagonal_flag, (0, 2 * n_pairs - (n_blocks + 1)))
-    pair_flag = flags.view(batch, q_heads, n_pairs, 2).any(dim=3)
-    pairs = torch.where(pair_flag, torch.arange(n_pairs, device=device), n_pairs).sort(dim=2).values
-    pair_limit = pair_flag.to(torch.int32).cumsum(dim=2)[:, :, torch.arange(n_blocks, device=device) // 2]
+    arange = torch.arange(n_blocks + 1, device=device)
+    diagonals = torch.where(diagonal_flag, arange, n_blocks).sort(dim=2).values[:, :, :n_blocks]
+    diagonal_limit = diagonal_flag[:, :, :n_blocks].to(torch.int32).cumsum(dim=2)
     bh = batch * q_heads
     return SparsePlan(
         seq=seq,
-        pairs=pairs.to(torch.int32).reshape(bh, n_pairs).contiguous(),
-        pair_limit=pair_limit.to(torch.int32).reshape(bh, n_blocks).contiguous(),
+        diagonals=diagonals.to(torch.int32).reshape(bh, n_blocks).contiguous(),
+        diagonal_limit=diagonal_limit.to(torch.int32).reshape(bh, n_blocks).contiguous(),
         diagonal_flag=diagonal_flag.to(torch.int8).reshape(bh, n_blocks + 1).contiguous(),
         blocks=blocks.reshape(bh, n_blocks, max_blocks).contiguous(),
         block_count=block_count.reshape(bh, n_blocks).contiguous(),

@@ -1,8 +1,8 @@
 """Sparse flash-attention forward over a :class:`~sparse_prefill.kernels.plan.SparsePlan`.
 
 One launch per layer: the grid is (query block, batch x query head); every program walks its
-head's block diagonals two at a time (64 x 128 tiles), its own Block-Sparse key blocks (64 x 64),
-then its head's gathered columns, with an online softmax in base 2. Heads of different patterns share the launch. K/V are read through the
+head's block diagonals, its own Block-Sparse key blocks, then its head's gathered columns, with an
+online softmax in base 2. Heads of different patterns share the launch. K/V are read through the
 query head's KV head (GQA without repetition).
 """
 
@@ -49,7 +49,7 @@ def _configs() -> list[triton.Config]:
 @triton.jit
 def _sparse_attention_fwd(
     Q, K, V, Out,
-    pairs, pair_limit, diagonal_flag,
+    diagonals, diagonal_limit, diagonal_flag,
     blocks, block_count,
     columns, column_count,
     offset_flag, column_flag, mask_from,
@@ -57,7 +57,7 @@ def _sparse_attention_fwd(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
-    seq, q_heads, group, n_blocks, n_pairs, max_blocks, max_columns, qk_scale,
+    seq, q_heads, group, n_blocks, max_blocks, max_columns, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Last query blocks first: they have the most tiles, and starting them early shortens the tail.
@@ -83,29 +83,25 @@ def _sparse_attention_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     mask_from_d = tl.load(mask_from + bh)
 
-    # 1. The head's block diagonals, two at a time: pair j covers key blocks m - 2j - 1 and m - 2j.
-    offs_pair = tl.arange(0, 2 * BLOCK_N)
-    diagonal_of_key = 1 - offs_pair // BLOCK_N  # + 2j: block diagonal of each key column
-    n_pair = tl.load(pair_limit + bh64 * n_blocks + m)
-    for t in range(0, n_pair):
-        j = tl.load(pairs + bh64 * n_pairs + t)
-        keys = (m - 2 * j - 1) * BLOCK_N + offs_pair
-        d = 2 * j + diagonal_of_key
-        key_ok = (keys >= 0) & (keys < seq)
-        key_ok = key_ok & (tl.load(diagonal_flag + bh64 * (n_blocks + 1) + d, mask=key_ok, other=0) != 0)
+    # 1. Tiles on the head's block diagonals: key block m - d for each diagonal d <= m.
+    n_diagonal = tl.load(diagonal_limit + bh64 * n_blocks + m)
+    for t in range(0, n_diagonal):
+        d = tl.load(diagonals + bh64 * n_blocks + t)
+        keys = (m - d) * BLOCK_N + offs_n
+        key_ok = keys < seq
         keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
-        if 2 * j + 1 >= mask_from_d:
-            # Where the kept set cuts through the tile: a kept offset i - j, or a kept column j.
+        if d >= mask_from_d:
+            # Exact kept set inside the tile: a kept offset i - j, or a kept column j.
             distance = tl.maximum(rows[:, None] - keys[None, :], 0)
             on_offset = tl.load(offset_flag + bh64 * seq + distance, mask=keep, other=0) != 0
             on_column = tl.load(column_flag + bh64 * seq + keys, mask=key_ok, other=0) != 0
-            exact = on_offset | on_column[None, :]
-            keep = keep & (exact | (d < mask_from_d)[None, :])
+            keep = keep & (on_offset | on_column[None, :])
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
         acc, m_i, l_i = _tile_update(
             acc, m_i, l_i, q,
             k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :],
             v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :],
-            key_ok[:, None] & dim_ok[None, :], keep, qk_scale,
+            kv_mask, keep, qk_scale,
         )
 
     # 2. Block-Sparse heads: their own key blocks for this query block.
@@ -163,11 +159,11 @@ def run_plan(
     if head_dim > 256:
         raise ValueError(f"the sparse kernel supports head_dim <= 256, got head_dim={head_dim}")
     head_dim_padded = max(16, triton.next_power_of_2(head_dim))
-    n_blocks = plan.pair_limit.shape[1]
+    n_blocks = plan.diagonal_limit.shape[1]
     grid = (n_blocks, batch * q_heads)
     _sparse_attention_fwd[grid](
         q, k, v, out,
-        plan.pairs, plan.pair_limit, plan.diagonal_flag,
+        plan.diagonals, plan.diagonal_limit, plan.diagonal_flag,
         plan.blocks, plan.block_count,
         plan.columns, plan.column_count,
         plan.offset_flag, plan.column_flag, plan.mask_from,
@@ -175,8 +171,7 @@ def run_plan(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        seq, q_heads, q_heads // k.shape[1], n_blocks, plan.pairs.shape[1], plan.blocks.shape[2], plan.columns.shape[1],
-        scale * LOG2E,
+        seq, q_heads, q_heads // k.shape[1], n_blocks, plan.blocks.shape[2], plan.columns.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=BLOCK, BLOCK_N=BLOCK,
     )
     return out
