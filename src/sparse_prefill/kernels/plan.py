@@ -55,6 +55,8 @@ class SparsePlan:
     offset_flag, column_flag : int8 [bh, seq]  element mask inside diagonal tiles
     mask_from : int32 [bh]  diagonal tiles d >= mask_from get the element mask (n_blocks + 1: none)
     indices : list of HeadIndex, one per query head (what was estimated; for tests and recall)
+    uses_diagonals, uses_blocks, uses_columns : bool
+        Whether any head has work of that kind: the kernel compiles the other loops out.
     """
 
     seq: int
@@ -69,6 +71,9 @@ class SparsePlan:
     column_flag: torch.Tensor
     mask_from: torch.Tensor
     indices: list[HeadIndex]
+    uses_diagonals: bool = True
+    uses_blocks: bool = True
+    uses_columns: bool = True
 
     def computed_pairs(self) -> torch.Tensor:
         """[bh] query-key pairs the kernel multiplies: 64 x 64 per tile, and 64 per (column, query block at or after it).
@@ -320,6 +325,9 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
         column_flag=column_flag.reshape(bh, seq).contiguous(),
         mask_from=mask_from.reshape(bh).contiguous(),
         indices=indices,  # type: ignore[arg-type]
+        uses_diagonals=any(kind is not BlockSparse for kind in heads),
+        uses_blocks=BlockSparse in heads,
+        uses_columns=VerticalSlash in heads or any(patterns[h].sink > 0 for h in heads.get(AShape, [])),
     )
 
 

@@ -45,7 +45,7 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM_PADDED"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS"])
 @triton.jit
 def _sparse_attention_fwd(
     Q, K, V, Out,
@@ -59,6 +59,7 @@ def _sparse_attention_fwd(
     stride_ob, stride_oh, stride_os,
     seq, q_heads, group, n_blocks, max_blocks, max_columns, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USES_DIAGONALS: tl.constexpr, USES_BLOCKS: tl.constexpr, USES_COLUMNS: tl.constexpr,
 ):
     # Last query blocks first: they have the most tiles, and starting them early shortens the tail.
     m = n_blocks - 1 - tl.program_id(0)
@@ -84,58 +85,63 @@ def _sparse_attention_fwd(
     mask_from_d = tl.load(mask_from + bh)
 
     # 1. Tiles on the head's block diagonals: key block m - d for each diagonal d <= m.
-    n_diagonal = tl.load(diagonal_limit + bh64 * n_blocks + m)
-    for t in range(0, n_diagonal):
-        d = tl.load(diagonals + bh64 * n_blocks + t)
-        keys = (m - d) * BLOCK_N + offs_n
-        key_ok = keys < seq
-        keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
-        if d >= mask_from_d:
-            # Exact kept set inside the tile: a kept offset i - j, or a kept column j.
-            distance = tl.maximum(rows[:, None] - keys[None, :], 0)
-            on_offset = tl.load(offset_flag + bh64 * seq + distance, mask=keep, other=0) != 0
-            on_column = tl.load(column_flag + bh64 * seq + keys, mask=key_ok, other=0) != 0
-            keep = keep & (on_offset | on_column[None, :])
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        acc, m_i, l_i = _tile_update(
-            acc, m_i, l_i, q,
-            k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :],
-            v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :],
-            kv_mask, keep, qk_scale,
-        )
+    # (Loops no head of the layer needs are compiled out: each one left in costs registers, and so
+    # occupancy, in all of them.)
+    if USES_DIAGONALS:
+        n_diagonal = tl.load(diagonal_limit + bh64 * n_blocks + m)
+        for t in range(0, n_diagonal):
+            d = tl.load(diagonals + bh64 * n_blocks + t)
+            keys = (m - d) * BLOCK_N + offs_n
+            key_ok = keys < seq
+            keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
+            if d >= mask_from_d:
+                # Exact kept set inside the tile: a kept offset i - j, or a kept column j.
+                distance = tl.maximum(rows[:, None] - keys[None, :], 0)
+                on_offset = tl.load(offset_flag + bh64 * seq + distance, mask=keep, other=0) != 0
+                on_column = tl.load(column_flag + bh64 * seq + keys, mask=key_ok, other=0) != 0
+                keep = keep & (on_offset | on_column[None, :])
+            kv_mask = key_ok[:, None] & dim_ok[None, :]
+            acc, m_i, l_i = _tile_update(
+                acc, m_i, l_i, q,
+                k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :],
+                v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :],
+                kv_mask, keep, qk_scale,
+            )
 
     # 2. Block-Sparse heads: their own key blocks for this query block.
-    n_listed = tl.load(block_count + bh64 * n_blocks + m)
-    for t in range(0, n_listed):
-        c = tl.load(blocks + (bh64 * n_blocks + m) * max_blocks + t)
-        keys = c * BLOCK_N + offs_n
-        key_ok = keys < seq
-        keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
-        acc, m_i, l_i = _tile_update(
-            acc, m_i, l_i, q,
-            k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :],
-            v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :],
-            key_ok[:, None] & dim_ok[None, :], keep, qk_scale,
-        )
+    if USES_BLOCKS:
+        n_listed = tl.load(block_count + bh64 * n_blocks + m)
+        for t in range(0, n_listed):
+            c = tl.load(blocks + (bh64 * n_blocks + m) * max_blocks + t)
+            keys = c * BLOCK_N + offs_n
+            key_ok = keys < seq
+            keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
+            acc, m_i, l_i = _tile_update(
+                acc, m_i, l_i, q,
+                k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :],
+                v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :],
+                key_ok[:, None] & dim_ok[None, :], keep, qk_scale,
+            )
 
     # 3. Gathered columns that no diagonal tile of this query block already covers.
-    n_columns = tl.load(column_count + bh64)
-    last_row = m * BLOCK_M + BLOCK_M - 1
-    for start in range(0, n_columns, BLOCK_N):
-        slot = start + offs_n
-        cols = tl.load(columns + bh64 * max_columns + slot, mask=slot < n_columns, other=seq)
-        col_ok = (cols < seq) & (cols <= last_row)
-        block_distance = m - cols // BLOCK_N
-        covered = tl.load(diagonal_flag + bh64 * (n_blocks + 1) + tl.minimum(block_distance, n_blocks),
-                          mask=col_ok & (block_distance >= 0), other=0) != 0
-        col_ok = col_ok & ~covered
-        keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
-        acc, m_i, l_i = _tile_update(
-            acc, m_i, l_i, q,
-            k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :],
-            v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :],
-            col_ok[:, None] & dim_ok[None, :], keep, qk_scale,
-        )
+    if USES_COLUMNS:
+        n_columns = tl.load(column_count + bh64)
+        last_row = m * BLOCK_M + BLOCK_M - 1
+        for start in range(0, n_columns, BLOCK_N):
+            slot = start + offs_n
+            cols = tl.load(columns + bh64 * max_columns + slot, mask=slot < n_columns, other=seq)
+            col_ok = (cols < seq) & (cols <= last_row)
+            block_distance = m - cols // BLOCK_N
+            covered = tl.load(diagonal_flag + bh64 * (n_blocks + 1) + tl.minimum(block_distance, n_blocks),
+                              mask=col_ok & (block_distance >= 0), other=0) != 0
+            col_ok = col_ok & ~covered
+            keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+            acc, m_i, l_i = _tile_update(
+                acc, m_i, l_i, q,
+                k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :],
+                v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :],
+                col_ok[:, None] & dim_ok[None, :], keep, qk_scale,
+            )
 
     out = acc / l_i[:, None]
     o_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
@@ -173,5 +179,6 @@ def run_plan(
         out.stride(0), out.stride(1), out.stride(2),
         seq, q_heads, q_heads // k.shape[1], n_blocks, plan.blocks.shape[2], plan.columns.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=BLOCK, BLOCK_N=BLOCK,
+        USES_DIAGONALS=plan.uses_diagonals, USES_BLOCKS=plan.uses_blocks, USES_COLUMNS=plan.uses_columns,
     )
     return out
