@@ -95,15 +95,14 @@ def _by_kind(patterns: Sequence[Pattern]) -> dict[type, list[int]]:
     return heads
 
 
-def _plan_vertical_slash(q, k, kv_range, ids, vs, scale, mark_columns, mark_offsets, mark_diagonals, indices) -> None:
-    """Estimate the Vertical-Slash heads ``ids`` (all in KV heads ``kv_range``, one slash_block) and mark them."""
+def _plan_single_diagonals(q, k, kv_range, ids, vs, scale, mark_columns, mark_offsets, indices) -> None:
+    """Estimate the ``slash_block=1`` Vertical-Slash heads ``ids`` (all in KV heads ``kv_range``) and mark them."""
     batch, q_heads, seq, dim = q.shape
     device = q.device
     group = q_heads // k.shape[1]
     first_kv, end_kv = kv_range
-    slash_block = vs[0].slash_block
     verticals = [min(p.vertical, seq) for p in vs]
-    n_diagonals = [min(-(-p.slash // slash_block), -(-seq // slash_block)) for p in vs]
+    n_diagonals = [min(p.slash, seq) for p in vs]
     n_last = min(max(p.last_q for p in vs), seq)
     # Each KV head's query heads are the rows of one product: K is read once, in its own dtype.
     q_last = q[:, first_kv * group : end_kv * group, -n_last:].reshape(batch, end_kv - first_kv, group * n_last, dim)
@@ -120,18 +119,13 @@ def _plan_vertical_slash(q, k, kv_range, ids, vs, scale, mark_columns, mark_offs
     cols = _top_per_head(flat.sum(dim=1), verticals, batch, SINK_COLUMNS)
     # Padding entries of cols repeat a kept column, so zeroing them is harmless.
     residual = flat.scatter(2, cols[:, None, :].expand(-1, n_last, -1), 0.0)
-    diagonals = _top_per_head(diagonal_sums(residual, slash_block), n_diagonals, batch, forced_diagonals(slash_block))
+    diagonals = _top_per_head(diagonal_sums(residual), n_diagonals, batch, forced_diagonals(1))
     cols = cols.view(batch, len(ids), -1)
     diagonals = diagonals.view(batch, len(ids), -1)  # padding repeats a kept diagonal
     mark_columns(ids, cols, torch.tensor(verticals, device=device))
-    if slash_block == 1:
-        mark_offsets(ids, diagonals)
-    else:
-        mark_diagonals(ids, diagonals)
+    mark_offsets(ids, diagonals)
     for j, h in enumerate(ids):
-        indices[h] = VerticalSlashIndex(
-            columns=cols[:, j, : verticals[j]], diagonals=diagonals[:, j, : n_diagonals[j]], slash_block=slash_block
-        )
+        indices[h] = VerticalSlashIndex(columns=cols[:, j, : verticals[j]], diagonals=diagonals[:, j, : n_diagonals[j]])
 
 
 def _plan_block_diagonals(q, k, ids, vs, scale, mark_columns, mark_diagonals, indices) -> None:
@@ -258,21 +252,20 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
         if block_heads:
             _plan_block_diagonals(q, k, block_heads, [patterns[h] for h in block_heads], scale,
                                   mark_columns, mark_diagonals, indices)
-        n_last = min(max(patterns[h].last_q for h in heads[VerticalSlash]), seq)
-        kv_step = max(1, 2**30 // (4 * batch * group * n_last * seq))
-        for first_kv in range(0, k.shape[1], kv_step):
-            kv_range = (first_kv, min(first_kv + kv_step, k.shape[1]))
-            for slash_block in (1,):
-                ids = [h for h in heads[VerticalSlash]
-                       if kv_range[0] <= h // group < kv_range[1] and patterns[h].slash_block == slash_block]
-                if not ids:
-                    continue
-                _plan_vertical_slash(q, k, kv_range, ids, [patterns[h] for h in ids], scale,
-                                     mark_columns, mark_offsets, mark_diagonals, indices)
-                if slash_block == 1:
-                    # The tile on the main diagonal holds offsets 0..63, all kept when the budget has them.
-                    mask_from[:, ids] = torch.tensor([int(min(patterns[h].slash, seq) >= BLOCK) for h in ids],
-                                                     dtype=torch.int32, device=device)[None, :]
+        single_heads = [h for h in heads[VerticalSlash] if patterns[h].slash_block == 1]
+        if single_heads:
+            n_last = min(max(patterns[h].last_q for h in single_heads), seq)
+            kv_step = max(1, 2**30 // (4 * batch * group * n_last * seq))
+            for first_kv in range(0, k.shape[1], kv_step):
+                kv_range = (first_kv, min(first_kv + kv_step, k.shape[1]))
+                ids = [h for h in single_heads if kv_range[0] <= h // group < kv_range[1]]
+                if ids:
+                    _plan_single_diagonals(q, k, kv_range, ids, [patterns[h] for h in ids], scale,
+                                           mark_columns, mark_offsets, indices)
+            # The tile on the main diagonal holds offsets 0..63, all kept when the budget has them.
+            mask_from[:, single_heads] = torch.tensor(
+                [int(min(patterns[h].slash, seq) >= BLOCK) for h in single_heads], dtype=torch.int32, device=device
+            )[None, :]
 
     if BlockSparse in heads:
         for h in heads[BlockSparse]:
