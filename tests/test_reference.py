@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from sparse_prefill import AShape, BlockSparse, Dense, VerticalSlash, reference_attention, sparse_attention
 from sparse_prefill.estimate import diagonal_sums, last_query_attention
 from sparse_prefill.index import SINK_COLUMNS, forced_diagonals, kept_fraction
+from sparse_prefill.masked_attention import masked_attention
+from sparse_prefill.reference import attention_with_index
 from sparse_prefill.synthetic import planted_qkv
 
 
@@ -190,6 +192,19 @@ def test_sparse_attention_mixed_heads_and_dtypes(seq, heads, dtype):
         single = reference_attention(q[:, head : head + 1], k[:, kv : kv + 1], v[:, kv : kv + 1], patterns[head]).out
         tolerance = 1e-5 if dtype == torch.float32 else 1e-2
         assert rel_error(out[:, head : head + 1], single) < tolerance
+
+
+@given(seq=st.integers(1, 400), chunk=st.integers(1, 300), heads=gqa)
+def test_masked_attention_equals_reference_on_every_chunking(seq, chunk, heads):
+    """The CPU fast path (fused SDPA over causal prefixes) computes the reference's kept sets exactly."""
+    q_heads, kv_heads = heads
+    q, k, v = random_qkv(2, q_heads, kv_heads, seq, 32)
+    choices = [VerticalSlash(8, 130), VerticalSlash(8, 70, slash_block=1), BlockSparse(2, block=16), AShape(3, 40), Dense()]
+    patterns = [choices[h % len(choices)] for h in range(q_heads)]
+    indices = reference_attention(q, k, v, patterns, return_indices=True).indices
+    want, _ = attention_with_index(q, k, v, indices, scale=32**-0.5)
+    out = masked_attention(q, k, v, indices, scale=32**-0.5, chunk_size=chunk)
+    assert rel_error(out, want) < 1e-5
 
 
 def test_float64_stays_float64_and_budgets_clamp():

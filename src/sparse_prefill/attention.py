@@ -6,8 +6,10 @@ from typing import Sequence
 
 import torch
 
+from .checks import check_layer_patterns, check_qkv, check_scale
+from .estimate import estimate_index
+from .masked_attention import masked_attention
 from .patterns import Pattern
-from .reference import reference_attention
 
 __all__ = ["sparse_attention"]
 
@@ -35,12 +37,18 @@ def sparse_attention(
     -------
     Tensor [batch, q_heads, seq, head_dim], dtype of ``q``.
 
-    CUDA tensors in float16/bfloat16 run the Triton kernels; anything else runs the exact PyTorch
-    reference, which computes the same kept sets (docs/semantics.md).
+    CUDA tensors in float16/bfloat16 run the Triton kernels; anything else runs PyTorch's SDPA with
+    each head's kept set as a mask: the same kept sets (docs/semantics.md), at dense cost.
     """
     if isinstance(q, torch.Tensor) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from .kernels import triton_sparse_attention  # lazy: importing the package never imports Triton
 
         return triton_sparse_attention(q, k, v, patterns, scale=scale)
-    result = reference_attention(q, k, v, patterns, scale=scale)
-    return result.out.to(q.dtype)
+    shape = check_qkv(q, k, v)
+    head_patterns = check_layer_patterns(patterns, shape.q_heads)
+    scale = check_scale(scale, shape.head_dim)
+    indices = [
+        estimate_index(pattern, q[:, head], k[:, head // shape.group], scale)
+        for head, pattern in enumerate(head_patterns)
+    ]
+    return masked_attention(q, k, v, indices, scale=scale)

@@ -87,10 +87,14 @@ class VerticalSlashIndex:
 
     def kept_mask(self, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
         column_flag = _flags(self.columns, n_keys)  # [batch, keys]
-        diagonal_flag = _flags(self.diagonals, -(-n_keys // self.slash_block))  # [batch, diagonals]
+        key_blocks = -(-n_keys // self.slash_block)
+        diagonal_flag = _flags(self.diagonals, key_blocks)  # [batch, diagonals]
         keys = torch.arange(n_keys, device=rows.device)
-        distance = rows[:, None] // self.slash_block - keys[None, :] // self.slash_block  # [rows, keys]
-        on_slash = diagonal_flag[:, distance.clamp(min=0)]  # [batch, rows, keys]
+        # A diagonal covers whole (row block, key block) tiles: look it up once per key block and widen,
+        # rather than gathering rows x keys flags (the CPU path's cost at 8K+ tokens).
+        distance = rows[:, None] // self.slash_block - torch.arange(key_blocks, device=rows.device)[None, :]
+        on_slash = diagonal_flag[:, distance.clamp(min=0)]  # [batch, rows, key blocks]
+        on_slash = on_slash.repeat_interleave(self.slash_block, dim=2)[:, :, :n_keys]
         return (keys[None, :] <= rows[:, None]) & (column_flag[:, None, :] | on_slash)
 
 
@@ -125,9 +129,10 @@ HeadIndex = Union[DenseIndex, AShapeIndex, VerticalSlashIndex, BlockSparseIndex]
 
 
 def _flags(positions: torch.Tensor, length: int) -> torch.Tensor:
-    """Bool [batch, length] with True at each listed position."""
-    flags = torch.zeros(positions.shape[0], length, dtype=torch.bool, device=positions.device)
-    return flags.scatter_(1, positions, True)
+    """Bool [batch, length] with True at each listed position; positions at or past ``length`` are
+    dropped (a mask over a prefix of the keys)."""
+    flags = torch.zeros(positions.shape[0], length + 1, dtype=torch.bool, device=positions.device)
+    return flags.scatter_(1, positions.clamp(max=length), True)[:, :length]
 
 
 def kept_fraction(index: HeadIndex, seq: int, chunk_size: int = 1024) -> torch.Tensor:
