@@ -40,6 +40,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from ..attention import sparse_attention
+from ..kv_cache import awaiting_compression, sparse_attention_with_scores
 from ..patterns import Dense, Pattern, PatternConfig, VerticalSlash
 
 try:  # the public home of SDPA attention since transformers 4.48
@@ -172,13 +173,16 @@ def sparse_prefill_attention(
     (Tensor [batch, q_len, q_heads, head_dim], None)
     """
     state = _STATES.get(module, _UNATTACHED)
-    if not _takes_sparse_path(state, module, query, key, kwargs):
+    # A compressing KV cache (sparse_prefill.kv_cache) that holds this prefill's keys and needs its queries.
+    compressing = awaiting_compression(key)
+    sparse = _takes_sparse_path(state, module, query, key, kwargs)
+    patterns = state.layer_patterns(module.layer_idx, query.shape[1], query.shape[2]) if sparse else ()
+    if not sparse or all(isinstance(pattern, Dense) for pattern in patterns):
         state.dense_calls += 1
-        return _sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    patterns = state.layer_patterns(module.layer_idx, query.shape[1], query.shape[2])
-    if all(isinstance(pattern, Dense) for pattern in patterns):
-        state.dense_calls += 1
-        return _sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out = _sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if compressing is not None:
+            compressing.compress_after_attention(query, scaling)
+        return out
     if dropout:
         raise ValueError(
             f"sparse prefill computes attention without dropout (inference only), got dropout={dropout}; "
@@ -191,7 +195,11 @@ def sparse_prefill_attention(
         )
     if attention_mask is not None:
         _check_causal_mask(attention_mask, query.shape[2])
-    out = sparse_attention(query, key, value, patterns, scale=scaling)  # [batch, q_heads, seq, head_dim]
+    if compressing is None:
+        out = sparse_attention(query, key, value, patterns, scale=scaling)  # [batch, q_heads, seq, head_dim]
+    else:  # the cache's key scores come out of the same estimator pass where the kernel path runs
+        out, scores = sparse_attention_with_scores(query, key, value, patterns, scaling, compressing.window)
+        compressing.compress_after_attention(query, scaling, scores)
     state.sparse_calls += 1
     return out.transpose(1, 2).contiguous(), None
 

@@ -26,13 +26,18 @@ def triton_sparse_attention(
     *,
     scale: float | None = None,
     return_plan: bool = False,
+    score_window: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, SparsePlan]:
-    """Plan (estimate every head's index) then run the sparse forward; float16/bfloat16 only."""
+    """Plan (estimate every head's index) then run the sparse forward; float16/bfloat16 only.
+
+    ``score_window > 0`` has the plan keep the last ``score_window`` queries' key scores
+    (``plan.window_scores``, see :func:`build_plan`), for KV-cache compression.
+    """
     shape = check_qkv(q, k, v)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"the Triton kernels take float16 or bfloat16, got dtype={q.dtype}")
     head_patterns = check_layer_patterns(patterns, shape.q_heads)
     scale = check_scale(scale, shape.head_dim)
-    plan = build_plan(q, k, head_patterns, scale)
+    plan = build_plan(q, k, head_patterns, scale, score_window)
     out = run_plan(q, k, v, plan, scale)
     return (out, plan) if return_plan else out

@@ -10,7 +10,9 @@ passes over K produce exactly those, and never hold the ``n_last x seq`` probabi
    forms the probabilities of its tile and writes their column sums and their per-row sums.
 
 Outputs are ``[bh, seq]`` column scores and ``[bh, n_rows, n_tiles]`` row-block sums, about
-1/64 of the probabilities' size.
+1/64 of the probabilities' size. On request the second pass also sums each column over the last
+``window`` rows only: SnapKV's key scores (``sparse_prefill.kv_cache``), from the same
+probabilities, so KV-cache compression costs no extra pass over K.
 """
 
 from __future__ import annotations
@@ -64,11 +66,11 @@ def _row_statistics(
 
 @triton.jit
 def _column_and_block_sums(
-    Q, K, row_max, row_sum, own_rows, column_scores, block_sums,
+    Q, K, row_max, row_sum, own_rows, column_scores, block_sums, window_scores,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    seq, q_heads, group, n_rows, n_tiles, qk_scale,
+    seq, q_heads, group, n_rows, n_tiles, window, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
-    TILE: tl.constexpr,
+    TILE: tl.constexpr, WITH_WINDOW: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -96,10 +98,14 @@ def _column_and_block_sums(
     p = tl.where(keep, tl.math.exp2(s - tl.where(row_ok, m, 0.0)[:, None]) / tl.where(row_ok, l, 1.0)[:, None], 0.0)
     tl.store(column_scores + bh.to(tl.int64) * seq + keys, tl.sum(p, 0), mask=key_ok)
     tl.store(block_sums + (bh.to(tl.int64) * BLOCK_Q + rows) * n_tiles + tile, tl.sum(p, 1))
+    if WITH_WINDOW:
+        in_window = (rows >= n_rows - window)[:, None]
+        tl.store(window_scores + bh.to(tl.int64) * seq + keys, tl.sum(tl.where(in_window, p, 0.0), 0), mask=key_ok)
 
 
 def last_query_scores(
-    q: torch.Tensor, k: torch.Tensor, own_rows: torch.Tensor, n_rows: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, own_rows: torch.Tensor, n_rows: int, scale: float,
+    window_scores: torch.Tensor | None = None, window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Column scores and row-block sums of the last-query attention, for every query head.
 
@@ -110,6 +116,9 @@ def last_query_scores(
         How many of the last ``n_rows`` queries each head uses (its ``min(last_q, seq)``).
     n_rows : int
         The largest ``own_rows``.
+    window_scores : float32 [batch * q_heads, seq], optional
+        Filled with the column sums over the last ``window`` rows (``window <= own_rows`` of every
+        head, else a head's rows outside its own are missing from its sums).
 
     Returns
     -------
@@ -143,7 +152,8 @@ def last_query_scores(
     column_scores = torch.empty(bh, seq, dtype=torch.float32, device=q.device)
     block_sums = torch.empty(bh, block_q, n_tiles, dtype=torch.float32, device=q.device)
     _column_and_block_sums[(n_tiles, bh)](
-        q, k, row_max.contiguous(), row_sum.contiguous(), own_rows, column_scores, block_sums, *strides,
-        seq, q_heads, group, n_rows, n_tiles, scale * LOG2E, **common,
+        q, k, row_max.contiguous(), row_sum.contiguous(), own_rows, column_scores, block_sums,
+        column_scores if window_scores is None else window_scores, *strides,
+        seq, q_heads, group, n_rows, n_tiles, window, scale * LOG2E, WITH_WINDOW=window_scores is not None, **common,
     )
     return column_scores, block_sums, row_max, row_sum

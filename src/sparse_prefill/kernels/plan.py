@@ -57,6 +57,11 @@ class SparsePlan:
     indices : list of HeadIndex, one per query head (what was estimated; for tests and recall)
     uses_diagonals, uses_blocks, uses_columns : bool
         Whether any head has work of that kind: the kernel compiles the other loops out.
+    window_scores : float32 [bh, seq] or None
+        With ``build_plan(..., score_window=w)``: each key's attention from the last ``w`` queries
+        (column sums of their softmax), taken from the Vertical-Slash estimator's own pass. None
+        when the layer has no block-diagonal Vertical-Slash head or ``w`` exceeds a head's
+        ``last_q`` (the estimator then never formed those rows).
     """
 
     seq: int
@@ -74,6 +79,7 @@ class SparsePlan:
     uses_diagonals: bool = True
     uses_blocks: bool = True
     uses_columns: bool = True
+    window_scores: torch.Tensor | None = None
 
     def computed_pairs(self) -> torch.Tensor:
         """[bh] query-key pairs the kernel multiplies: 64 x 64 per tile, and 64 per (column, query block at or after it).
@@ -128,8 +134,12 @@ def _plan_single_diagonals(q, k, kv_range, ids, vs, scale, mark_columns, mark_of
         indices[h] = VerticalSlashIndex(columns=cols[:, j, : verticals[j]], diagonals=diagonals[:, j, : n_diagonals[j]])
 
 
-def _plan_block_diagonals(q, k, ids, vs, scale, mark_columns, mark_diagonals, indices) -> None:
-    """Vertical-Slash heads with ``slash_block=64``, all at once, from the fused Triton estimator."""
+def _plan_block_diagonals(q, k, ids, vs, scale, mark_columns, mark_diagonals, indices, score_window=0):
+    """Vertical-Slash heads with ``slash_block=64``, all at once, from the fused Triton estimator.
+
+    Returns the last ``score_window`` queries' column scores [batch * q_heads, seq] when asked and
+    every head's rows cover them, else None.
+    """
     from .estimate import LOG2E, TILE, last_query_scores
 
     batch, q_heads, seq, dim = q.shape
@@ -142,7 +152,11 @@ def _plan_block_diagonals(q, k, ids, vs, scale, mark_columns, mark_diagonals, in
     own = {h: min(p.last_q, seq) for h, p in zip(ids, vs)}
     n_rows = max(own.values())
     own_rows = torch.tensor([own.get(h, n_rows) for h in range(q_heads)] * batch, dtype=torch.int32, device=device)
-    column_scores, block_sums, row_max, row_sum = last_query_scores(q, k, own_rows, n_rows, scale)
+    window_scores = None
+    if 0 < score_window <= min(own.values()):
+        window_scores = torch.empty(batch * q_heads, seq, dtype=torch.float32, device=device)
+    column_scores, block_sums, row_max, row_sum = last_query_scores(
+        q, k, own_rows, n_rows, scale, window_scores, score_window if window_scores is not None else 0)
     pick = (torch.arange(batch, device=device)[:, None] * q_heads + ids_t[None, :]).flatten()  # [batch * n]
     cols = _top_per_head(column_scores[pick], verticals, batch, SINK_COLUMNS)  # [batch * n, max V]
     # Take the chosen columns' attention out of the row-block sums (recomputed for those keys only).
@@ -170,13 +184,17 @@ def _plan_block_diagonals(q, k, ids, vs, scale, mark_columns, mark_diagonals, in
     for j, h in enumerate(ids):
         indices[h] = VerticalSlashIndex(columns=cols[:, j, : verticals[j]], diagonals=diagonals[:, j, : n_diagonals[j]],
                                         slash_block=TILE)
+    return window_scores
 
 
-def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], scale: float) -> SparsePlan:
+def build_plan(
+    q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], scale: float, score_window: int = 0
+) -> SparsePlan:
     """Estimate every head's index and lay out the kernel's work list.
 
     q : [batch, q_heads, seq, head_dim]; k : [batch, kv_heads, seq, head_dim]; ``patterns`` has one
-    pattern per query head (already validated).
+    pattern per query head (already validated). ``score_window > 0`` also asks for
+    :attr:`SparsePlan.window_scores` (KV-cache compression reads them).
     """
     batch, q_heads, seq, _ = q.shape
     group = q_heads // k.shape[1]
@@ -199,6 +217,7 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
     mask_from = torch.full((batch, q_heads), n_blocks + 1, **int32)
     indices: list[HeadIndex | None] = [None] * q_heads
     positions = torch.arange(seq, device=device)
+    window_scores = None
 
     def mark_offsets(head_ids: list[int], offsets: torch.Tensor) -> None:
         """offsets: long [batch, len(head_ids), n] -> offset flags and the block diagonals they touch."""
@@ -250,8 +269,8 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
         # ([batch, heads, last_q, seq] floats) near 1 GiB.
         block_heads = [h for h in heads[VerticalSlash] if patterns[h].slash_block == BLOCK]
         if block_heads:
-            _plan_block_diagonals(q, k, block_heads, [patterns[h] for h in block_heads], scale,
-                                  mark_columns, mark_diagonals, indices)
+            window_scores = _plan_block_diagonals(q, k, block_heads, [patterns[h] for h in block_heads], scale,
+                                                  mark_columns, mark_diagonals, indices, score_window)
         single_heads = [h for h in heads[VerticalSlash] if patterns[h].slash_block == 1]
         if single_heads:
             n_last = min(max(patterns[h].last_q for h in single_heads), seq)
@@ -321,6 +340,7 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
         uses_diagonals=any(kind is not BlockSparse for kind in heads),
         uses_blocks=BlockSparse in heads,
         uses_columns=VerticalSlash in heads or any(patterns[h].sink > 0 for h in heads.get(AShape, [])),
+        window_scores=window_scores,
     )
 
 
