@@ -1,0 +1,226 @@
+"""Long prefill (chunked forward, last-position logits, KV cache modes, fit check) on tiny CPU models.
+
+Models have 2 layers, hidden size 64, 4 query and 2 KV heads and run in float64, so that the
+chunked forward can be held to the plain transformers forward at 1e-10: any difference is a bug,
+not rounding. Prompts are 100 tokens, chunks of 7 (chunks that do not divide the prompt).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import sparse_prefill  # noqa: E402
+from sparse_prefill import PatternConfig, VerticalSlash  # noqa: E402
+from sparse_prefill import long_prefill as lp  # noqa: E402
+
+SEQ = 100
+CHUNK = 7
+COMMON = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=512,
+)
+
+
+def _model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float64, **overrides):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = transformers.LlamaConfig(**COMMON)
+    elif arch == "mistral":  # default window 4096: longer than the prompt, so full attention
+        config = transformers.MistralConfig(**COMMON)
+    elif arch == "qwen2":  # biased q/k/v projections
+        config = transformers.Qwen2Config(**COMMON)
+    elif arch == "qwen3":  # q_norm / k_norm before RoPE, head_dim not hidden / heads
+        config = transformers.Qwen3Config(**COMMON, head_dim=24)
+    elif arch == "phi3":
+        config = transformers.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(dtype).eval()
+
+
+def _ids(batch: int = 2, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _greedy_reference(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy tokens from plain forwards over the growing sequence (no cache involved)."""
+    tokens = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(ids).logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+            ids = torch.cat((ids, nxt[:, None]), dim=1)
+    return torch.stack(tokens, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("chunk_size", [CHUNK, 4096])
+def test_chunked_prefill_equals_plain_forward(arch, chunk_size):
+    model, ids = _model(arch), _ids()
+    with torch.no_grad():
+        expected = model(ids).logits[:, -1]
+    result = lp.prefill(model, ids, chunk_size=chunk_size)
+    assert result.logits.shape == (2, 128) and result.cache is None
+    assert _rel(result.logits, expected) < 1e-10
+
+
+def test_cache_modes_give_the_same_logits_and_transformers_kv():
+    model, ids = _model(), _ids()
+    with torch.no_grad():
+        reference = model(ids, use_cache=True).past_key_values
+    none = lp.prefill(model, ids, chunk_size=CHUNK)
+    for placement in ("device", "offload"):
+        result = lp.prefill(model, ids, chunk_size=CHUNK, cache=placement)
+        assert torch.equal(result.logits, none.logits), placement
+        cache = result.cache
+        assert cache.placement == placement and cache.prefilled == SEQ and cache.seq_len == SEQ
+        for layer in range(2):
+            assert _rel(cache.keys[layer], reference.layers[layer].keys) < 1e-12
+            assert _rel(cache.values[layer], reference.layers[layer].values) < 1e-12
+
+
+@pytest.mark.parametrize("placement", ["device", "offload"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_generation_after_prefill_matches_plain_greedy(placement, arch):
+    model, ids = _model(arch), _ids()
+    result = lp.prefill(model, ids, chunk_size=CHUNK, cache=placement)
+    tokens = lp.generate(model, result, 6)
+    assert torch.equal(tokens, _greedy_reference(model, ids, 6))
+    assert result.cache.seq_len == SEQ + 5  # the last token is produced, not yet fed back
+
+
+def test_fp8_cache_round_trip_and_generation_close_to_exact():
+    model, ids = _model(dtype=torch.float32), _ids()
+    exact = lp.prefill(model, ids, chunk_size=CHUNK, cache="device")
+    fp8 = lp.prefill(model, ids, chunk_size=CHUNK, cache="offload", kv_dtype=torch.float8_e4m3fn)
+    assert fp8.cache.keys[0].dtype == torch.float8_e4m3fn
+    assert torch.equal(fp8.logits, exact.logits)  # the cache does not feed the prefill itself
+    for layer, (k, v) in enumerate(fp8.cache.prefilled_layers(torch.device("cpu"), torch.float32)):
+        # e4m3 keeps 3 mantissa bits: relative rounding error at most 2**-4 per element, ~3% overall.
+        for got, want in ((k, exact.cache.keys[layer]), (v, exact.cache.values[layer])):
+            assert torch.isfinite(got).all()
+            assert 1e-3 < _rel(got, want) < 0.05
+    with torch.no_grad():
+        step_exact = lp._decode_step(lp._parts(model), exact.cache, exact.logits.argmax(-1)[:, None])
+        step_fp8 = lp._decode_step(lp._parts(model), fp8.cache, fp8.logits.argmax(-1)[:, None])
+    assert 0 < _rel(step_fp8, step_exact) < 0.05
+
+
+def test_fp8_quantization_saturates_instead_of_nan():
+    # Values whose scaled magnitude rounds just above 448 must clamp, not become NaN.
+    x = torch.tensor([[448.9, -448.9, 1e-3, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    quantized, scale = lp._quantize_fp8(x)
+    back = quantized.to(torch.float32) * scale[..., None].float()
+    assert torch.isfinite(back).all()
+    assert torch.equal(back[1], torch.zeros(4))
+    assert abs(float(back[0, 0]) - 448.9) / 448.9 < 0.07
+
+
+def test_sparse_attention_through_enable_matches_transformers_forward():
+    model, ids = _model(), _ids(batch=1)
+    config = PatternConfig.uniform(2, 4, VerticalSlash(vertical=8, slash=16, last_q=16))
+    state = sparse_prefill.enable(model, config, min_seq_len=64)
+    try:
+        with torch.no_grad():
+            expected = model(ids).logits[:, -1]
+        calls = state.sparse_calls
+        result = lp.prefill(model, ids, chunk_size=CHUNK)
+        assert state.sparse_calls == calls + 2  # both layers took the sparse path
+        dense = lp.prefill(model, ids, chunk_size=CHUNK, attention=lp.sdpa_attention)
+    finally:
+        sparse_prefill.disable(model)
+    assert _rel(result.logits, expected) < 1e-10
+    assert _rel(dense.logits, expected) > 1e-6  # the sparse pattern really changed something
+
+
+def test_profile_times_attention():
+    model, ids = _model(), _ids()
+    result = lp.prefill(model, ids, chunk_size=CHUNK, profile=True)
+    assert result.attention_seconds is not None and result.attention_seconds > 0
+    assert lp.prefill(model, ids).attention_seconds is None
+
+
+def test_too_long_prompt_is_refused_before_allocating():
+    model = _model(dtype=torch.float32)
+    # A view: 2**40 ids take no memory; the check must not read or allocate anything per token.
+    ids = torch.zeros(1, 1, dtype=torch.long).expand(1, 1 << 40)
+    with pytest.raises(lp.PrefillMemoryError, match=r"prefill of 1,099,511,627,776 tokens .* needs [0-9.]+ GiB"):
+        lp.prefill(model, ids, cache="device")
+
+
+def test_memory_needed_at_llama3_8b_shapes():
+    config = transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    gib, tokens = 2**30, 1 << 20
+    none = lp.memory_needed(model, tokens)
+    assert none.hidden == 8 * gib and none.qkv == 12 * gib and none.kv_cache == 0 and none.host == 0
+    assert 30 * gib < none.device < 45 * gib  # fits next to the 15 GiB of weights on an 80 GB GPU
+    assert lp.memory_needed(model, tokens, cache="device").kv_cache == 128 * gib
+    offload = lp.memory_needed(model, tokens, cache="offload", kv_dtype=torch.float8_e4m3fn)
+    assert offload.host == 64 * gib + 32 * 2 * 2 * gib // 128  # values, plus one bf16 scale per 128
+    assert offload.kv_cache == 2 * (gib + gib // 64)
+
+
+def test_oom_mid_prefill_frees_its_buffers():
+    model, ids = _model(), _ids()
+    seen: list[weakref.ref] = []
+
+    def failing_attention(module, q, k, v, mask, **kwargs):
+        seen.append(weakref.ref(q))
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError, match="buffers have been freed"):
+        lp.prefill(model, ids, chunk_size=CHUNK, cache="device", attention=failing_attention)
+    gc.collect()
+    assert seen and seen[0]() is None  # the prefill's Q buffer did not outlive the error
+    assert lp.prefill(model, ids, chunk_size=CHUNK).logits.shape == (2, 128)  # and the next call works
+
+
+def test_bad_inputs_name_the_argument():
+    model, ids = _model(), _ids()
+    with pytest.raises(ValueError, match=r"input_ids must be a \[batch, seq\] tensor"):
+        lp.prefill(model, ids[0])
+    with pytest.raises(TypeError, match="integer token ids"):
+        lp.prefill(model, ids.double())
+    with pytest.raises(ValueError, match=r"must lie in \[0, 128\), got values in \[3, 500\]"):
+        lp.prefill(model, torch.cat((ids, torch.full((2, 1), 500)), dim=1))
+    with pytest.raises(ValueError, match="cache must be None, 'device' or 'offload', got cache='gpu'"):
+        lp.prefill(model, ids, cache="gpu")
+    with pytest.raises(ValueError, match="kv_dtype must be None"):
+        lp.prefill(model, ids, cache="device", kv_dtype=torch.float16)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got chunk_size=0"):
+        lp.prefill(model, ids, chunk_size=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        lp.generate(model, lp.prefill(model, ids, cache="device"), 0)
+    with pytest.raises(ValueError, match="kept no cache"):
+        lp.generate(model, lp.prefill(model, ids), 2)
+
+
+def test_unsupported_models_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="sliding window of 16 tokens"):
+        lp.prefill(_model("mistral", sliding_window=16), _ids())
+    # Phi-3: fused qkv_proj and residual dropout modules in its layers.
+    with pytest.raises(ValueError, match="Llama-like decoder layers .* Phi3ForCausalLM has .*resid_attn_dropout"):
+        lp.prefill(_model("phi3"), _ids())
