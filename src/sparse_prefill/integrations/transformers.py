@@ -201,7 +201,9 @@ def sparse_prefill_attention(
         out, scores = sparse_attention_with_scores(query, key, value, patterns, scaling, compressing.window)
         compressing.compress_after_attention(query, scaling, scores)
     state.sparse_calls += 1
-    return out.transpose(1, 2).contiguous(), None
+    # A view, not a copy: transformers' attention layers reshape it (copying then), and at 1M tokens a
+    # contiguous copy here would be one more 8 GiB buffer at the peak (sparse_prefill.long_prefill).
+    return out.transpose(1, 2), None
 
 
 def _takes_sparse_path(
