@@ -90,6 +90,10 @@ def _run(args: argparse.Namespace) -> int:
         return fail(f"--min-seq-len must be >= 1, got {args.min_seq_len}")
     if args.demo_tokens < 256:
         return fail(f"--demo-tokens must be >= 256, got {args.demo_tokens}")
+    from .kv_cache import METHODS, cache_stats, make_kv_cache
+
+    if args.kv not in METHODS:
+        return fail(f"--kv must be one of {', '.join(METHODS)}, got {args.kv!r}")
     prompt_text = None
     if args.prompt_file is not None:
         try:
@@ -139,13 +143,26 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as error:
         return fail(f"--config {args.config!r} does not fit model {args.model!r}: {error}")
     try:
-        sparse = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "sparse prefill")
+        try:
+            cache = make_kv_cache(args.kv, model, args.kv_capacity)
+        except ValueError as error:
+            return fail(f"--kv {args.kv} --kv-capacity {args.kv_capacity}: {error}")
+        sparse = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "sparse prefill", cache)
         sparse_layers = state.sparse_calls
     finally:
         disable(model)
     dense = None
     if args.compare_dense:
-        dense = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "dense prefill")
+        if args.kv != "full":
+            # Dense prefill through sparse_prefill's attention (every call goes to SDPA), which hands
+            # the compressing cache the prefill's queries.
+            enable(model, min_seq_len=sys.maxsize)
+        try:
+            cache = make_kv_cache(args.kv, model, args.kv_capacity)
+            dense = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "dense prefill", cache)
+        finally:
+            if args.kv != "full":
+                disable(model)
 
     def answer(tokens):
         return tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -157,11 +174,13 @@ def _run(args: argparse.Namespace) -> int:
         "config": args.config or "default (sparse_prefill.integrations.transformers.default_pattern)",
         "sparse_layers": sparse_layers,
         "threads": torch.get_num_threads(),
+        "kv": {"method": args.kv, "capacity": None if args.kv == "full" else cache.capacity},
         "sparse": {
             "answer": answer(sparse["tokens"]),
             "prefill_seconds": round(sparse["prefill_seconds"], 3),
             "prefill_tokens_per_second": round(n_tokens / sparse["prefill_seconds"], 1),
             "generated_tokens": len(sparse["tokens"]),
+            "kv_cache": cache_stats(sparse["cache"]),
         },
     }
     if sparse_layers == 0:
@@ -178,6 +197,7 @@ def _run(args: argparse.Namespace) -> int:
             "prefill_seconds": round(dense["prefill_seconds"], 3),
             "prefill_tokens_per_second": round(n_tokens / dense["prefill_seconds"], 1),
             "generated_tokens": len(dense["tokens"]),
+            "kv_cache": cache_stats(dense["cache"]),
         }
         if needle is not None:
             report["dense"]["needle_found"] = needle.answer in report["dense"]["answer"]
@@ -210,6 +230,9 @@ def _run(args: argparse.Namespace) -> int:
     if needle is not None:
         print(f"needle: {needle.needle!r} at depth {needle.depth:.0%}")
     s = report["sparse"]
+    kv = s["kv_cache"]
+    print(f"KV cache ({args.kv}" + (f", capacity {report['kv']['capacity']}" if args.kv != "full" else "")
+          + f"): {kv['keys_held_mean']:.0f} keys per layer for {kv['tokens_seen']} tokens, {kv['bytes'] / 2**20:.1f} MiB")
     print(f"\nsparse answer: {s['answer']}")
     print(f"sparse prefill: {s['prefill_seconds']:.2f} s ({s['prefill_tokens_per_second']:.0f} tokens/s)")
     if dense is not None:
@@ -252,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="pattern config JSON (default: sparse_prefill's default VerticalSlash budget)")
     run.add_argument("--min-seq-len", type=int, default=2048, help="shorter prompts run dense (default 2048)")
     run.add_argument("--compare-dense", action="store_true", help="also run dense; report speedup and agreement")
+    run.add_argument("--kv", default="full", metavar="METHOD",
+                     help="KV cache kept for decoding: full (default), snapkv, pyramidkv or streamingllm "
+                     "(compressed once, after the prefill)")
+    run.add_argument("--kv-capacity", type=int, metavar="C",
+                     help="tokens kept per layer by --kv (PyramidKV: on average; default 1024)")
     run.add_argument("--no-chat-template", action="store_true", help="use --prompt-file as is, without the chat template")
     run.add_argument("--no-rope-scaling", action="store_true",
                      help="do not apply YaRN to prompts longer than the model's context (only warn)")

@@ -49,24 +49,28 @@ def _layer_progress(model, description: str, enabled: bool):
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, progress: bool = False, label: str = "prefill"):
+def prefill(model, input_ids: torch.Tensor, progress: bool = False, label: str = "prefill", cache=None):
     """Run the prompt ``input_ids`` [1, n]; returns (next-token logits [1, vocab], KV cache, seconds).
 
     Only the last position's logits are computed: an n x vocab tensor would be 49K floats per token.
+    ``cache``: an empty transformers Cache to fill (e.g. a compressing one from
+    :func:`sparse_prefill.kv_cache.make_kv_cache`); None lets the model make its default one.
     """
     start = time.perf_counter()
     with _layer_progress(model, label, progress):
-        output = model(input_ids=input_ids, use_cache=True, **{_logits_kwarg(model): 1})
+        output = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **{_logits_kwarg(model): 1})
     return output.logits[:, -1], output.past_key_values, time.perf_counter() - start
 
 
 @torch.no_grad()
-def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(), progress=False, label="prefill"):
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(), progress=False, label="prefill",
+                    cache=None):
     """Greedy decoding after one timed prefill; decoding steps always run dense (one query each).
 
-    Returns ``dict(tokens=[...], prefill_seconds=..., decode_seconds=..., first_logits=Tensor [vocab])``.
+    ``cache`` as for :func:`prefill`. Returns ``dict(tokens=[...], prefill_seconds=...,
+    decode_seconds=..., first_logits=Tensor [vocab], cache=the KV cache after decoding)``.
     """
-    logits, cache, prefill_seconds = prefill(model, input_ids, progress, label)
+    logits, cache, prefill_seconds = prefill(model, input_ids, progress, label, cache)
     first_logits = logits[0].float()
     tokens: list[int] = []
     start = time.perf_counter()
@@ -90,6 +94,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
         "prefill_seconds": prefill_seconds,
         "decode_seconds": time.perf_counter() - start,
         "first_logits": first_logits,
+        "cache": cache,
     }
 
 
