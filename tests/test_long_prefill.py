@@ -118,9 +118,8 @@ def test_fp8_cache_round_trip_and_generation_close_to_exact():
         for got, want in ((k, exact.cache.keys[layer]), (v, exact.cache.values[layer])):
             assert torch.isfinite(got).all()
             assert 1e-3 < _rel(got, want) < 0.05
-    with torch.no_grad():
-        step_exact = lp._decode_step(lp._parts(model), exact.cache, exact.logits.argmax(-1)[:, None])
-        step_fp8 = lp._decode_step(lp._parts(model), fp8.cache, fp8.logits.argmax(-1)[:, None])
+    step_exact = lp.decode_step(model, exact.cache, exact.logits.argmax(-1)[:, None])
+    step_fp8 = lp.decode_step(model, fp8.cache, fp8.logits.argmax(-1)[:, None])
     assert 0 < _rel(step_fp8, step_exact) < 0.05
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "PrefillMemory",
     "PrefillMemoryError",
     "PrefillResult",
+    "decode_step",
     "generate",
     "memory_needed",
     "prefill",
@@ -716,8 +717,16 @@ def _nothing() -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 
 
+def decode_step(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one token per sequence at position ``cache.seq_len``; return next-token logits [batch, vocab].
+
+    ``tokens`` is a LongTensor [batch, 1] on the model's device; its K/V are appended to ``cache``.
+    """
+    with torch.no_grad():
+        return _decode_step(_parts(model), cache, tokens)
+
+
 def _decode_step(parts: _Parts, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [batch, 1] at position cache.seq_len -> next-token logits [batch, vocab]."""
     decoder, head_dim = parts.decoder, parts.head_dim
     batch = tokens.shape[0]
     hidden = decoder.embed_tokens(tokens)  # [batch, 1, hidden]
