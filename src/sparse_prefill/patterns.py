@@ -5,7 +5,9 @@ in docs/semantics.md and implemented once, in :mod:`sparse_prefill.index` (the k
 :mod:`sparse_prefill.estimate` (how a prompt chooses them).
 
 ``PatternConfig`` maps every (layer, query head) of a model to one pattern and round-trips through
-JSON. :meth:`PatternConfig.from_minference` reads the reference implementation's published format.
+JSON. Its budgets may be stated for a reference length with a rule that scales them to the prompt
+(:meth:`PatternConfig.layer_at`). :meth:`PatternConfig.from_minference` reads the reference
+implementation's published format.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from typing import Any, ClassVar, Iterator, Mapping, Union
 __all__ = [
     "AShape",
     "VerticalSlash",
+    "AdaptiveVerticalSlash",
     "BlockSparse",
     "Dense",
     "Pattern",
     "PatternConfig",
+    "SCALING_RULES",
     "pattern_from_dict",
+    "scale_pattern",
 ]
 
 CONFIG_FORMAT = "sparse-prefill/pattern-config"
@@ -99,6 +104,46 @@ class VerticalSlash:
 
 
 @dataclass(frozen=True)
+class AdaptiveVerticalSlash:
+    """Vertical-Slash whose budget each prompt sets: the fewest columns and block diagonals whose
+    attention mass, seen from the last ``last_q`` queries, reaches ``coverage``.
+
+    ``min_vertical`` / ``max_vertical`` columns and ``min_slash`` / ``max_slash`` tokens of block
+    diagonals (``ceil(slash / 64)`` diagonals, as in :class:`VerticalSlash` with ``slash_block=64``)
+    are the floor, always kept, and the cap, never exceeded. Between them, columns and diagonals are
+    added in order of attention mass per computed pair until the mass reaches ``coverage``. Exact
+    rule: docs/semantics.md.
+    """
+
+    coverage: float
+    min_vertical: int
+    max_vertical: int
+    min_slash: int
+    max_slash: int
+    last_q: int = 64
+    kind: ClassVar[str] = "adaptive_vertical_slash"
+
+    def __post_init__(self) -> None:
+        coverage = self.coverage
+        if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not 0.0 < coverage <= 1.0:
+            raise ValueError(f"AdaptiveVerticalSlash.coverage must be a number in (0, 1], got coverage={coverage!r}")
+        object.__setattr__(self, "coverage", float(coverage))
+        for name in ("min_vertical", "max_vertical", "min_slash", "max_slash", "last_q"):
+            _check_positive_int("AdaptiveVerticalSlash", name, getattr(self, name))
+        for low, high in (("min_vertical", "max_vertical"), ("min_slash", "max_slash")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(
+                    f"AdaptiveVerticalSlash.{low} must be <= {high}, got {low}={getattr(self, low)}, "
+                    f"{high}={getattr(self, high)}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "coverage": self.coverage, "min_vertical": self.min_vertical,
+                "max_vertical": self.max_vertical, "min_slash": self.min_slash, "max_slash": self.max_slash,
+                "last_q": self.last_q}
+
+
+@dataclass(frozen=True)
 class BlockSparse:
     """Keep the ``top_k`` key blocks of ``block`` tokens for every query block (diagonal block always)."""
 
@@ -116,8 +161,40 @@ class BlockSparse:
         return {"type": self.kind, "top_k": self.top_k, "block": self.block}
 
 
-Pattern = Union[Dense, AShape, VerticalSlash, BlockSparse]
-PATTERN_TYPES: dict[str, type] = {cls.kind: cls for cls in (Dense, AShape, VerticalSlash, BlockSparse)}
+Pattern = Union[Dense, AShape, VerticalSlash, AdaptiveVerticalSlash, BlockSparse]
+PATTERN_TYPES: dict[str, type] = {
+    cls.kind: cls for cls in (Dense, AShape, VerticalSlash, AdaptiveVerticalSlash, BlockSparse)
+}
+
+# How a config's budgets follow the prompt length. "fixed": the same token counts at every length
+# (the share of pairs kept falls as 1/length). "proportional": counts grow with the length (the
+# share stays what it was at the reference length).
+SCALING_RULES = ("fixed", "proportional")
+
+
+def scale_pattern(pattern: Pattern, factor: float) -> Pattern:
+    """``pattern`` with its length-like budgets multiplied by ``factor`` (rounded, at least 1).
+
+    Scaled: ``AShape.local``, ``VerticalSlash.vertical`` and ``slash``, ``BlockSparse.top_k``, and the
+    floors and caps of ``AdaptiveVerticalSlash``. Not scaled: ``AShape.sink`` (the sink tokens are the
+    first few of any prompt), ``last_q``, block sizes and coverage.
+    """
+    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor < math.inf):
+        raise ValueError(f"factor must be a positive finite number, got factor={factor!r}")
+
+    def scaled(value: int) -> int:
+        return max(1, round(value * factor))
+
+    if isinstance(pattern, AShape):
+        return AShape(pattern.sink, scaled(pattern.local))
+    if isinstance(pattern, VerticalSlash):
+        return VerticalSlash(scaled(pattern.vertical), scaled(pattern.slash), pattern.last_q, pattern.slash_block)
+    if isinstance(pattern, AdaptiveVerticalSlash):
+        return AdaptiveVerticalSlash(pattern.coverage, scaled(pattern.min_vertical), scaled(pattern.max_vertical),
+                                     scaled(pattern.min_slash), scaled(pattern.max_slash), pattern.last_q)
+    if isinstance(pattern, BlockSparse):
+        return BlockSparse(scaled(pattern.top_k), pattern.block)
+    return check_is_pattern(pattern)
 
 
 def pattern_from_dict(data: Any, where: str = "pattern") -> Pattern:
@@ -138,7 +215,8 @@ def pattern_from_dict(data: Any, where: str = "pattern") -> Pattern:
 def check_is_pattern(value: Any, where: str = "pattern") -> Pattern:
     if not isinstance(value, tuple(PATTERN_TYPES.values())):
         raise TypeError(
-            f"{where} must be one of Dense, AShape, VerticalSlash, BlockSparse, got {type(value).__name__}"
+            f"{where} must be one of Dense, AShape, VerticalSlash, AdaptiveVerticalSlash, BlockSparse, "
+            f"got {type(value).__name__}"
         )
     return value
 
@@ -157,12 +235,31 @@ class PatternConfig:
 
     ``layers[l][h]`` is the pattern of query head ``h`` in layer ``l``; every layer has the same
     number of heads. ``metadata`` is free-form JSON (model name, search settings, per-head recall).
+
+    ``reference_length`` (tokens) and ``scaling`` (one of :data:`SCALING_RULES`) say how the budgets
+    follow the prompt: with ``"proportional"`` they are stated for ``reference_length`` tokens and
+    multiplied by ``min(seq_len, scaling_limit) / reference_length`` (``scaling_limit`` None: no
+    limit; beyond the limit they stay fixed); with ``"fixed"`` (the default) they are used as they
+    are. :meth:`layer_at` applies the rule.
     """
 
     layers: tuple[tuple[Pattern, ...], ...]
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    reference_length: int | None = None
+    scaling: str = "fixed"
+    scaling_limit: int | None = None
 
     def __post_init__(self) -> None:
+        if self.scaling not in SCALING_RULES:
+            raise ValueError(f"PatternConfig.scaling must be one of {SCALING_RULES}, got scaling={self.scaling!r}")
+        if self.reference_length is not None:
+            _check_positive_int("PatternConfig", "reference_length", self.reference_length)
+        elif self.scaling == "proportional":
+            raise ValueError("PatternConfig.scaling='proportional' needs reference_length (the length the budgets are for)")
+        if self.scaling_limit is not None:
+            _check_positive_int("PatternConfig", "scaling_limit", self.scaling_limit)
+            if self.scaling != "proportional":
+                raise ValueError(f"PatternConfig.scaling_limit applies to scaling='proportional', got scaling={self.scaling!r}")
         layers = tuple(tuple(heads) for heads in self.layers)
         if not layers:
             raise ValueError("PatternConfig.layers must hold at least one layer, got 0 layers")
@@ -203,6 +300,19 @@ class PatternConfig:
     def layer(self, index: int) -> tuple[Pattern, ...]:
         return self.layers[index]
 
+    def layer_at(self, index: int, seq_len: int) -> tuple[Pattern, ...]:
+        """Layer ``index``'s patterns for a prompt of ``seq_len`` tokens, budgets scaled by the rule."""
+        _check_positive_int("PatternConfig.layer_at", "seq_len", seq_len)
+        if self.scaling == "fixed" or seq_len == self.reference_length:
+            return self.layers[index]
+        factor = min(seq_len, self.scaling_limit or seq_len) / self.reference_length
+        return tuple(scale_pattern(pattern, factor) for pattern in self.layers[index])
+
+    def at_length(self, seq_len: int) -> "PatternConfig":
+        """The whole config with budgets scaled to ``seq_len`` tokens (rule ``"fixed"`` from then on)."""
+        layers = tuple(self.layer_at(index, seq_len) for index in range(self.n_layers))
+        return PatternConfig(layers, self.metadata, reference_length=seq_len, scaling="fixed")
+
     def __iter__(self) -> Iterator[tuple[Pattern, ...]]:
         return iter(self.layers)
 
@@ -216,7 +326,7 @@ class PatternConfig:
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": CONFIG_FORMAT,
             "version": CONFIG_VERSION,
             "n_layers": self.n_layers,
@@ -224,6 +334,12 @@ class PatternConfig:
             "layers": [[pattern.to_dict() for pattern in heads] for heads in self.layers],
             "metadata": self.metadata,
         }
+        # Optional key: files without it (all files written before it existed) mean "fixed".
+        if self.reference_length is not None:
+            data["scaling"] = {"rule": self.scaling, "reference_length": self.reference_length}
+            if self.scaling_limit is not None:
+                data["scaling"]["limit"] = self.scaling_limit
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> "PatternConfig":
@@ -239,12 +355,23 @@ class PatternConfig:
         layers = data.get("layers")
         if not isinstance(layers, list) or not all(isinstance(heads, list) for heads in layers):
             raise ValueError("pattern config 'layers' must be a list of lists of patterns")
+        scaling = data.get("scaling", {"rule": "fixed", "reference_length": None})
+        if not isinstance(scaling, Mapping) or not {"rule", "reference_length"} <= set(scaling) <= {
+            "rule", "reference_length", "limit"
+        }:
+            raise ValueError(
+                "pattern config 'scaling' must be an object {\"rule\": \"fixed\"|\"proportional\", "
+                f"\"reference_length\": tokens, optional \"limit\": tokens}}, got {scaling!r}"
+            )
         config = cls(
             tuple(
                 tuple(pattern_from_dict(p, f"layers[{l}][{h}]") for h, p in enumerate(heads))
                 for l, heads in enumerate(layers)
             ),
             data.get("metadata") or {},
+            reference_length=scaling["reference_length"],
+            scaling=scaling["rule"],
+            scaling_limit=scaling.get("limit"),
         )
         declared = (data.get("n_layers"), data.get("n_heads"))
         if declared != (config.n_layers, config.n_heads):

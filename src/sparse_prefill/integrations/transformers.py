@@ -121,7 +121,7 @@ class SparsePrefillState:
     def layer_patterns(self, layer_idx: int, n_heads: int, seq_len: int) -> tuple[Pattern, ...]:
         if self.config is None:
             return (default_pattern(seq_len),) * n_heads
-        return self.config.layer(layer_idx)
+        return self.config.layer_at(layer_idx, seq_len)  # budgets scaled by the config's rule
 
 
 # Attention module -> state of its model. Weak keys: enabling a model never keeps it alive, and no

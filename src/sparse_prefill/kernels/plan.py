@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ..estimate.block_sparse import mean_pool_blocks
-from ..estimate.vertical_slash import diagonal_sums, top_with_forced
+from ..estimate.vertical_slash import coverage_selection, diagonal_sums, top_with_forced
 from ..index import (
     SINK_COLUMNS,
     AShapeIndex,
@@ -34,7 +34,7 @@ from ..index import (
     VerticalSlashIndex,
     forced_diagonals,
 )
-from ..patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
+from ..patterns import AdaptiveVerticalSlash, AShape, BlockSparse, Dense, Pattern, VerticalSlash
 
 BLOCK = 64  # query and key tile size the plan is built for
 
@@ -137,6 +137,9 @@ def _plan_single_diagonals(q, k, kv_range, ids, vs, scale, mark_columns, mark_of
 def _plan_block_diagonals(q, k, ids, vs, scale, mark_columns, mark_diagonals, indices, score_window=0):
     """Vertical-Slash heads with ``slash_block=64``, all at once, from the fused Triton estimator.
 
+    Adaptive heads (``AdaptiveVerticalSlash``) are estimated at their caps, then keep what
+    :func:`_adaptive_choice` selects.
+
     Returns the last ``score_window`` queries' column scores [batch * q_heads, seq] when asked and
     every head's rows cover them, else None.
     """
@@ -147,8 +150,9 @@ def _plan_block_diagonals(q, k, ids, vs, scale, mark_columns, mark_diagonals, in
     group = q_heads // k.shape[1]
     n = len(ids)
     ids_t = torch.tensor(ids, device=device)
-    verticals = [min(p.vertical, seq) for p in vs]
-    n_diagonals = [min(-(-p.slash // TILE), -(-seq // TILE)) for p in vs]
+    verticals = [min(p.max_vertical if isinstance(p, AdaptiveVerticalSlash) else p.vertical, seq) for p in vs]
+    n_diagonals = [min(-(-(p.max_slash if isinstance(p, AdaptiveVerticalSlash) else p.slash) // TILE), -(-seq // TILE))
+                   for p in vs]
     own = {h: min(p.last_q, seq) for h, p in zip(ids, vs)}
     n_rows = max(own.values())
     own_rows = torch.tensor([own.get(h, n_rows) for h in range(q_heads)] * batch, dtype=torch.int32, device=device)
@@ -177,14 +181,74 @@ def _plan_block_diagonals(q, k, ids, vs, scale, mark_columns, mark_diagonals, in
     on_row = residual.gather(2, key_block.clamp(min=0).expand(residual.shape[0], -1, -1))
     diagonal_scores = (on_row * (key_block >= 0)).sum(dim=1)
     diagonals = _top_per_head(diagonal_scores, n_diagonals, batch, forced_diagonals(TILE))
-    cols = cols.view(batch, n, -1)
-    diagonals = diagonals.view(batch, n, -1)
-    mark_columns(ids, cols, torch.tensor(verticals, device=device))
-    mark_diagonals(ids, diagonals)
+    if any(isinstance(p, AdaptiveVerticalSlash) for p in vs):
+        cols, counts, diagonals, index_cols, index_diagonals = _adaptive_choice(
+            vs, batch, seq, cols, column_scores[pick], diagonals, diagonal_scores, verticals, n_diagonals, own_rows[pick])
+        mark_columns(ids, cols.view(batch, n, -1), counts.view(batch, n))
+        mark_diagonals(ids, diagonals.view(batch, n, -1))
+        index_cols, index_diagonals = index_cols.view(batch, n, -1), index_diagonals.view(batch, n, -1)
+        for j, h in enumerate(ids):
+            if isinstance(vs[j], AdaptiveVerticalSlash):  # listed as the reference lists them: 0-padded, ascending
+                indices[h] = VerticalSlashIndex(columns=index_cols[:, j, : verticals[j]].sort(dim=1).values,
+                                                diagonals=index_diagonals[:, j, : n_diagonals[j]].sort(dim=1).values,
+                                                slash_block=TILE)
+        cols, diagonals = cols.view(batch, n, -1), diagonals.view(batch, n, -1)
+    else:
+        cols = cols.view(batch, n, -1)
+        diagonals = diagonals.view(batch, n, -1)
+        mark_columns(ids, cols, torch.tensor(verticals, device=device))
+        mark_diagonals(ids, diagonals)
     for j, h in enumerate(ids):
-        indices[h] = VerticalSlashIndex(columns=cols[:, j, : verticals[j]], diagonals=diagonals[:, j, : n_diagonals[j]],
-                                        slash_block=TILE)
+        if not isinstance(vs[j], AdaptiveVerticalSlash):
+            indices[h] = VerticalSlashIndex(columns=cols[:, j, : verticals[j]], diagonals=diagonals[:, j, : n_diagonals[j]],
+                                            slash_block=TILE)
     return window_scores
+
+
+def _adaptive_choice(vs, batch, seq, cols, column_scores, diagonals, diagonal_scores, verticals, n_diagonals, own_rows):
+    """Apply each adaptive head's coverage rule to its capped candidates, on the device.
+
+    ``cols`` [batch * n, V] and ``diagonals`` [batch * n, S] are the capped choices, ascending
+    (entries past a head's cap repeat a kept one); ``column_scores`` [batch * n, seq] and
+    ``diagonal_scores`` [batch * n, n_tiles] their scores. Static heads keep all of theirs (floor =
+    cap). Returns the kernel's columns (ascending, padded with ``seq``) and their counts, the
+    diagonals (unkept ones replaced by diagonal 0, which every head keeps), and the index lists
+    (unkept entries replaced by 0), all [batch * n, ...].
+    """
+    device = cols.device
+    n_tiles = diagonal_scores.shape[1]
+    adaptive = [isinstance(p, AdaptiveVerticalSlash) for p in vs]
+
+    def per_row(values, dtype=torch.long):
+        return torch.tensor(values, dtype=dtype, device=device).repeat(batch)
+
+    column_cap, diagonal_cap = per_row(verticals), per_row(n_diagonals)
+    column_floor = per_row([p.min_vertical if a else v for p, a, v in zip(vs, adaptive, verticals)])
+    diagonal_floor = per_row([-(-p.min_slash // 64) if a else d for p, a, d in zip(vs, adaptive, n_diagonals)])
+    target = per_row([p.coverage if a else 0.0 for p, a in zip(vs, adaptive)], torch.float64) * own_rows.double()
+
+    def ranked(positions, scores, cap, forced):
+        """Order each row's candidates as the estimator ranks them: forced first, then by score."""
+        slot = torch.arange(positions.shape[1], device=device)[None, :]
+        valid = slot < cap[:, None]
+        key = torch.where(slot < min(forced, positions.shape[1]), float("inf"), scores.gather(1, positions).double())
+        order = torch.where(valid, key, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+        return order, positions.gather(1, order), scores.gather(1, positions).double().gather(1, order), valid.gather(1, order)
+
+    column_order, column_ranked, column_mass, column_valid = ranked(cols, column_scores, column_cap, SINK_COLUMNS)
+    diagonal_order, diagonal_ranked, diagonal_mass, diagonal_valid = ranked(
+        diagonals, diagonal_scores, diagonal_cap, forced_diagonals(64))
+    keep_columns, keep_diagonals = coverage_selection(
+        column_mass, 64.0 * (n_tiles - column_ranked // 64), column_valid,
+        diagonal_mass, 4096.0 * (n_tiles - diagonal_ranked), diagonal_valid,
+        column_floor, diagonal_floor, target,
+    )
+    # Kept entries first (ascending), then padding: a head's first `cap` entries hold all it keeps.
+    kernel_cols = torch.where(keep_columns, column_ranked, seq).sort(dim=1).values
+    kept_diagonals = torch.where(keep_diagonals, diagonal_ranked, n_tiles).sort(dim=1).values
+    kernel_diagonals = torch.where(kept_diagonals == n_tiles, 0, kept_diagonals)
+    index_cols = torch.where(kernel_cols == seq, 0, kernel_cols)
+    return kernel_cols, keep_columns.sum(dim=1), kernel_diagonals, index_cols, kernel_diagonals
 
 
 def build_plan(
@@ -203,6 +267,7 @@ def build_plan(
     heads = _by_kind(patterns)
     max_blocks = max([patterns[h].top_k for h in heads.get(BlockSparse, [])] + [1])
     max_columns = max([min(patterns[h].vertical, seq) for h in heads.get(VerticalSlash, [])]
+                      + [min(patterns[h].max_vertical, seq) for h in heads.get(AdaptiveVerticalSlash, [])]
                       + [min(patterns[h].sink, seq) for h in heads.get(AShape, [])] + [1])
 
     int32 = dict(dtype=torch.int32, device=device)
@@ -235,12 +300,14 @@ def build_plan(
         diagonal_flag[:, ids] |= touched.scatter_(2, diagonals, True)
 
     def mark_columns(head_ids: list[int], cols: torch.Tensor, counts: torch.Tensor) -> None:
-        """cols: long [batch, len(head_ids), n] ascending, entries past counts[h] ignored."""
+        """cols: long [batch, len(head_ids), n] ascending, entries past counts ([len(head_ids)] or
+        [batch, len(head_ids)]) ignored."""
         ids = torch.tensor(head_ids, device=device)
-        valid = torch.arange(cols.shape[2], device=device)[None, None, :] < counts[None, :, None]
+        counts = counts.expand(batch, len(head_ids))
+        valid = torch.arange(cols.shape[2], device=device)[None, None, :] < counts[:, :, None]
         cols = torch.where(valid, cols, seq)
         columns[:, ids, : cols.shape[2]] = cols.to(torch.int32)
-        column_count[:, ids] = counts.to(torch.int32)[None, :]
+        column_count[:, ids] = counts.to(torch.int32)
         flags = torch.zeros(batch, len(head_ids), seq + 1, dtype=torch.int8, device=device)
         column_flag[:, ids] = flags.scatter_(2, cols, 1)[:, :, :seq]
 
@@ -263,15 +330,16 @@ def build_plan(
         for h, sink, local in zip(ids, sink_list, local_list):
             indices[h] = AShapeIndex(batch, sink=sink, local=local)
 
-    if VerticalSlash in heads:
-        # Block diagonals (the default): one fused pass for all heads. Single diagonals need
-        # per-offset sums: PyTorch, as many KV groups at a time as keep the last-query scores
-        # ([batch, heads, last_q, seq] floats) near 1 GiB.
-        block_heads = [h for h in heads[VerticalSlash] if patterns[h].slash_block == BLOCK]
+    if VerticalSlash in heads or AdaptiveVerticalSlash in heads:
+        # Block diagonals (the default, and every adaptive head): one fused pass for all heads.
+        # Single diagonals need per-offset sums: PyTorch, as many KV groups at a time as keep the
+        # last-query scores ([batch, heads, last_q, seq] floats) near 1 GiB.
+        block_heads = sorted([h for h in heads.get(VerticalSlash, []) if patterns[h].slash_block == BLOCK]
+                             + heads.get(AdaptiveVerticalSlash, []))
         if block_heads:
             window_scores = _plan_block_diagonals(q, k, block_heads, [patterns[h] for h in block_heads], scale,
                                                   mark_columns, mark_diagonals, indices, score_window)
-        single_heads = [h for h in heads[VerticalSlash] if patterns[h].slash_block == 1]
+        single_heads = [h for h in heads.get(VerticalSlash, []) if patterns[h].slash_block == 1]
         if single_heads:
             n_last = min(max(patterns[h].last_q for h in single_heads), seq)
             kv_step = max(1, 2**30 // (4 * batch * group * n_last * seq))
@@ -339,7 +407,8 @@ def build_plan(
         indices=indices,  # type: ignore[arg-type]
         uses_diagonals=any(kind is not BlockSparse for kind in heads),
         uses_blocks=BlockSparse in heads,
-        uses_columns=VerticalSlash in heads or any(patterns[h].sink > 0 for h in heads.get(AShape, [])),
+        uses_columns=VerticalSlash in heads or AdaptiveVerticalSlash in heads
+        or any(patterns[h].sink > 0 for h in heads.get(AShape, [])),
         window_scores=window_scores,
     )
 
