@@ -286,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="machine-readable output")
     run.set_defaults(handler=_run)
+
+    from .eval.command import add_eval_command  # the evaluation's flags live with it
+
+    add_eval_command(commands)
+
+    from .search.command import add_search_command  # the search's flags live with it
+
+    add_search_command(commands)
     return parser
 
 

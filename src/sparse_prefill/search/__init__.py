@@ -1,0 +1,1 @@
+"""Offline, kernel-aware per-head pattern search (``sparse-prefill search``)."""

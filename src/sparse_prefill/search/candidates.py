@@ -1,0 +1,234 @@
+"""Candidate patterns for one head, and their recall and cost on one prompt, all at once.
+
+A layer's candidates share their expensive parts. Vertical-Slash indices for every budget come
+from one pass of the last queries: the columns of a smaller budget are the first columns of a
+larger one in rank order, and for a given column count the diagonals of a smaller budget are the
+first diagonals of a larger one. Block-Sparse indices for every ``top_k`` come from one ranking of
+the pooled block scores, and A-shape needs no index. So one dense pass
+(:func:`~sparse_prefill.search.stats.layer_statistics`) and a few cumulative sums score the whole
+grid; the choices are the ones the online estimators make (``estimate_index``), which the tests
+check candidate by candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..estimate import block_scores, diagonal_sums, estimate_index, last_query_attention, ranked_with_forced
+from ..index import SINK_COLUMNS, AShapeIndex, HeadIndex, VerticalSlashIndex, forced_diagonals
+from ..patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
+from .stats import BLOCK, index_cost, index_recall, layer_statistics
+
+__all__ = ["CandidateGrid", "GridScores", "score_grid", "score_indices", "score_patterns", "PatternScores"]
+
+TILE_PAIRS = BLOCK * BLOCK
+
+
+@dataclass(frozen=True)
+class CandidateGrid:
+    """Budgets tried for every head. Slash budgets and A-shape windows count 64-token blocks.
+
+    The candidates, in :meth:`patterns` order: ``Dense()``; ``VerticalSlash(v, 64 * s)`` for every
+    ``v`` in ``verticals`` and ``s`` in ``slash_blocks``; ``BlockSparse(k)`` for ``k`` in ``top_ks``;
+    ``AShape(sink, 64 * b)`` for ``sink`` in ``sinks`` and ``b`` in ``local_blocks``.
+    """
+
+    verticals: tuple[int, ...] = (16, 64, 128, 256, 512, 1024)
+    slash_blocks: tuple[int, ...] = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
+    top_ks: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
+    sinks: tuple[int, ...] = (0, 4, 64)
+    local_blocks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    last_q: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("verticals", "slash_blocks", "top_ks", "local_blocks"):
+            values = getattr(self, name)
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"CandidateGrid.{name} must be a non-empty tuple of positive ints, got {values!r}")
+            object.__setattr__(self, name, tuple(sorted(set(values))))
+        if not self.sinks or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.sinks):
+            raise ValueError(f"CandidateGrid.sinks must be a non-empty tuple of ints >= 0, got {self.sinks!r}")
+        object.__setattr__(self, "sinks", tuple(sorted(set(self.sinks))))
+
+    def with_vertical_slash(self, vertical: int, slash: int) -> "CandidateGrid":
+        """This grid plus ``VerticalSlash(vertical, slash)`` (e.g. the uniform default, to compare with)."""
+        return CandidateGrid(self.verticals + (vertical,), self.slash_blocks + (-(-slash // BLOCK),), self.top_ks,
+                             self.sinks, self.local_blocks, self.last_q)
+
+    def patterns(self) -> list[Pattern]:
+        out: list[Pattern] = [Dense()]
+        out += [VerticalSlash(v, BLOCK * s, last_q=self.last_q) for v in self.verticals for s in self.slash_blocks]
+        out += [BlockSparse(k) for k in self.top_ks]
+        out += [AShape(sink, BLOCK * b) for sink in self.sinks for b in self.local_blocks]
+        return out
+
+    def to_dict(self) -> dict:
+        return {name: list(getattr(self, name)) for name in ("verticals", "slash_blocks", "top_ks", "sinks", "local_blocks")} | {
+            "last_q": self.last_q
+        }
+
+
+@dataclass
+class GridScores:
+    """Per (head, candidate) on one prompt, float64 on the CPU, candidates in ``CandidateGrid.patterns()`` order.
+
+    recall : [heads, n]  dense attention mass kept, mean over query rows
+    tile_pairs, column_pairs : [heads, n]  pairs the GPU kernel computes in tiles and in gathered columns
+    coverage : [heads, n]  Vertical-Slash only (NaN elsewhere): the mass the index keeps of the last
+        queries' attention, what an adaptive head measures at run time
+    """
+
+    recall: torch.Tensor
+    tile_pairs: torch.Tensor
+    column_pairs: torch.Tensor
+    coverage: torch.Tensor
+
+
+def score_grid(q: torch.Tensor, k: torch.Tensor, scale: float, grid: CandidateGrid,
+               chunk_elements: int | None = None) -> GridScores:
+    """Score every candidate of ``grid`` on every head of one layer.
+
+    ``q`` [heads, seq, head_dim], ``k`` [kv_heads, seq, head_dim]: one prompt, ``seq`` a multiple of 64.
+    """
+    heads, seq, _ = q.shape
+    nb = seq // BLOCK
+    device = q.device
+    keys_full = k.repeat_interleave(heads // k.shape[0], dim=0)
+
+    # Vertical-Slash: columns ranked once; diagonals ranked once per column count.
+    probs = last_query_attention(q, keys_full, grid.last_q, scale)  # [heads, n_last, seq]
+    n_last = probs.shape[1]
+    column_scores = probs.sum(dim=1)
+    verticals = [min(v, seq) for v in grid.verticals]
+    slashes = [min(s, nb) for s in grid.slash_blocks]
+    column_rank = ranked_with_forced(column_scores, max(verticals), SINK_COLUMNS)  # [heads, V]
+    diagonal_ranks, diagonal_scores = [], []
+    for v in verticals:
+        residual = probs.scatter(2, column_rank[:, None, :v].expand(-1, n_last, -1), 0.0)
+        scores = diagonal_sums(residual, BLOCK)  # [heads, n_blocks]
+        rank = ranked_with_forced(scores, max(slashes), forced_diagonals(BLOCK))
+        diagonal_ranks.append(rank)
+        diagonal_scores.append(scores.gather(1, rank))
+    del probs
+
+    # Block-Sparse: key blocks of each query block ranked by pooled score, the diagonal block first.
+    pooled = block_scores(q, keys_full, BLOCK, scale)  # [heads, q blocks, k blocks], future -inf
+    blocks = torch.arange(nb, device=device)
+    pooled[:, blocks, blocks] = float("inf")
+    block_rank = pooled.sort(dim=2, descending=True).indices
+    del pooled, keys_full
+
+    locals_ = tuple(sorted({min(BLOCK * b, seq) for b in grid.local_blocks}))
+    stats = layer_statistics(q, k, scale, column_rank, locals_, n_sinks=max(max(grid.sinks), 1),
+                             chunk_elements=chunk_elements)
+
+    recall, tiles, columns, coverage = [], [], [], []
+
+    def add(r, t, c, cov=float("nan")) -> None:
+        """One candidate: scalars or [heads] tensors, stored as [heads] float64 on the CPU."""
+        for values, value in zip((recall, tiles, columns, coverage), (r, t, c, cov)):
+            value = torch.as_tensor(value).double().cpu()
+            values.append(value.expand(heads) if value.dim() == 0 else value)
+
+    add(1.0, nb * (nb + 1) // 2 * TILE_PAIRS, 0)  # Dense
+
+    diagonal_mass = stats.diagonal_mass()  # [heads, n_blocks]
+    column_block = column_rank // BLOCK  # [heads, V]
+    # Mass of the r-th ranked column on block diagonal d: its query block column_block + d.
+    query_block = column_block[:, :, None] + blocks[None, None, :]  # [heads, V, d]
+    by_query_block = stats.column_mass.transpose(1, 2)  # [heads, V, query block]
+    on_diagonal = by_query_block.gather(2, query_block.clamp(max=nb - 1)) * (query_block < nb)
+    on_diagonal_upto = on_diagonal.cumsum(dim=1)  # [heads, V, d]: the first r + 1 columns together
+    column_pairs_upto = (BLOCK * (nb - column_block)).cumsum(dim=1)
+    column_score_upto = column_scores.gather(1, column_rank).double().cumsum(dim=1)
+    for vi, v in enumerate(verticals):
+        mass_v = on_diagonal_upto[:, v - 1]  # [heads, d]
+        rank = diagonal_ranks[vi]
+        # Each chosen diagonal adds its tiles' mass, less what the columns already had there.
+        gain = (diagonal_mass.gather(1, rank) - mass_v.gather(1, rank)).cumsum(dim=1)
+        tile_upto = (TILE_PAIRS * (nb - rank)).cumsum(dim=1)
+        cover_upto = diagonal_scores[vi].double().cumsum(dim=1)
+        for s in slashes:
+            add((gain[:, s - 1] + mass_v.sum(dim=1)) / seq, tile_upto[:, s - 1], column_pairs_upto[:, v - 1],
+                (column_score_upto[:, v - 1] + cover_upto[:, s - 1]) / n_last)
+
+    sorted_mass = stats.block_mass.gather(2, block_rank).cumsum(dim=2)  # [heads, q block, rank]
+    for top_k in grid.top_ks:
+        kept = torch.clamp(blocks + 1, max=top_k)  # blocks kept per query block
+        add(sorted_mass.gather(2, (kept - 1)[None, :, None].expand(heads, -1, 1)).sum(dim=(1, 2)) / seq,
+            int(kept.sum()) * TILE_PAIRS, 0)
+
+    window_upto = stats.offset_mass.cumsum(dim=1)
+    for sink in grid.sinks:
+        sink = min(sink, seq)
+        for b in grid.local_blocks:
+            local = min(BLOCK * b, seq)
+            tail = stats.sink_tail[:, locals_.index(local), :sink].sum(dim=1)
+            last = min((local + BLOCK - 2) // BLOCK, nb - 1)
+            add((window_upto[:, local - 1] + tail) / seq, sum(nb - d for d in range(last + 1)) * TILE_PAIRS,
+                BLOCK * sum(nb - j // BLOCK for j in range(sink)))
+
+    return GridScores(*(torch.stack(values, dim=1) for values in (recall, tiles, columns, coverage)))
+
+
+@dataclass
+class PatternScores:
+    """Per head on one prompt: recall, tile and column pairs (lists of floats / ints)."""
+
+    recall: list[float]
+    tile_pairs: list[int]
+    column_pairs: list[int]
+
+
+def score_indices(q: torch.Tensor, k: torch.Tensor, scale: float, index_sets: Sequence[Sequence[HeadIndex]],
+                  chunk_elements: int | None = None) -> list[PatternScores]:
+    """Recall and kernel cost of several kept sets per head, from one dense pass over the layer.
+
+    ``index_sets[i][h]`` is head ``h``'s index (batch 1) in set ``i``, e.g. one set per config, as
+    ``estimate_index`` or ``build_plan(...).indices`` give them. ``q`` [heads, seq, head_dim],
+    ``k`` [kv_heads, seq, head_dim].
+    """
+    heads, seq, _ = q.shape
+    for indices in index_sets:
+        if len(indices) != heads:
+            raise ValueError(f"every index set must hold one index per query head: got {len(indices)} for {heads} heads")
+    # Column mass is gathered for every Vertical-Slash column of every set (repeats are harmless).
+    lists = [[] for _ in range(heads)]
+    for indices in index_sets:
+        for h, index in enumerate(indices):
+            if isinstance(index, VerticalSlashIndex):
+                lists[h].append(index.columns[0].to(q.device))
+    lists = [torch.cat(c) if c else torch.zeros(1, dtype=torch.long, device=q.device) for c in lists]
+    width = max(len(c) for c in lists)
+    columns = torch.stack([torch.cat([c, c[:1].expand(width - len(c))]) for c in lists])
+    all_indices = [index for indices in index_sets for index in indices]
+    locals_ = tuple(sorted({index.local for index in all_indices if isinstance(index, AShapeIndex)}))
+    sinks = max([index.sink for index in all_indices if isinstance(index, AShapeIndex)] + [1])
+    stats = layer_statistics(q, k, scale, columns, locals_, n_sinks=sinks, chunk_elements=chunk_elements)
+    scores = []
+    for indices in index_sets:
+        costs = [index_cost(index, seq) for index in indices]
+        scores.append(PatternScores(
+            recall=[index_recall(index, stats, h) for h, index in enumerate(indices)],
+            tile_pairs=[c[0] for c in costs],
+            column_pairs=[c[1] for c in costs],
+        ))
+    return scores
+
+
+def score_patterns(q: torch.Tensor, k: torch.Tensor, scale: float, patterns: Sequence[Pattern],
+                   chunk_elements: int | None = None) -> PatternScores:
+    """Recall and kernel cost of one pattern per head (adaptive ones included) on one prompt.
+
+    Indices come from the library's estimators (``estimate_index``), as the CPU path computes them.
+    ``q`` [heads, seq, head_dim], ``k`` [kv_heads, seq, head_dim].
+    """
+    heads = q.shape[0]
+    if len(patterns) != heads:
+        raise ValueError(f"patterns must hold one pattern per query head: got {len(patterns)} for {heads} heads")
+    group = heads // k.shape[0]
+    indices = [estimate_index(p, q[h][None], k[h // group][None], scale) for h, p in enumerate(patterns)]
+    return score_indices(q, k, scale, [indices], chunk_elements)[0]

@@ -1,0 +1,239 @@
+"""Dense attention of one layer folded into small blockwise sums, and what a kept set recovers of it.
+
+Scoring a pattern by the dense attention mass it keeps needs the dense softmax, but never as an
+``N x N`` matrix: query rows are formed a chunk at a time (only their causal keys) and folded into
+sums whose size is that of the plan the GPU kernel walks:
+
+- ``block_mass`` [heads, n_blocks, n_blocks]: mass of every 64 x 64 tile, what block diagonals and
+  Block-Sparse tiles keep;
+- ``offset_mass`` [heads, seq]: mass at each offset ``i - j``, what an A-shape window keeps;
+- ``column_mass`` [heads, n_blocks, n_columns]: mass of each requested key column in each query
+  block, what gathered Vertical-Slash columns keep outside their diagonal tiles;
+- ``sink_tail`` [heads, n_locals, n_sinks]: mass of each of the first keys at offsets at or beyond
+  each requested window, what A-shape sinks keep outside the window.
+
+From these, :func:`index_recall` gives any kept set's recall exactly as
+``reference_attention(..., return_recall=True)`` defines it (mean over rows of the dense mass kept),
+and :func:`index_cost` the pairs the GPU kernel computes for it, as ``SparsePlan.computed_pairs``
+counts them. Positions and blocks follow docs/semantics.md; the length must be a multiple of 64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..index import AShapeIndex, BlockSparseIndex, DenseIndex, HeadIndex, VerticalSlashIndex
+
+BLOCK = 64  # the kernel's tile: query blocks, key blocks and block diagonals are 64 tokens
+
+# A gathered-column pair costs the kernel this many tile pairs. Fitted to the kernel benchmark
+# (docs/BENCHMARKS.md, H100): on the random Llama-shape workload at 128K and 256K, Vertical-Slash
+# (1000, 6096) takes 32.4 and 66.0 ms; its tiles at the A-shape / Block-Sparse rate (~320 TF/s)
+# account for 20.8 and 42.5 ms, leaving ~92 TF/s for its 1000 uniformly placed columns: 3.5x
+# slower per pair. On SmolLM2's real attention at 128K (head_dim 64) the same split of the
+# (1000, 6096) and (1000, 12192) rows gives 2.4-4.8x depending on where the columns lie.
+COLUMN_PAIR_COST = 3.5
+
+__all__ = [
+    "BLOCK",
+    "COLUMN_PAIR_COST",
+    "LayerStats",
+    "layer_statistics",
+    "index_recall",
+    "index_cost",
+    "causal_pairs",
+]
+
+
+def causal_pairs(seq: int) -> int:
+    return seq * (seq + 1) // 2
+
+
+@dataclass
+class LayerStats:
+    """Blockwise sums of one layer's dense causal attention (batch 1), float64.
+
+    columns : long [heads, n_columns]  the key columns ``column_mass`` was gathered for
+    locals : tuple of int  the windows ``sink_tail`` was summed beyond
+    """
+
+    seq: int
+    block_mass: torch.Tensor
+    offset_mass: torch.Tensor
+    column_mass: torch.Tensor
+    columns: torch.Tensor
+    sink_tail: torch.Tensor
+    locals: tuple[int, ...]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.seq // BLOCK
+
+    def diagonal_mass(self) -> torch.Tensor:
+        """[heads, n_blocks]: mass of each block diagonal ``d`` (tiles ``(m, m - d)``)."""
+        nb = self.n_blocks
+        m = torch.arange(nb, device=self.block_mass.device)
+        key_block = m[:, None] - m[None, :]  # [query block, d]
+        tiles = self.block_mass.gather(2, key_block.clamp(min=0).expand(self.block_mass.shape[0], -1, -1))
+        return (tiles * (key_block >= 0)).sum(dim=1)
+
+
+def layer_statistics(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    columns: torch.Tensor,
+    locals_: tuple[int, ...] = (),
+    n_sinks: int = 64,
+    chunk_elements: int | None = None,
+) -> LayerStats:
+    """Fold one layer's dense causal attention into :class:`LayerStats`.
+
+    Parameters
+    ----------
+    q : [heads, seq, head_dim]; k : [kv_heads, seq, head_dim]
+        One prompt (no batch dimension); ``heads`` a multiple of ``kv_heads``; ``seq`` a multiple of 64.
+    columns : long [heads, n_columns]
+        Key columns whose per-query-block mass is wanted (repeats allowed).
+    locals_ : windows (tokens) for ``sink_tail``; n_sinks : how many first keys it covers.
+    chunk_elements : int, optional
+        Attention probabilities formed at once (heads x rows x keys); by default ~2^26 on a CPU and
+        2^28 on a GPU.
+    """
+    heads, seq, _ = q.shape
+    if seq % BLOCK:
+        raise ValueError(f"the search works on lengths that are a multiple of {BLOCK}, got seq={seq}")
+    group = heads // k.shape[0]
+    device = q.device
+    nb = seq // BLOCK
+    n_sinks = min(n_sinks, seq)
+    if chunk_elements is None:
+        chunk_elements = 2**28 if device.type == "cuda" else 2**26
+    rows_per_chunk = max(BLOCK, chunk_elements // (heads * seq) // BLOCK * BLOCK)
+    keys_full = k.float().repeat_interleave(group, dim=0)  # [heads, seq, dim]; small next to the scores
+    f64 = dict(dtype=torch.float64, device=device)
+    block_mass = torch.zeros(heads, nb, nb, **f64)
+    offset_mass = torch.zeros(heads, seq, **f64)
+    column_mass = torch.zeros(heads, nb, columns.shape[1], **f64)
+    sink_tail = torch.zeros(heads, len(locals_), n_sinks, **f64)
+    key_positions = torch.arange(seq, device=device)
+    for start in range(0, seq, rows_per_chunk):
+        end = min(start + rows_per_chunk, seq)  # a multiple of 64: every chunk holds whole query blocks
+        rows = key_positions[start:end]
+        # Only keys <= end - 1 are causal for these rows: [heads, rows, end].
+        logits = torch.einsum("hrd,hkd->hrk", q[:, start:end].float(), keys_full[:, :end]) * scale
+        logits.masked_fill_(key_positions[None, :end] > rows[:, None], float("-inf"))
+        probs = logits.softmax(dim=-1)
+        del logits
+        n_rows = end - start
+        block_mass[:, start // BLOCK : end // BLOCK, : end // BLOCK] += (
+            probs.view(heads, n_rows // BLOCK, BLOCK, end // BLOCK, BLOCK).sum(dim=(2, 4), dtype=torch.float64)
+        )
+        # Offset o of row i is key i - o; offsets past the row hold 0 (their key index is clamped).
+        offset_keys = rows[:, None] - key_positions[None, :end]  # [rows, offsets]
+        by_offset = probs.gather(2, offset_keys.clamp(min=0).expand(heads, -1, -1))
+        offset_mass[:, :end] += (by_offset * (offset_keys >= 0)).sum(dim=1, dtype=torch.float64)
+        del by_offset
+        # Requested columns past the chunk's last row have no causal mass in it.
+        picked = probs.gather(2, columns.clamp(max=end - 1)[:, None, :].expand(-1, n_rows, -1))
+        picked = picked * (columns < end)[:, None, :]
+        column_mass[:, start // BLOCK : end // BLOCK] += picked.view(heads, n_rows // BLOCK, BLOCK, -1).sum(
+            dim=2, dtype=torch.float64
+        )
+        sinks = min(n_sinks, end)
+        sink_offsets = rows[:, None] - key_positions[None, :sinks]  # [rows, sinks]
+        for index, local in enumerate(locals_):
+            beyond = probs[:, :, :sinks] * (sink_offsets >= local)
+            sink_tail[:, index, :sinks] += beyond.sum(dim=1, dtype=torch.float64)
+        del probs
+    return LayerStats(seq, block_mass, offset_mass, column_mass, columns, sink_tail, tuple(locals_))
+
+
+def _check_one(index: HeadIndex) -> None:
+    tensors = [t for t in vars(index).values() if isinstance(t, torch.Tensor)]
+    if getattr(index, "batch", 1) != 1 or any(t.shape[0] != 1 for t in tensors):
+        raise ValueError("index_recall and index_cost take the index of one prompt (batch 1)")
+
+
+def index_recall(index: HeadIndex, stats: LayerStats, head: int) -> float:
+    """Recall of ``index`` (one prompt) for query head ``head``: dense mass on its kept set / seq."""
+    _check_one(index)
+    seq, nb = stats.seq, stats.n_blocks
+    if isinstance(index, DenseIndex):
+        return 1.0
+    if isinstance(index, AShapeIndex):
+        window = stats.offset_mass[head, : min(index.local, seq)].sum()
+        sink = 0.0
+        if index.sink > 0:
+            if index.local not in stats.locals or index.sink > stats.sink_tail.shape[2]:
+                raise ValueError(
+                    f"statistics were gathered for windows {stats.locals} and {stats.sink_tail.shape[2]} sinks; "
+                    f"AShape(sink={index.sink}, local={index.local}) needs its own"
+                )
+            sink = stats.sink_tail[head, stats.locals.index(index.local), : index.sink].sum()
+        return float((window + sink) / seq)
+    if isinstance(index, BlockSparseIndex):
+        if index.block != BLOCK:
+            raise ValueError(f"the search scores BlockSparse(block={BLOCK}) only, got block={index.block}")
+        tiles = index.block_mask()[0]  # [n_blocks, n_blocks]
+        return float((stats.block_mass[head] * tiles).sum() / seq)
+    if isinstance(index, VerticalSlashIndex):
+        if index.slash_block != BLOCK:
+            raise ValueError(f"the search scores block-diagonal Vertical-Slash (slash_block={BLOCK}) only, "
+                             f"got slash_block={index.slash_block}")
+        device = stats.block_mass.device
+        diagonal_flag = torch.zeros(nb, dtype=torch.bool, device=device)
+        diagonal_flag[index.diagonals[0].to(device)] = True
+        tiles = stats.diagonal_mass()[head][diagonal_flag].sum()
+        columns = torch.unique(index.columns[0].to(device))
+        # Where each kept column sits in the requested list.
+        slot = torch.full((seq,), -1, dtype=torch.long, device=device)
+        slot[stats.columns[head]] = torch.arange(stats.columns.shape[1], device=device)
+        where = slot[columns]
+        if bool((where < 0).any()):
+            raise ValueError("the statistics were gathered without some of this index's columns")
+        mass = stats.column_mass[head][:, where]  # [query block, column]
+        m = torch.arange(nb, device=device)
+        distance = m[:, None] - (columns // BLOCK)[None, :]  # block diagonal of (query block, column)
+        outside = (distance >= 0) & ~diagonal_flag[distance.clamp(min=0)]
+        return float((tiles + (mass * outside).sum()) / seq)
+    raise TypeError(f"index must be a Dense, AShape, Vertical-Slash or Block-Sparse index, got {type(index).__name__}")
+
+
+def index_cost(index: HeadIndex, seq: int) -> tuple[int, int]:
+    """``(tile_pairs, column_pairs)`` the GPU kernel computes for ``index`` (one prompt of ``seq`` tokens).
+
+    Their sum is what ``SparsePlan.computed_pairs`` counts: 64 x 64 per tile and 64 per gathered
+    column and query block at or after it.
+    """
+    _check_one(index)
+    if seq % BLOCK:
+        raise ValueError(f"the search works on lengths that are a multiple of {BLOCK}, got seq={seq}")
+    nb = seq // BLOCK
+    tile = BLOCK * BLOCK
+
+    def diagonal_tiles(diagonals: torch.Tensor) -> int:
+        diagonals = torch.unique(diagonals[diagonals < nb])
+        return int((nb - diagonals).sum())
+
+    def column_pairs(columns: torch.Tensor) -> int:
+        return BLOCK * int((nb - torch.unique(columns) // BLOCK).sum())
+
+    if isinstance(index, DenseIndex):
+        return nb * (nb + 1) // 2 * tile, 0
+    if isinstance(index, AShapeIndex):
+        # The window's offsets 0..local-1 touch block diagonals 0..(local + 62) // 64.
+        last = min((index.local + BLOCK - 2) // BLOCK, nb - 1)
+        tiles = sum(nb - d for d in range(last + 1))
+        return tiles * tile, column_pairs(torch.arange(index.sink))
+    if isinstance(index, BlockSparseIndex):
+        return int((index.blocks[0] >= 0).sum()) * tile, 0
+    if isinstance(index, VerticalSlashIndex):
+        if index.slash_block == 1:
+            offsets = index.diagonals[0]
+            touched = torch.cat([offsets // BLOCK, (offsets + BLOCK - 1) // BLOCK])
+            return diagonal_tiles(touched) * tile, column_pairs(index.columns[0])
+        return diagonal_tiles(index.diagonals[0]) * tile, column_pairs(index.columns[0])
+    raise TypeError(f"index must be a Dense, AShape, Vertical-Slash or Block-Sparse index, got {type(index).__name__}")

