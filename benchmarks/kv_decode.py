@@ -93,7 +93,8 @@ def main() -> None:
     token_ids = tokenizer(args.text.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     if len(token_ids) < max(args.lengths):
         raise ValueError(f"--text has {len(token_ids)} tokens, fewer than {max(args.lengths)}")
-    sparse_prefill.enable(model)
+    state = sparse_prefill.enable(model)
+    config_source = "default_pattern on every head" if state.config is None else str(state.config.metadata.get("source", "config"))
     weights = torch.cuda.memory_allocated()
 
     # Count the layers whose SnapKV scores were computed apart from the estimator.
@@ -162,6 +163,7 @@ def main() -> None:
         "torch": torch.__version__,
         "model": loaded.source,
         "rope_scaling": loaded.rope_scaling,
+        "pattern_config": config_source,
         "capacity": args.capacity,
         "decode_tokens": args.decode_tokens,
         "warmup_steps": args.warmup_steps,
