@@ -251,7 +251,7 @@ def _check_causal_mask(attention_mask: torch.Tensor, seq_len: int, chunk_size: i
 
 def enable(
     model: torch.nn.Module,
-    config: PatternConfig | None = None,
+    config: PatternConfig | str | None = None,
     *,
     min_seq_len: int = DEFAULT_MIN_SEQ_LEN,
 ) -> SparsePrefillState:
@@ -262,9 +262,11 @@ def enable(
     model : transformers.PreTrainedModel
         A decoder-only model whose attention layers use transformers' attention registry
         (Llama, Mistral, Qwen2, Qwen3, Phi-3 and most recent architectures).
-    config : PatternConfig, optional
-        One pattern per (layer, query head), checked against the model's shape. None uses
-        :func:`default_pattern` of each prompt's length on every head.
+    config : PatternConfig, "uniform" or None
+        One pattern per (layer, query head), checked against the model's shape. None: the config
+        shipped for this architecture when there is one (``sparse_prefill.configs``, e.g. the searched
+        SmolLM2-135M config), else :func:`default_pattern` of each prompt's length on every head.
+        ``"uniform"``: :func:`default_pattern` on every head whatever the model.
     min_seq_len : int
         Prefills shorter than this many tokens stay dense (default :data:`DEFAULT_MIN_SEQ_LEN`).
 
@@ -276,9 +278,15 @@ def enable(
     """
     if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 1:
         raise ValueError(f"min_seq_len must be a positive int, got min_seq_len={min_seq_len!r}")
-    if config is not None and not isinstance(config, PatternConfig):
-        raise TypeError(f"config must be a PatternConfig or None, got {type(config).__name__}")
+    if config is not None and config != "uniform" and not isinstance(config, PatternConfig):
+        raise TypeError(f"config must be a PatternConfig, 'uniform' or None, got {config!r}")
     model_config = _model_config(model)
+    if config is None:
+        from ..configs import shipped_config_for
+
+        config = shipped_config_for(model_config)  # None when nothing was searched for this architecture
+    elif config == "uniform":
+        config = None
     n_layers, n_heads = _model_shape(model_config)
     if config is not None:
         config.check_model(n_layers, n_heads)

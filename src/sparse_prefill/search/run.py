@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..configs import model_signature
 from ..patterns import SCALING_RULES, Pattern, PatternConfig, VerticalSlash
 from .allocate import allocate
 from .candidates import CandidateGrid, score_grid
@@ -79,14 +80,6 @@ def run_layers(model: Any, input_ids: torch.Tensor, layers: Sequence[int],
         pass
     finally:
         model.set_attn_implementation(previous)
-
-
-def model_signature(model_config: Any) -> dict:
-    """The architecture fields a shipped config is matched on (the weights themselves are not hashed)."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    return {name: getattr(text, name, None) for name in (
-        "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
-        "intermediate_size", "vocab_size")}
 
 
 @dataclass
