@@ -1,0 +1,157 @@
+"""Running an evaluation: samples x methods on one model, resumable, with a progress bar."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..generation import eos_ids, greedy_generate
+from ..models import load_model
+from ..patterns import PatternConfig
+from .methods import METHODS, apply_method
+from .needle import DEFAULT_DEPTHS, needle_samples
+from .perplexity import position_losses, text_windows
+from .report import write_report
+from .ruler import TASKS as RULER_TASKS
+from .ruler import ruler_samples
+from .scoring import string_match_all
+from .store import ResultStore, check_writable
+from .texts import TEXTS
+
+__all__ = ["EVAL_TASKS", "EvalSpec", "run_eval"]
+
+EVAL_TASKS = ("needle", "ruler", "ppl")
+PPL_BUCKETS = 16  # perplexity is reported per sixteenth of the window
+
+
+@dataclass
+class EvalSpec:
+    """One ``sparse-prefill eval`` invocation (see ``sparse-prefill eval --help``)."""
+
+    task: str
+    out: Path
+    model: str = "default"
+    methods: Sequence[str] = METHODS
+    config: str | None = None
+    lengths: Sequence[int] = (2048, 4096, 8192)
+    samples: int | None = None
+    depths: Sequence[float] = DEFAULT_DEPTHS
+    ruler_tasks: Sequence[str] = RULER_TASKS
+    haystack: str = "pg"
+    text: str = "kjv"
+    device: str = "auto"
+    seed: int = 0
+    rope_scaling: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.task not in EVAL_TASKS:
+            raise ValueError(f"unknown eval task {self.task!r}; expected one of {', '.join(EVAL_TASKS)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"--method: unknown {', '.join(unknown) or '(none given)'}; expected some of {', '.join(METHODS)}")
+        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 256 for n in self.lengths):
+            raise ValueError(f"--lengths must be token counts >= 256, got {list(self.lengths)}")
+        if self.samples is not None and (isinstance(self.samples, bool) or self.samples < 1):
+            raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        for name, value in (("--haystack", self.haystack), ("--text", self.text)):
+            if value not in TEXTS:
+                raise ValueError(f"{name} {value!r} is not a known text; expected one of {', '.join(TEXTS)}")
+        if self.config is not None and "sparse" not in self.methods:
+            raise ValueError("--config sets the sparse method's patterns; add sparse to --method")
+
+
+def _label(method: str, config: str | None) -> str:
+    """How a method's results are named: a searched config gets its own label."""
+    return f"sparse ({Path(config).stem})" if method == "sparse" and config else method
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def run_eval(spec: EvalSpec) -> dict[str, Any]:
+    """Run what ``spec`` asks for that ``spec.out`` does not hold yet; write the report; return its summary."""
+    spec.check()
+    out = check_writable(spec.out)
+    device = _device(spec.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = PatternConfig.load(spec.config) if spec.config else None
+    base = load_model(spec.model, dtype=dtype, device=device)
+    too_long = [n for n in spec.lengths if n > base.native_context]
+    if too_long and not spec.rope_scaling:
+        raise ValueError(
+            f"--lengths {too_long} exceed the model's context of {base.native_context} tokens and RoPE scaling "
+            "is off (--no-rope-scaling); drop those lengths or allow scaling"
+        )
+    store = ResultStore(out / f"{spec.task}.jsonl")
+    items = _items(spec, base.tokenizer)
+    todo = [(item, method) for item in items for method in spec.methods if not store.done(item.key, _label(method, spec.config))]
+    bar = _bar(len(items) * len(spec.methods), len(items) * len(spec.methods) - len(todo), spec)
+    for length in sorted({item.length for item in items}):
+        pending = [(item, method) for item, method in todo if item.length == length]
+        if not pending:
+            continue
+        scaled = length if length > base.native_context else None
+        loaded = load_model(spec.model, dtype=dtype, device=device, rope_scaling_for=scaled)
+        for item, method in sorted(pending, key=lambda pair: spec.methods.index(pair[1])):
+            label = _label(method, spec.config)
+            state = apply_method(loaded.model, method, length, config if method == "sparse" else None)
+            record = _evaluate(spec, loaded, item, device)
+            record.update(key=item.key, label=label, method=method, length=length, yarn=loaded.rope_scaling is not None,
+                          sparse_layers=state.sparse_calls if state is not None else 0)
+            store.add(record)
+            bar.update(1)
+        apply_method(loaded.model, "dense", length)
+    bar.close()
+    return write_report(spec.task, list(store), out)
+
+
+def _items(spec: EvalSpec, tokenizer: Any) -> list[Any]:
+    if spec.task == "needle":
+        return needle_samples(tokenizer, spec.lengths, spec.depths, haystack=spec.haystack, seed=spec.seed)
+    if spec.task == "ruler":
+        return ruler_samples(tokenizer, spec.lengths, spec.ruler_tasks, samples=spec.samples or 10,
+                             haystack=spec.haystack, seed=spec.seed)
+    return text_windows(tokenizer, spec.lengths, spec.samples or 4, text=spec.text, seed=spec.seed)
+
+
+def _evaluate(spec: EvalSpec, loaded: Any, item: Any, device: torch.device) -> dict[str, Any]:
+    start = time.perf_counter()
+    if spec.task == "ppl":
+        losses = position_losses(loaded.model, item.ids)
+        buckets = torch.tensor_split(losses, PPL_BUCKETS)
+        return {"task": "ppl", "text": item.text, "start": item.start, "n_tokens": item.length,
+                "bucket_loss_sums": [float(b.sum()) for b in buckets], "bucket_counts": [len(b) for b in buckets],
+                "seconds": round(time.perf_counter() - start, 3)}
+    ids = loaded.tokenizer(item.prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    result = greedy_generate(loaded.model, ids, item.max_new_tokens, eos_ids(loaded))
+    prediction = loaded.tokenizer.decode(result["tokens"], skip_special_tokens=True)
+    return {"task": item.task, "index": item.index, "n_tokens": item.n_tokens, **item.meta,
+            "references": list(item.references), "prediction": prediction,
+            "score": string_match_all(prediction, item.references),
+            "prefill_seconds": round(result["prefill_seconds"], 3)}
+
+
+def _bar(total: int, done: int, spec: EvalSpec):
+    class _Silent:
+        def update(self, n: int) -> None: ...
+        def close(self) -> None: ...
+
+    if not spec.progress:
+        return _Silent()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Silent()
+    return tqdm(total=total, initial=done, desc=f"eval {spec.task}", unit="sample", file=sys.stderr)
