@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.command import add_eval_command  # the evaluation's flags live with it
 
     add_eval_command(commands)
+
+    from .search.command import add_search_command  # the search's flags live with it
+
+    add_search_command(commands)
     return parser
 
 
