@@ -48,7 +48,8 @@ def add_eval_command(commands) -> None:
     parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a model directory")
     parser.add_argument("--method", type=_names, default=list(METHODS),
                         help=f"comma-separated, from {', '.join(METHODS)} (default: all three)")
-    parser.add_argument("--config", help="pattern config JSON for the sparse method (default: the built-in default)")
+    parser.add_argument("--config", help="sparse method's patterns: a config JSON, or 'uniform' for the length-scaled default on every "
+                        "head (default: the config shipped for the model, else uniform)")
     parser.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192],
                         help="prompt lengths in tokens, comma-separated; 'k' means 1024 (default 2k,4k,8k)")
     parser.add_argument("--samples", type=int, help="samples per length (and task): ruler default 10, ppl default 4")

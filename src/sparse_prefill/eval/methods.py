@@ -20,11 +20,14 @@ def a_shape_pattern(seq_len: int) -> AShape:
     return AShape(sink=64, local=pattern.vertical + pattern.slash - 64)
 
 
-def apply_method(model: Any, method: str, seq_len: int, config: PatternConfig | None = None) -> SparsePrefillState | None:
+def apply_method(
+    model: Any, method: str, seq_len: int, config: PatternConfig | str | None = None
+) -> SparsePrefillState | None:
     """Switch ``model`` to ``method`` for a prompt of ``seq_len`` tokens; returns the sparse state.
 
-    Sparse methods run on every prefill, however short (``min_seq_len=1``): an evaluation measures the
-    method, not the library's short-prompt fallback to dense.
+    ``config`` (sparse only) is passed to :func:`enable`: None for the model's shipped config, else
+    ``"uniform"`` or a :class:`PatternConfig`. Sparse methods run on every prefill, however short
+    (``min_seq_len=1``): an evaluation measures the method, not the short-prompt fallback to dense.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")

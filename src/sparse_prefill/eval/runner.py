@@ -68,7 +68,8 @@ class EvalSpec:
 
 
 def _label(method: str, config: str | None) -> str:
-    """How a method's results are named: a searched config gets its own label."""
+    """How a method's results are named: ``sparse`` is the model's default config (the searched one
+    shipped for it, else uniform); ``--config uniform`` or a file gets its own label."""
     return f"sparse ({Path(config).stem})" if method == "sparse" and config else method
 
 
@@ -86,7 +87,9 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
     out = check_writable(spec.out)
     device = _device(spec.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = PatternConfig.load(spec.config) if spec.config else None
+    # None: the config shipped for the model (else uniform); "uniform": the length-scaled default on
+    # every head; anything else: a PatternConfig file.
+    config = PatternConfig.load(spec.config) if spec.config not in (None, "uniform") else spec.config
     base = load_model(spec.model, dtype=dtype, device=device)
     too_long = [n for n in spec.lengths if n > base.native_context]
     if too_long and not spec.rope_scaling:
@@ -108,7 +111,8 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
             label = _label(method, spec.config)
             state = apply_method(loaded.model, method, length, config if method == "sparse" else None)
             record = _evaluate(spec, loaded, item, device)
-            record.update(key=item.key, label=label, method=method, length=length, yarn=loaded.rope_scaling is not None,
+            record.update(key=item.key, label=label, method=method, config=spec.config or "default", length=length,
+                          yarn=loaded.rope_scaling is not None,
                           sparse_layers=state.sparse_calls if state is not None else 0)
             store.add(record)
             bar.update(1)

@@ -1,0 +1,247 @@
+"""The evaluation harness: data readers, prompt builders, scoring, the resumable store, and the
+`sparse-prefill eval` command end to end on the real model at CI size (1K tokens, CPU)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import struct
+import zlib
+from collections import Counter
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparse_prefill import cli  # noqa: E402
+from sparse_prefill.eval import rdata, runner  # noqa: E402
+from sparse_prefill.eval.methods import a_shape_pattern  # noqa: E402
+from sparse_prefill.eval.perplexity import position_losses  # noqa: E402
+from sparse_prefill.eval.prompts import fill_to_length, fit_items_to_length, token_count  # noqa: E402
+from sparse_prefill.eval.ruler import TASKS, ruler_samples  # noqa: E402
+from sparse_prefill.eval.scoring import string_match_all  # noqa: E402
+from sparse_prefill.eval.store import ResultStore  # noqa: E402
+from sparse_prefill.eval.texts import load_text  # noqa: E402
+from sparse_prefill.integrations.transformers import default_pattern  # noqa: E402
+from sparse_prefill.models import load_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_model().tokenizer
+
+
+# --- R serialization -------------------------------------------------------------------------------
+
+def _xdr_char(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack(">ii", 0x00040009, len(data)) + data
+
+
+def _xdr_named_list(names: list[str], values: list[bytes]) -> bytes:
+    """VECSXP with a names attribute, built by hand from R's serialize.c layout."""
+    body = struct.pack(">ii", 19 | (1 << 9), len(values)) + b"".join(values)
+    names_vector = struct.pack(">ii", 16, len(names)) + b"".join(_xdr_char(n) for n in names)
+    attribute = struct.pack(">i", 2 | (1 << 10)) + struct.pack(">i", 1) + _xdr_char("names") + names_vector
+    return body + attribute + struct.pack(">i", 254)
+
+
+def _xdr(obj: bytes) -> bytes:
+    return b"X\n" + struct.pack(">iiii", 3, 0x40201, 0x30500, 5) + b"UTF-8" + obj
+
+
+def test_rdata_reads_a_lazy_load_database(tmp_path):
+    lines = struct.pack(">ii", 16, 3) + _xdr_char("EMMA") + struct.pack(">i", 0x00000009) + struct.pack(">i", -1) + _xdr_char("é")
+    record = _xdr(lines)
+    packed = zlib.compress(record)
+    (tmp_path / "Rdata.rdb").write_bytes(struct.pack(">i", len(record)) + packed)
+    where = struct.pack(">iii", 13, 2, 0) + struct.pack(">i", 4 + len(packed))
+    index = _xdr(_xdr_named_list(["variables"], [_xdr_named_list(["emma"], [where])]))
+    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(index))
+    assert rdata.lazy_load(tmp_path) == {"emma": ["EMMA", None, "é"]}
+
+
+def test_rdata_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="XDR"):
+        rdata._unserialize(b"A\n" + b"\0" * 16)
+    with pytest.raises(ValueError, match="SEXP type 3"):  # a closure
+        rdata._unserialize(_xdr(struct.pack(">i", 3)))
+
+
+# --- prompts and tasks -----------------------------------------------------------------------------
+
+def test_fill_to_length_hides_sentences_at_their_depths(tokenizer):
+    filler = load_text("pg")
+    inserts = [(0.0, "ALPHA is 1."), (0.5, "BRAVO is 2."), (1.0, "CHARLIE is 3.")]
+    prompt, n = fill_to_length(tokenizer, filler, 1500, lambda body: f"Text:\n{body}\nQ?", inserts)
+    assert n == token_count(tokenizer, prompt) and 1300 < n <= 1500
+    body = prompt[prompt.index("Text:") : prompt.index("\nQ?")]
+    where = [body.index(s) / len(body) for _, s in inserts]
+    assert where[0] < 0.02 and 0.4 < where[1] < 0.6 and where[2] > 0.95
+
+
+def test_fill_to_length_errors_name_the_problem(tokenizer):
+    with pytest.raises(ValueError, match="holds only"):
+        fill_to_length(tokenizer, "Short text. " * 10, 2000, lambda body: body)
+    with pytest.raises(ValueError, match="no room"):
+        fill_to_length(tokenizer, load_text("pg"), 20, lambda body: "x " * 40 + body)
+    with pytest.raises(ValueError, match="too short"):
+        fit_items_to_length(tokenizer, 5, lambda n: "word " * (n + 20))
+
+
+def test_ruler_samples_are_seeded_fit_their_length_and_hold_their_answers(tokenizer):
+    first = ruler_samples(tokenizer, [1024], samples=2, seed=3)
+    again = ruler_samples(tokenizer, [1024], samples=2, seed=3)
+    other = ruler_samples(tokenizer, [1024], samples=2, seed=4)
+    assert [s.prompt for s in first] == [s.prompt for s in again]
+    assert [s.prompt for s in first] != [s.prompt for s in other]
+    assert {s.task for s in first} == set(TASKS)
+    for sample in first:
+        assert 700 < sample.n_tokens <= 1024, sample.key
+        question_at = sample.prompt.rindex("Question:")
+        if sample.task == "cwe":  # the ten references are exactly the ten most repeated list entries
+            words = Counter(line.split(". ", 1)[1] for line in sample.prompt[:question_at].splitlines()
+                            if ". " in line and line.split(". ", 1)[0].isdigit())
+            assert {w for w, _ in words.most_common(10)} == set(sample.references)
+            assert words.most_common(11)[10][1] < words.most_common(10)[9][1]
+        elif sample.task == "fwe":
+            text = sample.prompt[:question_at].split("\n\n")[-2].split()
+            top = [w for w, _ in Counter(text).most_common(3)]
+            assert set(top) == set(sample.references)
+        else:  # the needles and the variable chain are in the context, before the question
+            for reference in sample.references:
+                assert reference in sample.prompt[:question_at], (sample.key, reference)
+
+
+def test_ruler_rejects_unknown_tasks_and_bad_counts(tokenizer):
+    with pytest.raises(ValueError, match="unknown RULER task.*niah_single"):
+        ruler_samples(tokenizer, [1024], ["niah_single", "qa_hotpot"])
+    with pytest.raises(ValueError, match="samples must be a positive int"):
+        ruler_samples(tokenizer, [1024], samples=0)
+
+
+def test_string_match_all_is_recall_over_references():
+    assert string_match_all(" 1234567.", ["1234567"]) == 1.0
+    assert string_match_all("123456", ["1234567"]) == 0.0
+    assert string_match_all("Alpha, GAMMA", ["alpha", "beta", "gamma", "delta"]) == 0.5
+    with pytest.raises(ValueError, match="at least one"):
+        string_match_all("x", [])
+
+
+def test_a_shape_baseline_costs_what_the_sparse_default_costs():
+    for n in (1024, 8192, 32768, 131072):
+        vs, ashape = default_pattern(n), a_shape_pattern(n)
+        assert ashape.sink + ashape.local == vs.vertical + vs.slash
+
+
+def test_position_losses_match_the_models_own_loss():
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (300,))
+    losses = position_losses(model, ids, chunk=7)
+    assert losses.shape == (299,)
+    with torch.no_grad():
+        expected = model(input_ids=ids[None], labels=ids[None]).loss
+    torch.testing.assert_close(losses.mean(), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- the resumable store ---------------------------------------------------------------------------
+
+def test_store_keeps_every_finished_record_across_a_torn_write(tmp_path):
+    path = tmp_path / "needle.jsonl"
+    store = ResultStore(path)
+    store.add({"key": "a", "label": "dense", "score": 1.0})
+    store.add({"key": "b", "label": "dense", "score": 0.0})
+    with open(path, "a") as handle:
+        handle.write('{"key": "c", "label": "dense", "sc')  # killed mid-write
+    again = ResultStore(path)
+    assert again.done("a", "dense") and again.done("b", "dense") and not again.done("c", "dense")
+    assert not again.done("a", "sparse")
+    again.add({"key": "c", "label": "dense", "score": 1.0})
+    assert [r["key"] for r in ResultStore(path)] == ["a", "b", "c"]
+
+
+# --- the command, end to end -----------------------------------------------------------------------
+
+def test_eval_needle_smoke_scores_known_answers_and_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "needle"
+    assert cli.main(["eval", "needle", "--smoke", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    records = [json.loads(line) for line in (out / "needle.jsonl").read_text().splitlines()]
+    assert len(records) == 9  # 3 depths x 3 methods at 1K
+    dense = [r for r in records if r["method"] == "dense"]
+    # SmolLM2-135M finds a five-digit needle anywhere in 1K tokens of the essays (checked by hand).
+    assert all(r["score"] == 1.0 for r in dense), [r["prediction"] for r in dense]
+    assert all(r["sparse_layers"] == 0 for r in dense)
+    assert all(r["sparse_layers"] == 30 for r in records if r["method"] != "dense")  # the sparse path ran
+    summary = json.loads((out / "needle_summary.json").read_text())
+    assert summary["methods"]["dense"]["average"] == 100.0
+    for name in ("needle.md", "needle_dense.png", "needle_sparse.png", "needle_a-shape.png", "needle_side_by_side.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| dense | 100.0 | 100.0 |" in capsys.readouterr().out
+
+    # A second run recomputes nothing.
+    def fail(*args, **kwargs):
+        raise AssertionError("a stored sample was recomputed")
+
+    monkeypatch.setattr(runner, "_evaluate", fail)
+    assert cli.main(["eval", "needle", "--smoke", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+
+
+def test_an_interrupted_eval_loses_no_finished_sample(tmp_path, monkeypatch):
+    out = tmp_path / "ppl"
+    calls = []
+    real = runner._evaluate
+
+    def interrupt_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_evaluate", interrupt_third)
+    args = ["eval", "ppl", "--smoke", "--out", str(out), "--no-progress", "--device", "cpu"]
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args)
+    assert len((out / "ppl.jsonl").read_text().splitlines()) == 2
+    calls.clear()
+    monkeypatch.setattr(runner, "_evaluate", real)
+    assert cli.main(args) == 0
+    records = [json.loads(line) for line in (out / "ppl.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in records) == ["a-shape", "dense", "sparse"]
+    summary = json.loads((out / "ppl_summary.json").read_text())
+    ppl = {label: m["by_length"]["1024"]["ppl"] for label, m in summary["methods"].items()}
+    assert 5 < ppl["dense"] < 60 and all(abs(p / ppl["dense"] - 1) < 0.25 for p in ppl.values()), ppl
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "haystack"], "unknown eval task 'haystack'; expected one of needle, ruler, ppl"),
+        (["eval", "needle", "--method", "dense,flash"], "--method: unknown flash"),
+        (["eval", "needle", "--lengths", "16k", "--no-rope-scaling"], "exceed the model's context of 8192"),
+        (["eval", "needle", "--haystack", "pg19"], "--haystack 'pg19' is not a known text"),
+        (["eval", "ruler", "--tasks", "qa_squad", "--lengths", "1k"], "unknown RULER task(s) qa_squad"),
+        (["eval", "needle", "--method", "dense", "--config", "uniform"], "add sparse to --method"),
+    ],
+)
+def test_eval_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
+    assert cli.main(args + ["--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_refuses_an_output_directory_it_cannot_write(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert cli.main(["eval", "needle", "--smoke", "--out", str(blocker / "out"), "--no-progress"]) == 2
+    assert "is not a writable directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="Austen comes from a Debian package")
+def test_austen_text_is_read_from_the_debian_package():
+    text = load_text("austen")
+    assert text.startswith("SENSE AND SENSIBILITY")
+    assert "It is a truth universally acknowledged" in text and len(text) > 3_500_000
