@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--recall-every", type=int, default=3, help="recall on every n-th layer beyond --length")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, nargs="*", help="only these layers (a dry run); default all")
+    parser.add_argument("--work-dir", type=Path, help="the search's work directory (default OUT/work)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,7 +149,7 @@ def main() -> None:
     n_layers, n_heads = loaded.model.config.num_hidden_layers, loaded.model.config.num_attention_heads
     layers = args.layers if args.layers else list(range(n_layers))
     if args.config is None:
-        work = args.out / "work"
+        work = args.work_dir or args.out / "work"
         result = search(loaded, args.out / "smollm2-135m.json", samples=args.samples, length=args.length, text=text,
                         text_name="King James Bible", device=device, work_dir=work, progress=False,
                         layers=layers)
