@@ -150,6 +150,24 @@ def test_sparse_attention_through_enable_matches_transformers_forward():
     assert _rel(dense.logits, expected) > 1e-6  # the sparse pattern really changed something
 
 
+def test_default_crossover_keeps_short_gpu_prompts_dense():
+    from types import SimpleNamespace
+
+    from sparse_prefill.integrations import transformers as integration
+
+    model = _model()
+    state = sparse_prefill.enable(model)  # no min_seq_len: the measured crossover on a GPU
+    try:
+        assert state.shortest_sparse(torch.empty(1)) == integration.DEFAULT_MIN_SEQ_LEN
+        assert state.shortest_sparse(SimpleNamespace(is_cuda=True)) == integration.CUDA_MIN_SEQ_LEN == 49152
+        explicit = sparse_prefill.enable(model, min_seq_len=64)
+        assert explicit.shortest_sparse(SimpleNamespace(is_cuda=True)) == 64
+    finally:
+        sparse_prefill.disable(model)
+    with pytest.raises(ValueError, match=r"min_seq_len must be a positive int, got min_seq_len=0 \(or None"):
+        sparse_prefill.enable(model, min_seq_len=0)
+
+
 def test_profile_times_attention():
     model, ids = _model(), _ids()
     result = lp.prefill(model, ids, chunk_size=CHUNK, profile=True)

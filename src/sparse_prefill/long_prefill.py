@@ -164,15 +164,18 @@ def _check_windows(parts: _Parts, seq_len: int) -> None:
 class PrefillMemory:
     """Bytes a prefill needs beyond the model's weights, by part.
 
-    Device parts are summed, although the chunk temporaries and attention's workspace never
-    coexist: the total errs high by at most the chunk term.
+    The device peak (:attr:`device`) is the residual stream, RoPE tables, cache and logits, plus one
+    layer's Q/K/V and whichever is larger of the attention call's memory and a chunk's temporaries
+    (they never coexist). Measured on an H100 at Llama-3-8B shapes (docs/BENCHMARKS.md), the sparse
+    path's peak equals it at 1M tokens and dense attention stays below it.
 
     hidden : residual stream [batch, seq, hidden]
     rotary : cos and sin [seq, head_dim]
     qkv : one layer's Q, K, V [batch, heads, seq, head_dim]
-    attention : one layer's attention output plus a workspace allowance of half of it (the sparse
-        path's index and finiteness check; dense SDPA needs less)
-    chunk : temporaries of one chunk (float32 norm, projections, the MLP's intermediates)
+    attention : what the attention call allocates: its output, and for the sparse path the
+        temporaries of its input check (``isfinite`` on bf16 Q makes about 2.5x Q's bytes), the
+        larger of the two
+    chunk : temporaries of one chunk (the MLP's gate, up and product, and its input and output)
     kv_cache : the cache on the device (``"device"``) or one layer in flight to the host (``"offload"``)
     logits : last-position logits
     host : pinned host memory of an offloaded cache (rounded up to powers of two per tensor, as
@@ -190,7 +193,7 @@ class PrefillMemory:
 
     @property
     def device(self) -> int:
-        return self.hidden + self.rotary + self.qkv + self.attention + self.chunk + self.kv_cache + self.logits
+        return self.hidden + self.rotary + self.kv_cache + self.logits + self.qkv + max(self.attention, self.chunk)
 
     def describe(self) -> str:
         parts = ", ".join(
@@ -198,7 +201,7 @@ class PrefillMemory:
             for name in ("hidden", "qkv", "attention", "chunk", "kv_cache", "rotary")
             if getattr(self, name)
         )
-        return f"{_gib(self.device)} ({parts})"
+        return f"{_gib(self.device)} (peak of: {parts})"
 
 
 def _gib(n_bytes: int | float) -> str:
@@ -239,11 +242,9 @@ def memory_needed(
     q_bytes = batch * parts.q_heads * seq_len * parts.head_dim * e
     kv_bytes = batch * parts.kv_heads * seq_len * parts.head_dim * e
     rows = batch * chunk
-    chunk_bytes = rows * (
-        parts.hidden * (2 * 4 + 2 * e)  # float32 norm input and product, normed and projected outputs
-        + 3 * parts.intermediate * e  # gate, up and their product live together
-        + 2 * (parts.q_heads + 2 * parts.kv_heads) * parts.head_dim * e  # projections and RoPE temporaries
-    )
+    # The MLP's act(gate), up and their product live together; the norms' float32 temporaries and
+    # the projections' RoPE temporaries are smaller at every Llama-like shape.
+    chunk_bytes = rows * (3 * parts.intermediate + 2 * parts.hidden) * e
     stored, scales = _kv_bytes_per_layer(parts, batch, seq_len, kv_dtype)
     per_layer = 2 * (stored + scales)
     if placement == "device":
@@ -259,7 +260,7 @@ def memory_needed(
         hidden=batch * seq_len * parts.hidden * e,
         rotary=2 * seq_len * parts.head_dim * e,
         qkv=q_bytes + 2 * kv_bytes,
-        attention=q_bytes + q_bytes // 2,
+        attention=max(q_bytes, 5 * q_bytes // 2),
         chunk=chunk_bytes,
         kv_cache=cache_bytes,
         logits=batch * parts.vocab * 4,
