@@ -17,8 +17,6 @@ def enable(model, config=None, *, min_seq_len=None):
     """
     from .integrations import transformers as integration
 
-    if min_seq_len is None:
-        min_seq_len = integration.DEFAULT_MIN_SEQ_LEN
     return integration.enable(model, config, min_seq_len=min_seq_len)
 
 

@@ -23,7 +23,8 @@ selected by name but never enabled runs the default config (:func:`default_patte
 When the sparse path runs
 -------------------------
 All of: the call is a prefill (as many queries as keys: no past KV cache), the sequence has at
-least ``min_seq_len`` tokens (default :data:`DEFAULT_MIN_SEQ_LEN`), the layer has a pattern other
+least ``min_seq_len`` tokens (default: :data:`DEFAULT_MIN_SEQ_LEN` on the CPU, :data:`CUDA_MIN_SEQ_LEN`
+on a CUDA GPU, where shorter prompts are faster dense), the layer has a pattern other
 than :class:`~sparse_prefill.Dense` on some head, and the layer has no sliding window shorter than
 the sequence (such layers are already local; they stay with SDPA). The attention mask must then be
 purely causal: a padded batch raises ``ValueError`` rather than silently attending to padding.
@@ -52,6 +53,7 @@ except ImportError:  # pragma: no cover - older or reorganised transformers: tak
 
 __all__ = [
     "ATTENTION_NAME",
+    "CUDA_MIN_SEQ_LEN",
     "DEFAULT_MIN_SEQ_LEN",
     "SparsePrefillState",
     "default_pattern",
@@ -68,6 +70,12 @@ ATTENTION_NAME = "sparse_prefill"
 # Attention's share of prefill cost grows with length; below ~2K tokens it is small, and the index
 # estimation would be overhead for little saving.
 DEFAULT_MIN_SEQ_LEN = 2048
+# On a CUDA GPU the dense baseline is cuDNN attention, which beats the sparse kernel and its index
+# below this length. Measured on an H100 at Llama-3-8B shapes (32 query / 8 KV heads, head_dim 128;
+# benchmarks/e2e.py, docs/BENCHMARKS.md): per layer, VerticalSlash(1000, 6096) and AShape(64, 8192)
+# took 15.1 and 15.6 ms at 32K tokens against cuDNN's 13.2 ms, and 19.6 and 22.4 ms against 32.8 ms
+# at 48K. Other shapes and budgets move the crossover: pass min_seq_len to choose it.
+CUDA_MIN_SEQ_LEN = 49152
 
 
 def default_pattern(seq_len: int) -> VerticalSlash:
@@ -103,8 +111,9 @@ class SparsePrefillState:
 
     config : PatternConfig or None
         Per-(layer, head) patterns; None means :func:`default_pattern` of each prompt's length.
-    min_seq_len : int
-        Shortest prefill that runs sparse.
+    min_seq_len : int or None
+        Shortest prefill that runs sparse; None: :data:`DEFAULT_MIN_SEQ_LEN` for CPU tensors,
+        :data:`CUDA_MIN_SEQ_LEN` for CUDA tensors.
     restore_implementation : str
         The attention implementation :func:`disable` puts back.
     sparse_calls, dense_calls : int
@@ -113,10 +122,16 @@ class SparsePrefillState:
     """
 
     config: PatternConfig | None = field(repr=False)
-    min_seq_len: int
+    min_seq_len: int | None
     restore_implementation: str
     sparse_calls: int = 0
     dense_calls: int = 0
+
+    def shortest_sparse(self, query: torch.Tensor) -> int:
+        """The shortest prefill of ``query``'s device that runs sparse."""
+        if self.min_seq_len is not None:
+            return self.min_seq_len
+        return CUDA_MIN_SEQ_LEN if query.is_cuda else DEFAULT_MIN_SEQ_LEN
 
     def layer_patterns(self, layer_idx: int, n_heads: int, seq_len: int) -> tuple[Pattern, ...]:
         if self.config is None:
@@ -128,7 +143,7 @@ class SparsePrefillState:
 # attribute is added to transformers' objects.
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, SparsePrefillState]" = weakref.WeakKeyDictionary()
 # Used by models selected with attn_implementation="sparse_prefill" that were never enabled.
-_UNATTACHED = SparsePrefillState(config=None, min_seq_len=DEFAULT_MIN_SEQ_LEN, restore_implementation="sdpa")
+_UNATTACHED = SparsePrefillState(config=None, min_seq_len=None, restore_implementation="sdpa")
 
 
 def register() -> None:
@@ -210,7 +225,7 @@ def _takes_sparse_path(
     state: SparsePrefillState, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict
 ) -> bool:
     q_len, kv_len = query.shape[2], key.shape[2]
-    if q_len != kv_len or q_len < state.min_seq_len:
+    if q_len != kv_len or q_len < state.shortest_sparse(query):
         # Decoding, prefill on top of a cache, or a short prompt.
         return False
     # Mistral, Qwen2/3 and Phi-3 pass their window here; a window shorter than the prompt makes the
@@ -253,7 +268,7 @@ def enable(
     model: torch.nn.Module,
     config: PatternConfig | str | None = None,
     *,
-    min_seq_len: int = DEFAULT_MIN_SEQ_LEN,
+    min_seq_len: int | None = None,
 ) -> SparsePrefillState:
     """Switch ``model`` to sparse prefill: long prefills sparse, everything else transformers' SDPA.
 
@@ -268,7 +283,8 @@ def enable(
         SmolLM2-135M config), else :func:`default_pattern` of each prompt's length on every head.
         ``"uniform"``: :func:`default_pattern` on every head whatever the model.
     min_seq_len : int
-        Prefills shorter than this many tokens stay dense (default :data:`DEFAULT_MIN_SEQ_LEN`).
+        Prefills shorter than this many tokens stay dense. None (default): :data:`DEFAULT_MIN_SEQ_LEN`
+        on the CPU, :data:`CUDA_MIN_SEQ_LEN` on a CUDA GPU (the measured crossover with cuDNN).
 
     Returns
     -------
@@ -276,8 +292,10 @@ def enable(
         The attached state; its ``sparse_calls`` / ``dense_calls`` count layer calls per path.
         Calling :func:`enable` again replaces it.
     """
-    if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 1:
-        raise ValueError(f"min_seq_len must be a positive int, got min_seq_len={min_seq_len!r}")
+    if min_seq_len is not None and (
+        isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 1
+    ):
+        raise ValueError(f"min_seq_len must be a positive int, got min_seq_len={min_seq_len!r} (or None: the default)")
     if config is not None and config != "uniform" and not isinstance(config, PatternConfig):
         raise TypeError(f"config must be a PatternConfig, 'uniform' or None, got {config!r}")
     model_config = _model_config(model)
