@@ -310,3 +310,9 @@ def test_full_and_uncompressed_caches_decode_like_dynamic_cache():
     for method in ("snapkv", "streamingllm"):
         assert torch.equal(outputs[method].sequences, outputs["full"].sequences)
         torch.testing.assert_close(torch.stack(outputs[method].logits), torch.stack(outputs["full"].logits))
+
+
+def test_streamingllm_prefill_computes_no_scores():
+    q, k, v = (torch.randn(1, h, 80, 16) for h in (Q_HEADS, KV_HEADS, KV_HEADS))
+    out, scores = sparse_attention_with_scores(q, k, v, VerticalSlash(8, 64), None, 0)
+    assert scores is None and out.shape == q.shape

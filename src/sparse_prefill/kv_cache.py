@@ -462,6 +462,10 @@ def sparse_attention_with_scores(query, key, value, patterns, scale: float | Non
     Returns (out [batch, q_heads, seq, head_dim], scores [batch, q_heads, seq] float32).
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if window == 0:  # a selection without scores (StreamingLLM)
+        from .attention import sparse_attention
+
+        return sparse_attention(query, key, value, patterns, scale=scale), None
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         from .kernels import triton_sparse_attention  # lazy: importing this module never imports Triton
 
