@@ -567,14 +567,18 @@ def table(results: dict) -> str:
     """Markdown table of the rows, with × cuDNN at each length."""
     rows = [r for r in results["rows"] if "ttft_s" in r]
     dense = {r["seq"]: r["ttft_s"] for r in rows if r["path"] == "dense_cudnn"}
-    lines = ["| seq | path | measured | TTFT s | × cuDNN | attention s | share in attention | peak GiB (predicted) |",
+    how = {"full": "measured", "one_layer": "**estimated** (1 layer measured)"}
+    lines = ["| seq | path | TTFT s | × cuDNN | attention s | share in attention | peak GiB | how |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["seq"], list(PATH_STYLE).index(r["path"].replace("_forced", "")), r["path"])):
         ratio = dense.get(r["seq"], float("nan")) / r["ttft_s"]
-        measured = r["measured"] + (f"; {r['note']}" if r.get("note") else "")
+        measured = how.get(r["measured"], f"**estimated** (layer time {r['measured']} tokens, quadratic)")
+        if r.get("note"):
+            measured += f"; {r['note']}"
+        peak = "–" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}"
         lines.append(
-            f"| {tokens(r['seq'])} | {r['path']} | {measured} | {r['ttft_s']:.2f} | {ratio:.2f} | "
-            f"{r['attention_s']:.2f} | {r['attention_share']:.0%} | {r['peak_gib']:.1f} ({r['predicted_peak_gib']:.1f}) |"
+            f"| {tokens(r['seq'])} | {r['path']} | {r['ttft_s']:.2f} | {ratio:.2f} | {r['attention_s']:.2f} | "
+            f"{r['attention_share']:.0%} | {peak} | {measured} |"
         )
     return "\n".join(lines)
 
