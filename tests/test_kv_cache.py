@@ -7,6 +7,7 @@ with ``min_seq_len=64`` so that the sparse prefill path runs.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -316,3 +317,45 @@ def test_streamingllm_prefill_computes_no_scores():
     q, k, v = (torch.randn(1, h, 80, 16) for h in (Q_HEADS, KV_HEADS, KV_HEADS))
     out, scores = sparse_attention_with_scores(q, k, v, VerticalSlash(8, 64), None, 0)
     assert scores is None and out.shape == q.shape
+
+
+# --- sparse-prefill eval --kv ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_kv_option_labels_and_compresses(tmp_path, capsys):
+    from sparse_prefill import cli
+
+    out = tmp_path / "needle"
+    common = ["eval", "needle", "--lengths", "1k", "--depths", "0.5", "--out", str(out), "--no-progress", "--device", "cpu"]
+    # Dense prefill (through sparse_prefill's attention, so SnapKV gets its queries) and sparse prefill.
+    assert cli.main(common + ["--method", "dense,sparse", "--kv", "snapkv", "--kv-capacity", "256"]) == 0
+    records = [json.loads(line) for line in (out / "needle.jsonl").read_text().splitlines()]
+    assert sorted(r["label"] for r in records) == ["dense + snapkv 256", "sparse + snapkv 256"]
+    for r in records:  # the prompt's ~1K tokens were compressed to the capacity, then decoding appended
+        assert r["kv_capacity"] <= r["kv_keys_held"] < r["kv_capacity"] + 64, r
+    assert [r["sparse_layers"] for r in sorted(records, key=lambda r: r["label"])] == [0, 30]
+    assert "| sparse + snapkv 256 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--kv", "h2o"], "--kv 'h2o' is not a KV cache method; expected one of full, snapkv, pyramidkv, streamingllm"),
+        (["--kv", "snapkv", "--kv-capacity", "16"], "capacity=16, window=32"),
+    ],
+)
+def test_eval_kv_bad_input(tmp_path, capsys, extra, message):
+    from sparse_prefill import cli
+
+    args = ["eval", "needle", "--smoke", "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]
+    assert cli.main(args + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_kv_does_not_apply_to_perplexity(tmp_path, capsys):
+    from sparse_prefill import cli
+
+    args = ["eval", "ppl", "--smoke", "--kv", "snapkv", "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]
+    assert cli.main(args) == 2
+    assert "applies to needle and ruler, not ppl" in capsys.readouterr().err

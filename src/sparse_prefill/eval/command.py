@@ -63,6 +63,10 @@ def add_eval_command(commands) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-rope-scaling", action="store_true",
                         help="refuse lengths beyond the model's context instead of applying YaRN")
+    parser.add_argument("--kv", default="full", metavar="METHOD",
+                        help="KV cache kept for decoding (needle, ruler): full (default), snapkv, pyramidkv or "
+                        "streamingllm; results are labelled e.g. 'sparse + snapkv 1024'")
+    parser.add_argument("--kv-capacity", type=int, metavar="C", help="tokens kept per layer by --kv (default 1024)")
     parser.add_argument("--smoke", action="store_true", help="CI-sized: 1K tokens, one sample, three depths")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=_handle)
@@ -77,7 +81,7 @@ def _handle(args: argparse.Namespace) -> int:
         task=args.task, out=args.out, model=args.model, methods=args.method, config=args.config,
         lengths=args.lengths, samples=args.samples, depths=args.depths, ruler_tasks=args.tasks,
         haystack=args.haystack, text=args.text, device=args.device, seed=args.seed,
-        rope_scaling=not args.no_rope_scaling, progress=not args.no_progress,
+        rope_scaling=not args.no_rope_scaling, progress=not args.no_progress, kv=args.kv, kv_capacity=args.kv_capacity,
     )
     try:
         summary = run_eval(spec)

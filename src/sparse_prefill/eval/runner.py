@@ -48,6 +48,8 @@ class EvalSpec:
     seed: int = 0
     rope_scaling: bool = True
     progress: bool = True
+    kv: str = "full"  # KV cache kept for decoding (sparse_prefill.kv_cache.METHODS)
+    kv_capacity: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -65,12 +67,27 @@ class EvalSpec:
                 raise ValueError(f"{name} {value!r} is not a known text; expected one of {', '.join(TEXTS)}")
         if self.config is not None and "sparse" not in self.methods:
             raise ValueError("--config sets the sparse method's patterns; add sparse to --method")
+        from ..kv_cache import METHODS as KV_METHODS
+
+        if self.kv not in KV_METHODS:
+            raise ValueError(f"--kv {self.kv!r} is not a KV cache method; expected one of {', '.join(KV_METHODS)}")
+        if self.kv != "full" and self.task == "ppl":
+            raise ValueError("--kv compresses the cache that decoding reads: it applies to needle and ruler, not ppl")
 
 
 def _label(method: str, config: str | None) -> str:
     """How a method's results are named: ``sparse`` is the model's default config (the searched one
     shipped for it, else uniform); ``--config uniform`` or a file gets its own label."""
     return f"sparse ({Path(config).stem})" if method == "sparse" and config else method
+
+
+def _kv_suffix(spec: EvalSpec) -> str:
+    """A compressed KV cache is part of the method's name: results of several --kv runs share a table."""
+    if spec.kv == "full":
+        return ""
+    from ..kv_cache import DEFAULT_CAPACITY
+
+    return f" + {spec.kv} {spec.kv_capacity or DEFAULT_CAPACITY}"
 
 
 def _device(name: str) -> torch.device:
@@ -91,6 +108,10 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
     # every head; anything else: a PatternConfig file.
     config = PatternConfig.load(spec.config) if spec.config not in (None, "uniform") else spec.config
     base = load_model(spec.model, dtype=dtype, device=device)
+    if spec.kv != "full":  # bad capacities fail here, before any sample runs
+        from ..kv_cache import make_kv_cache
+
+        make_kv_cache(spec.kv, base.model.config, spec.kv_capacity)
     too_long = [n for n in spec.lengths if n > base.native_context]
     if too_long and not spec.rope_scaling:
         raise ValueError(
@@ -99,7 +120,7 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
         )
     store = ResultStore(out / f"{spec.task}.jsonl")
     items = _items(spec, base.tokenizer)
-    todo = [(item, method) for item in items for method in spec.methods if not store.done(item.key, _label(method, spec.config))]
+    todo = [(item, method) for item in items for method in spec.methods if not store.done(item.key, _label(method, spec.config) + _kv_suffix(spec))]
     bar = _bar(len(items) * len(spec.methods), len(items) * len(spec.methods) - len(todo), spec)
     for length in sorted({item.length for item in items}):
         pending = [(item, method) for item, method in todo if item.length == length]
@@ -108,10 +129,17 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
         scaled = length if length > base.native_context else None
         loaded = load_model(spec.model, dtype=dtype, device=device, rope_scaling_for=scaled)
         for item, method in sorted(pending, key=lambda pair: spec.methods.index(pair[1])):
-            label = _label(method, spec.config)
+            label = _label(method, spec.config) + _kv_suffix(spec)
             state = apply_method(loaded.model, method, length, config if method == "sparse" else None)
+            if method == "dense" and spec.kv != "full":
+                # Dense prefill through sparse_prefill's attention (every call goes to SDPA): it hands
+                # the compressing cache the prefill's queries.
+                from ..integrations.transformers import enable
+
+                enable(loaded.model, "uniform", min_seq_len=2**62)
             record = _evaluate(spec, loaded, item, device)
             record.update(key=item.key, label=label, method=method, config=spec.config or "default", length=length,
+                          kv=spec.kv, kv_capacity=spec.kv_capacity,
                           yarn=loaded.rope_scaling is not None,
                           sparse_layers=state.sparse_calls if state is not None else 0)
             store.add(record)
@@ -139,12 +167,22 @@ def _evaluate(spec: EvalSpec, loaded: Any, item: Any, device: torch.device) -> d
                 "bucket_loss_sums": [float(b.sum()) for b in buckets], "bucket_counts": [len(b) for b in buckets],
                 "seconds": round(time.perf_counter() - start, 3)}
     ids = loaded.tokenizer(item.prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    result = greedy_generate(loaded.model, ids, item.max_new_tokens, eos_ids(loaded))
+    cache = None
+    if spec.kv != "full":
+        from ..kv_cache import make_kv_cache
+
+        cache = make_kv_cache(spec.kv, loaded.model, spec.kv_capacity)
+    result = greedy_generate(loaded.model, ids, item.max_new_tokens, eos_ids(loaded), cache=cache)
     prediction = loaded.tokenizer.decode(result["tokens"], skip_special_tokens=True)
-    return {"task": item.task, "index": item.index, "n_tokens": item.n_tokens, **item.meta,
-            "references": list(item.references), "prediction": prediction,
-            "score": string_match_all(prediction, item.references),
-            "prefill_seconds": round(result["prefill_seconds"], 3)}
+    record = {"task": item.task, "index": item.index, "n_tokens": item.n_tokens, **item.meta,
+              "references": list(item.references), "prediction": prediction,
+              "score": string_match_all(prediction, item.references),
+              "prefill_seconds": round(result["prefill_seconds"], 3)}
+    if cache is not None:  # keys per layer at the end of decoding: the kept prompt plus the new tokens
+        from ..kv_cache import cache_stats
+
+        record["kv_keys_held"] = cache_stats(result["cache"])["keys_held_mean"]
+    return record
 
 
 def _bar(total: int, done: int, spec: EvalSpec):
