@@ -590,6 +590,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["rows"] if "ttft_s" in r]
+    if not rows:  # a run of the checks or cache stages only: nothing to draw
+        return
     meta = results["meta"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     (ax_ttft, ax_speed), (ax_mem, ax_share) = axes
