@@ -83,12 +83,16 @@ class LoadedModel:
 # Loading the GGUF takes seconds (tokenizer conversion and dequantisation): keep one per process.
 _CACHE: dict[tuple, LoadedModel] = {}
 _TOKENIZERS: dict[tuple, Any] = {}
+# Dequantised GGUF weights per file (CPU, float32): a second load of the same file with another RoPE
+# scaling (an evaluation over several lengths) builds the model from them instead of re-reading it.
+_GGUF_WEIGHTS: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
 def clear_cache() -> None:
     """Forget the models :func:`load_model` cached in this process."""
     _CACHE.clear()
     _TOKENIZERS.clear()
+    _GGUF_WEIGHTS.clear()
 
 
 def _module_available(name: str) -> bool:
@@ -233,9 +237,23 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **files)
         if cache:
             _TOKENIZERS[(str(directory), gguf_file)] = tokenizer
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, config=config, local_files_only=True, attn_implementation=attn_implementation, **files
-    )
+    weights = _GGUF_WEIGHTS.get((str(directory), gguf_file)) if gguf_file is not None and cache else None
+    if weights is not None:
+        try:  # transformers >= 5
+            from transformers.initialization import no_init_weights
+        except ImportError:
+            from transformers.modeling_utils import no_init_weights
+        with no_init_weights():  # every parameter is overwritten next: skip the random init
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+        model.load_state_dict(weights)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, config=config, local_files_only=True, attn_implementation=attn_implementation, **files
+        )
+        if gguf_file is not None and cache:
+            _GGUF_WEIGHTS[(str(directory), gguf_file)] = {
+                name: tensor.detach().to("cpu", torch.float32, copy=True) for name, tensor in model.state_dict().items()
+            }
     model = model.to(device=device, dtype=dtype).eval()
     loaded = LoadedModel(
         model=model,
