@@ -12,7 +12,7 @@ run() { python3 -m sparse_prefill.cli eval "$@" --model "$model" --out "$out" --
 if [ "$mode" = gpu ]; then
   run needle --config uniform --lengths 2k,4k,8k,16k,32k
   run ppl --config uniform --lengths 8k,16k,32k --samples 4
-  run ruler --config uniform --lengths 8k,16k,32k --samples 5
+  run ruler --config uniform --lengths 8k,16k --samples 5
 else
   run needle --config uniform --lengths 2k,4k,8k --depths 0,0.25,0.5,0.75,1
   run ppl --config uniform --lengths 2k,4k,8k --samples 2
