@@ -31,7 +31,9 @@ Positions: after compression a layer holds fewer keys than tokens were seen. ``g
 reports the tokens seen, so the next token's position (RoPE) is right; ``get_mask_sizes`` reports
 the keys held and shifts them so the causal mask of later tokens is right.
 
-Limits: batches must be unpadded (every row keeps the same number of positions); models with
+Limits: the prompt must be prefilled in one forward call (the first call is the one compressed; a
+prompt fed in chunks would be compressed after its first chunk, and later chunks appended whole);
+batches must be unpadded (every row keeps the same number of positions); models with
 sliding-window layers are refused; a PyramidKV cache takes one token per step after compression
 (its layers hold different lengths, and transformers builds one mask for all layers).
 """
