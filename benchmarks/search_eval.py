@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--text", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--config", type=Path, help="evaluate this config instead of searching")
+    parser.add_argument("--configs", nargs="*", default=[],
+                        help="NAME=PATH ...: evaluate these configs (under their own scaling rules) against the uniform "
+                        "default instead of searching; no scaling or adaptive variants")
     parser.add_argument("--samples", type=int, default=9)
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--heldout", type=int, default=6)
@@ -148,7 +151,13 @@ def main() -> None:
     loaded = load_model(args.model, dtype=torch.bfloat16 if timing else torch.float32, device=device, cache=False)
     n_layers, n_heads = loaded.model.config.num_hidden_layers, loaded.model.config.num_attention_heads
     layers = args.layers if args.layers else list(range(n_layers))
-    if args.config is None:
+    extra = {}
+    for item in args.configs:
+        name, _, path = item.partition("=")
+        extra[name] = PatternConfig.load(path)
+    if extra:
+        config = None
+    elif args.config is None:
         work = args.work_dir or args.out / "work"
         result = search(loaded, args.out / "smollm2-135m.json", samples=args.samples, length=args.length, text=text,
                         text_name="King James Bible", device=device, work_dir=work, progress=False,
@@ -161,7 +170,8 @@ def main() -> None:
     else:
         config = PatternConfig.load(args.config)
     uniform = PatternConfig.uniform(n_layers, n_heads, default_pattern(args.length))
-    configs = {"uniform": uniform, "searched": config, "adaptive": adaptive_config(config, 0.5, 2.0)}
+    configs = ({"uniform": uniform, **extra} if extra else
+               {"uniform": uniform, "searched": config, "adaptive": adaptive_config(config, 0.5, 2.0)})
     for i in range(args.heldout):
         prompt = calibration_prompt(loaded.tokenizer, text, args.length, 100 + i, seed=1)
         results["rows"] += measure(loaded, prompt.input_ids, configs, args.length, layers=layers, timing=timing,
@@ -176,8 +186,8 @@ def main() -> None:
         loaded = load_model(args.model, dtype=torch.bfloat16 if timing else torch.float32, device=device,
                             rope_scaling_for=seq if seq > reference else None, cache=False)
         uniform_8k = PatternConfig.uniform(n_layers, n_heads, default_pattern(reference))
-        searched = config.layers
-        long_configs = {
+        searched = config.layers if config is not None else None
+        long_configs = {"uniform": PatternConfig.uniform(n_layers, n_heads, default_pattern(seq)), **extra} if extra else {
             "uniform": PatternConfig.uniform(n_layers, n_heads, default_pattern(seq)),
             "uniform_fixed": uniform_8k,
             "uniform_proportional": PatternConfig(uniform_8k.layers, reference_length=reference, scaling="proportional"),

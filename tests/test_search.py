@@ -158,18 +158,17 @@ def test_statistics_do_not_depend_on_the_chunk_size():
 
 def test_every_candidate_scores_as_the_reference_measures_it():
     """Grid recall = reference_attention's recall of estimate_index's kept set; cost = index_cost."""
-    planted = planted_qkv(batch=1, q_heads=4, kv_heads=2, seq=640, head_dim=32,
+    planted = planted_qkv(batch=1, q_heads=4, kv_heads=2, seq=512, head_dim=32,
                           generator=torch.Generator().manual_seed(torch.seed() % 2**31))
     q, k = planted.q[0].float(), planted.k[0].float()
-    grid = CandidateGrid(verticals=(4, 16, 100), slash_blocks=(2, 3, 5), top_ks=(1, 2, 4), sinks=(0, 4, 64),
-                         local_blocks=(1, 3))
+    grid = CandidateGrid(verticals=(4, 100), slash_blocks=(2, 5), top_ks=(1, 4), sinks=(0, 64), local_blocks=(1, 3))
     scale = q.shape[-1] ** -0.5
     scores = score_grid(q, k, scale, grid)
     for c, pattern in enumerate(grid.patterns()):
         result = reference_attention(q[None], k[None], k[None], [pattern] * 4, return_recall=True, return_indices=True)
         assert torch.allclose(scores.recall[:, c], result.recall[0].double(), atol=1e-5), pattern
         for h, index in enumerate(result.indices):
-            tiles, columns = index_cost(index, 640)
+            tiles, columns = index_cost(index, 512)
             assert (scores.tile_pairs[h, c], scores.column_pairs[h, c]) == (tiles, columns), (pattern, h)
 
 
@@ -218,7 +217,7 @@ def test_upper_hull_drops_dominated_and_concave_points():
 
 def test_allocate_is_exact_on_concave_equal_steps_and_stays_in_budget():
     g = torch.Generator().manual_seed(0)
-    for _ in range(20):
+    for _ in range(8):
         heads, steps = 4, 5
         gains = torch.rand(heads, steps, generator=g).sort(dim=1, descending=True).values  # concave curves
         recall = torch.cat([torch.zeros(heads, 1), gains.cumsum(dim=1)], dim=1)
@@ -379,3 +378,37 @@ def test_search_one_layer_of_smollm2_on_cpu(tmp_path):
     summary = result.summary
     assert summary["recall"] >= summary["uniform_recall"] and summary["density"] <= summary["uniform_density"] + 1e-9
     assert result.config.layer(0) == result.config.layer(29)  # unsearched layers keep the uniform default
+
+
+# --- the shipped SmolLM2 config ----------------------------------------------------------------------
+
+
+def test_shipped_smollm2_config_is_found_by_architecture_and_beat_uniform_when_searched():
+    transformers = pytest.importorskip("transformers")
+    from sparse_prefill.configs import shipped_config_for, shipped_configs
+
+    smollm2 = transformers.LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                                       intermediate_size=1536, vocab_size=49152)
+    config = shipped_config_for(smollm2)
+    assert config is shipped_configs()["smollm2-135m.json"]
+    assert (config.n_layers, config.n_heads, config.reference_length, config.scaling) == (30, 9, 8192, "proportional")
+    summary = config.metadata["summary"]
+    assert summary["recall"] > summary["uniform_recall"] and summary["density"] <= summary["uniform_density"] + 1e-9
+    # At 32K the budgets have grown 4x; beyond the limit (48768 tokens) they stop growing.
+    assert config.layer_at(3, 32768)[0].vertical == 4 * config[3, 0].vertical
+    assert config.layer_at(3, 10**6) == config.layer_at(3, 48768)
+    other = transformers.LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                                     intermediate_size=1536, vocab_size=32000)
+    assert shipped_config_for(other) is None
+
+
+def test_enable_uses_the_shipped_config_only_for_its_architecture(tiny):
+    import sparse_prefill
+
+    state = sparse_prefill.enable(tiny.model)
+    assert state.config is None  # nothing was searched for the tiny model: the uniform default
+    sparse_prefill.disable(tiny.model)
+    assert sparse_prefill.enable(tiny.model, "uniform").config is None
+    sparse_prefill.disable(tiny.model)
+    with pytest.raises(TypeError, match="'uniform' or None, got 'searched'"):
+        sparse_prefill.enable(tiny.model, "searched")

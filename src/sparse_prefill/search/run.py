@@ -130,6 +130,7 @@ def search(
     text_name: str | None = None,
     seed: int = 0,
     grid: CandidateGrid | None = None,
+    column_pair_cost: float = COLUMN_PAIR_COST,
     device: str | torch.device | None = None,
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -167,6 +168,8 @@ def search(
         Calibration text; by default :func:`~sparse_prefill.search.prompts.default_corpus`.
     seed : int
     grid : CandidateGrid, optional
+    column_pair_cost : float
+        What one gathered-column pair costs in tile pairs (see ``stats.COLUMN_PAIR_COST``).
     device : str or torch.device, optional
         Where the model runs; CUDA when available, else the CPU.
     """
@@ -266,7 +269,7 @@ def search(
         return torch.stack([torch.tensor(state[l][name], dtype=torch.float64) / len(state[l]["samples"]) for l in searched])
 
     recall, coverage = mean("recall"), mean("coverage")
-    density = (mean("tile_pairs") + COLUMN_PAIR_COST * mean("column_pairs")) / causal_pairs(length)
+    density = (mean("tile_pairs") + column_pair_cost * mean("column_pairs")) / causal_pairs(length)
     flat_recall, flat_density = recall.flatten(0, 1), density.flatten(0, 1)
     uniform_total = float(flat_density[:, uniform_index].sum())
     flops_per_unit = 4 * head_dim * causal_pairs(length)  # one unit of density = all causal pairs of one head
@@ -305,7 +308,7 @@ def search(
     metadata = {
         "source": "sparse_prefill.search",
         "created": time.strftime("%Y-%m-%d"),
-        "model": loaded.source,
+        "model": Path(loaded.source).name,
         "model_signature": model_signature(model_config),
         "length": length,
         "samples": samples,
@@ -313,9 +316,9 @@ def search(
         "text": text_name,
         "seed": seed,
         "searched_layers": searched,
-        "cost": (f"density: pairs the GPU kernel computes (64x64 per tile, gathered-column pairs x{COLUMN_PAIR_COST}) "
+        "cost": (f"density: pairs the GPU kernel computes (64x64 per tile, gathered-column pairs x{column_pair_cost}) "
                  "over the causal pairs, per head, mean over prompts"),
-        "column_pair_cost": COLUMN_PAIR_COST,
+        "column_pair_cost": column_pair_cost,
         "budget": {"rule": rule, "density_per_head": budget / flat_density.shape[0], "flops": budget * flops_per_unit},
         "recall": rounded(chosen_recall),
         "density": rounded(chosen_density),
