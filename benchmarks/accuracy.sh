@@ -15,6 +15,6 @@ if [ "$mode" = gpu ]; then
   run ruler --config uniform --lengths 8k,16k --samples 5
 else
   run needle --config uniform --lengths 2k,4k,8k --depths 0,0.25,0.5,0.75,1
-  run ppl --config uniform --lengths 2k,4k,8k --samples 2
-  run ruler --config uniform --lengths 2k,4k --samples 3
+  run ppl --config uniform --lengths 2k,4k,8k --samples 1
+  run ruler --config uniform --lengths 2k --samples 2
 fi
