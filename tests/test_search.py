@@ -164,12 +164,17 @@ def test_every_candidate_scores_as_the_reference_measures_it():
     grid = CandidateGrid(verticals=(4, 100), slash_blocks=(2, 5), top_ks=(1, 4), sinks=(0, 64), local_blocks=(1, 3))
     scale = q.shape[-1] ** -0.5
     scores = score_grid(q, k, scale, grid)
+    last = torch.arange(512 - 256, 512)  # the rows recall_last is over
+    logits = torch.einsum("hqd,hkd->hqk", q[:, last], k.repeat_interleave(2, dim=0)) * scale
+    dense_last = logits.masked_fill(torch.arange(512)[None, :] > last[:, None], float("-inf")).softmax(dim=-1)
     for c, pattern in enumerate(grid.patterns()):
         result = reference_attention(q[None], k[None], k[None], [pattern] * 4, return_recall=True, return_indices=True)
         assert torch.allclose(scores.recall[:, c], result.recall[0].double(), atol=1e-5), pattern
         for h, index in enumerate(result.indices):
             tiles, columns = index_cost(index, 512)
             assert (scores.tile_pairs[h, c], scores.column_pairs[h, c]) == (tiles, columns), (pattern, h)
+            kept_last = (dense_last[h] * index.kept_mask(last, 512)[0]).sum() / 256
+            assert abs(float(scores.recall_last[h, c]) - float(kept_last)) < 1e-5, (pattern, h)
 
 
 def test_index_cost_is_what_the_kernel_plan_computes():
@@ -295,7 +300,9 @@ def test_search_writes_config_and_heatmap_and_beats_uniform_at_equal_cost(tiny, 
     assert (tmp_path / "p.png").stat().st_size > 10_000
     summary = config.metadata["summary"]
     assert summary["density"] <= summary["uniform_density"] * (1 + 1e-9)
-    assert summary["recall"] >= summary["uniform_recall"] - 1e-9
+    assert summary["objective"] >= summary["uniform_objective"] - 1e-9
+    # The objective mixes recall over all rows and over the last 256 with equal weights.
+    assert summary["objective"] == pytest.approx((summary["recall"] + summary["recall_last"]) / 2)
     assert len(config.metadata["recall"]) == 2 and len(config.metadata["recall"][0]) == 4
 
 
@@ -335,6 +342,7 @@ def test_interrupted_search_resumes_without_redoing_work(tiny, tmp_path, monkeyp
         (dict(budget_flops=10.0), "budget_flops: the budget .* is below"),
         (dict(target_density=0.5, budget_flops=1e9), "at most one"),
         (dict(layers=[5]), "layers must be layer numbers in 0..1"),
+        (dict(last_weight=1.5), "last_weight must be a number in \\[0, 1\\]"),
     ],
 )
 def test_search_bad_input(tiny, tmp_path, kwargs, message):
@@ -374,7 +382,7 @@ def test_search_command_writes_config_and_summary(tiny, tmp_path, capsys):
             "--device", "cpu", "--scaling", "fixed", "--json"]
     assert cli.main(args) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["config"] == str(out) and report["recall"] >= report["uniform_recall"]
+    assert report["config"] == str(out) and report["objective"] >= report["uniform_objective"]
     config = PatternConfig.load(out)
     assert config.scaling == "fixed" and config.metadata["samples"] == 2 and config.metadata["text"] == str(text)
 
@@ -391,7 +399,7 @@ def test_search_one_layer_of_smollm2_on_cpu(tmp_path):
     result = search("default", tmp_path / "s.json", samples=2, length=4096, layers=[3], device="cpu",
                     progress=False, plot=False)
     summary = result.summary
-    assert summary["recall"] >= summary["uniform_recall"] and summary["density"] <= summary["uniform_density"] + 1e-9
+    assert summary["objective"] >= summary["uniform_objective"] and summary["density"] <= summary["uniform_density"] + 1e-9
     assert result.config.layer(0) == result.config.layer(29)  # unsearched layers keep the uniform default
 
 

@@ -79,12 +79,14 @@ class GridScores:
     tile_pairs, column_pairs : [heads, n]  pairs the GPU kernel computes in tiles and in gathered columns
     coverage : [heads, n]  Vertical-Slash only (NaN elsewhere): the mass the index keeps of the last
         queries' attention, what an adaptive head measures at run time
+    recall_last : [heads, n]  recall over the last 256 query rows only
     """
 
     recall: torch.Tensor
     tile_pairs: torch.Tensor
     column_pairs: torch.Tensor
     coverage: torch.Tensor
+    recall_last: torch.Tensor
 
 
 def score_grid(q: torch.Tensor, k: torch.Tensor, scale: float, grid: CandidateGrid,
@@ -125,62 +127,76 @@ def score_grid(q: torch.Tensor, k: torch.Tensor, scale: float, grid: CandidateGr
     stats = layer_statistics(q, k, scale, column_rank, locals_, n_sinks=max(max(grid.sinks), 1),
                              chunk_elements=chunk_elements)
 
-    recall, tiles, columns, coverage = [], [], [], []
+    def per_head(value) -> torch.Tensor:
+        value = torch.as_tensor(value).double().cpu()
+        return value.expand(heads) if value.dim() == 0 else value
 
-    def add(r, t, c, cov=float("nan")) -> None:
-        """One candidate: scalars or [heads] tensors, stored as [heads] float64 on the CPU."""
-        for values, value in zip((recall, tiles, columns, coverage), (r, t, c, cov)):
-            value = torch.as_tensor(value).double().cpu()
-            values.append(value.expand(heads) if value.dim() == 0 else value)
-
-    add(1.0, nb * (nb + 1) // 2 * TILE_PAIRS, 0)  # Dense
-
-    diagonal_mass = stats.diagonal_mass()  # [heads, n_blocks]
+    # Costs and last-query coverage, in candidate order (they do not depend on which rows are scored).
+    tiles, columns, coverage = [per_head(nb * (nb + 1) // 2 * TILE_PAIRS)], [per_head(0)], [per_head(float("nan"))]
     column_block = column_rank // BLOCK  # [heads, V]
-    # Mass of the r-th ranked column on block diagonal d: its query block column_block + d.
-    query_block = column_block[:, :, None] + blocks[None, None, :]  # [heads, V, d]
-    by_query_block = stats.column_mass.transpose(1, 2)  # [heads, V, query block]
-    on_diagonal = by_query_block.gather(2, query_block.clamp(max=nb - 1)) * (query_block < nb)
-    on_diagonal_upto = on_diagonal.cumsum(dim=1)  # [heads, V, d]: the first r + 1 columns together
     column_pairs_upto = (BLOCK * (nb - column_block)).cumsum(dim=1)
     column_score_upto = column_scores.gather(1, column_rank).double().cumsum(dim=1)
     for vi, v in enumerate(verticals):
-        mass_v = on_diagonal_upto[:, v - 1]  # [heads, d]
-        rank = diagonal_ranks[vi]
-        # Each chosen diagonal adds its tiles' mass, less what the columns already had there.
-        gain = (diagonal_mass.gather(1, rank) - mass_v.gather(1, rank)).cumsum(dim=1)
-        tile_upto = (TILE_PAIRS * (nb - rank)).cumsum(dim=1)
+        tile_upto = (TILE_PAIRS * (nb - diagonal_ranks[vi])).cumsum(dim=1)
         cover_upto = diagonal_scores[vi].double().cumsum(dim=1)
         for s in slashes:
-            add((gain[:, s - 1] + mass_v.sum(dim=1)) / seq, tile_upto[:, s - 1], column_pairs_upto[:, v - 1],
-                (column_score_upto[:, v - 1] + cover_upto[:, s - 1]) / n_last)
-
-    sorted_mass = stats.block_mass.gather(2, block_rank).cumsum(dim=2)  # [heads, q block, rank]
+            tiles.append(per_head(tile_upto[:, s - 1]))
+            columns.append(per_head(column_pairs_upto[:, v - 1]))
+            coverage.append(per_head((column_score_upto[:, v - 1] + cover_upto[:, s - 1]) / n_last))
     for top_k in grid.top_ks:
-        kept = torch.clamp(blocks + 1, max=top_k)  # blocks kept per query block
-        add(sorted_mass.gather(2, (kept - 1)[None, :, None].expand(heads, -1, 1)).sum(dim=(1, 2)) / seq,
-            int(kept.sum()) * TILE_PAIRS, 0)
-
-    window_upto = stats.offset_mass.cumsum(dim=1)
+        tiles.append(per_head(int(torch.clamp(blocks + 1, max=top_k).sum()) * TILE_PAIRS))
+        columns.append(per_head(0))
+        coverage.append(per_head(float("nan")))
     for sink in grid.sinks:
-        sink = min(sink, seq)
         for b in grid.local_blocks:
-            local = min(BLOCK * b, seq)
-            tail = stats.sink_tail[:, locals_.index(local), :sink].sum(dim=1)
-            last = min((local + BLOCK - 2) // BLOCK, nb - 1)
-            add((window_upto[:, local - 1] + tail) / seq, sum(nb - d for d in range(last + 1)) * TILE_PAIRS,
-                BLOCK * sum(nb - j // BLOCK for j in range(sink)))
+            last = min((min(BLOCK * b, seq) + BLOCK - 2) // BLOCK, nb - 1)
+            tiles.append(per_head(sum(nb - d for d in range(last + 1)) * TILE_PAIRS))
+            columns.append(per_head(BLOCK * sum(nb - j // BLOCK for j in range(min(sink, seq)))))
+            coverage.append(per_head(float("nan")))
 
-    return GridScores(*(torch.stack(values, dim=1) for values in (recall, tiles, columns, coverage)))
+    def recall_over(which: str) -> torch.Tensor:
+        """[heads, n] recall of every candidate over ``"all"`` rows or the ``"last"`` ones."""
+        first, n_rows, offset_mass, sink_tail = stats.rows(which)
+        recall = [per_head(1.0)]  # Dense
+        diagonal_mass = stats.diagonal_mass(first)  # [heads, n_blocks]
+        # Mass of the r-th ranked column on block diagonal d: its query block column_block + d.
+        query_block = column_block[:, :, None] + blocks[None, None, :] - first  # [heads, V, d], into the rows' blocks
+        inside = (query_block >= 0) & (query_block < nb - first)
+        by_query_block = stats.column_mass[:, first:].transpose(1, 2)  # [heads, V, query block]
+        on_diagonal = by_query_block.gather(2, query_block.clamp(0, nb - first - 1)) * inside
+        on_diagonal_upto = on_diagonal.cumsum(dim=1)  # [heads, V, d]: the first r + 1 columns together
+        for vi, v in enumerate(verticals):
+            mass_v = on_diagonal_upto[:, v - 1]  # [heads, d]
+            rank = diagonal_ranks[vi]
+            # Each chosen diagonal adds its tiles' mass, less what the columns already had there.
+            gain = (diagonal_mass.gather(1, rank) - mass_v.gather(1, rank)).cumsum(dim=1)
+            for s in slashes:
+                recall.append(per_head((gain[:, s - 1] + mass_v.sum(dim=1)) / n_rows))
+        sorted_mass = stats.block_mass[:, first:].gather(2, block_rank[:, first:]).cumsum(dim=2)  # [heads, q block, rank]
+        for top_k in grid.top_ks:
+            kept = torch.clamp(blocks[first:] + 1, max=top_k)  # blocks kept per query block
+            recall.append(per_head(sorted_mass.gather(2, (kept - 1)[None, :, None].expand(heads, -1, 1)).sum(dim=(1, 2))
+                                   / n_rows))
+        window_upto = offset_mass.cumsum(dim=1)
+        for sink in grid.sinks:
+            for b in grid.local_blocks:
+                local = min(BLOCK * b, seq)
+                tail = sink_tail[:, locals_.index(local), : min(sink, seq)].sum(dim=1)
+                recall.append(per_head((window_upto[:, local - 1] + tail) / n_rows))
+        return torch.stack(recall, dim=1)
+
+    return GridScores(recall_over("all"), *(torch.stack(values, dim=1) for values in (tiles, columns, coverage)),
+                      recall_last=recall_over("last"))
 
 
 @dataclass
 class PatternScores:
-    """Per head on one prompt: recall, tile and column pairs (lists of floats / ints)."""
+    """Per head on one prompt: recall over all rows and over the last rows, tile and column pairs."""
 
     recall: list[float]
     tile_pairs: list[int]
     column_pairs: list[int]
+    recall_last: list[float]
 
 
 def score_indices(q: torch.Tensor, k: torch.Tensor, scale: float, index_sets: Sequence[Sequence[HeadIndex]],
@@ -215,6 +231,7 @@ def score_indices(q: torch.Tensor, k: torch.Tensor, scale: float, index_sets: Se
             recall=[index_recall(index, stats, h) for h, index in enumerate(indices)],
             tile_pairs=[c[0] for c in costs],
             column_pairs=[c[1] for c in costs],
+            recall_last=[index_recall(index, stats, h, "last") for h, index in enumerate(indices)],
         ))
     return scores
 

@@ -81,7 +81,8 @@ def _search(args: argparse.Namespace) -> int:
         print()
         return 0
     print(f"wrote {result.config_path}" + (f" and {result.plot_path}" if result.plot_path else ""))
-    print(f"mean recall {summary['recall']:.4f} (uniform default {summary['uniform_recall']:.4f}) at mean density "
+    print(f"mean recall {summary['recall']:.4f} over all rows, {summary['recall_last']:.4f} over the last 256 "
+          f"(uniform default {summary['uniform_recall']:.4f}, {summary['uniform_recall_last']:.4f}) at mean density "
           f"{summary['density']:.4f} (uniform default {summary['uniform_density']:.4f}); lowest head "
           f"{summary['min_head_recall']:.4f} (uniform {summary['uniform_min_head_recall']:.4f})")
     print("patterns: " + ", ".join(f"{kind} {count}" for kind, count in summary["pattern_counts"].items()))

@@ -8,7 +8,10 @@ summed per layer into ``<work dir>/layer-NN.json`` after every layer, so an inte
 up where it stopped: per layer and prompt, nothing is computed twice.
 
 When every prompt is in, the candidates' mean recall and mean cost decide: every head gets the
-candidate that buys the most recall under one shared cost budget
+candidate that buys the most recall under one shared cost budget. The recall that counts mixes the
+mean over all query rows with the mean over the last 256 (``last_weight``): the end of a prompt is
+where a question is asked, and a head that retrieves from far back can keep most of its mass over
+all rows while losing what the last rows read
 (:func:`~sparse_prefill.search.allocate.allocate`). Cost is what the GPU kernel computes, in units
 of the causal pairs of one head: 64 x 64 per tile plus ``COLUMN_PAIR_COST`` per gathered-column
 pair. The default budget is what the uniform default pattern
@@ -39,7 +42,7 @@ from .stats import BLOCK, COLUMN_PAIR_COST, causal_pairs
 
 __all__ = ["SearchResult", "search", "run_layers", "model_signature"]
 
-WORK_FORMAT = "sparse-prefill/search-work"
+WORK_FORMAT = "sparse-prefill/search-work-2"  # 2: recall over the last rows too
 SEARCH_ATTENTION = "sparse_prefill_search"
 
 
@@ -131,6 +134,7 @@ def search(
     seed: int = 0,
     grid: CandidateGrid | None = None,
     column_pair_cost: float = COLUMN_PAIR_COST,
+    last_weight: float = 0.5,
     device: str | torch.device | None = None,
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -170,6 +174,9 @@ def search(
     grid : CandidateGrid, optional
     column_pair_cost : float
         What one gathered-column pair costs in tile pairs (see ``stats.COLUMN_PAIR_COST``).
+    last_weight : float
+        Weight in [0, 1] of the recall over the last 256 query rows in the score each head
+        maximises; the rest is the recall over all rows.
     device : str or torch.device, optional
         Where the model runs; CUDA when available, else the CPU.
     """
@@ -186,6 +193,8 @@ def search(
         raise ValueError(f"budget_flops must be a positive number, got budget_flops={budget_flops!r}")
     if target_density is not None and not (isinstance(target_density, (int, float)) and 0 < target_density <= 1):
         raise ValueError(f"target_density must be in (0, 1], got target_density={target_density!r}")
+    if isinstance(last_weight, bool) or not isinstance(last_weight, (int, float)) or not 0 <= last_weight <= 1:
+        raise ValueError(f"last_weight must be a number in [0, 1], got last_weight={last_weight!r}")
     if scaling not in SCALING_RULES:
         raise ValueError(f"scaling must be one of {SCALING_RULES}, got scaling={scaling!r}")
     if scaling_limit == "uniform":
@@ -253,7 +262,7 @@ def search(
                     return
                 scores = score_grid(q, k, scale, grid)
                 entry = state[layer]
-                for name in ("recall", "tile_pairs", "column_pairs", "coverage"):
+                for name in ("recall", "recall_last", "tile_pairs", "column_pairs", "coverage"):
                     value = getattr(scores, name)
                     entry[name] = (torch.tensor(entry[name], dtype=torch.float64) + value).tolist() if name in entry else value.tolist()
                 entry["samples"].append(index)
@@ -268,7 +277,8 @@ def search(
     def mean(name: str) -> torch.Tensor:
         return torch.stack([torch.tensor(state[l][name], dtype=torch.float64) / len(state[l]["samples"]) for l in searched])
 
-    recall, coverage = mean("recall"), mean("coverage")
+    recall_all, recall_last, coverage = mean("recall"), mean("recall_last"), mean("coverage")
+    recall = (1 - last_weight) * recall_all + last_weight * recall_last  # what each head maximises
     density = (mean("tile_pairs") + column_pair_cost * mean("column_pairs")) / causal_pairs(length)
     flat_recall, flat_density = recall.flatten(0, 1), density.flatten(0, 1)
     uniform_total = float(flat_density[:, uniform_index].sum())
@@ -293,10 +303,17 @@ def search(
             layer_patterns.append(tuple(candidates[c] for c in chosen[by_layer[layer]].tolist()))
         else:
             layer_patterns.append((uniform,) * n_heads)
-    chosen_recall, chosen_density, chosen_coverage = pick(recall), pick(density), pick(coverage)
+    chosen_recall, chosen_density, chosen_coverage = pick(recall_all), pick(density), pick(coverage)
+    chosen_last = pick(recall_last)
+    objective = recall
+    recall = recall_all  # reported: the library's recall, over all rows
     summary = {
+        "objective": float(pick(objective).mean()),
+        "uniform_objective": float(objective[:, :, uniform_index].mean()),
         "recall": float(chosen_recall.mean()),
         "uniform_recall": float(recall[:, :, uniform_index].mean()),
+        "recall_last": float(chosen_last.mean()),
+        "uniform_recall_last": float(recall_last[:, :, uniform_index].mean()),
         "density": float(chosen_density.mean()),
         "uniform_density": float(density[:, :, uniform_index].mean()),
         "min_head_recall": float(chosen_recall.min()),
@@ -320,10 +337,13 @@ def search(
                  "over the causal pairs, per head, mean over prompts"),
         "column_pair_cost": column_pair_cost,
         "budget": {"rule": rule, "density_per_head": budget / flat_density.shape[0], "flops": budget * flops_per_unit},
+        "last_weight": last_weight,
         "recall": rounded(chosen_recall),
+        "recall_last": rounded(chosen_last),
         "density": rounded(chosen_density),
         "coverage": rounded(chosen_coverage),
         "uniform_default": {"pattern": uniform.to_dict(), "recall": rounded(recall[:, :, uniform_index]),
+                            "recall_last": rounded(recall_last[:, :, uniform_index]),
                             "density": rounded(density[:, :, uniform_index])},
         "summary": summary,
     }

@@ -12,6 +12,11 @@ sums whose size is that of the plan the GPU kernel walks:
 - ``sink_tail`` [heads, n_locals, n_sinks]: mass of each of the first keys at offsets at or beyond
   each requested window, what A-shape sinks keep outside the window.
 
+The last two are also kept for the last ``last_rows`` queries alone (the tiles and columns are per
+query block already), so recall can be measured over every row or over the end of the prompt, where
+a question is asked and an answer read: mean recall over all rows is mostly local attention, and a
+head that retrieves from far back can lose what matters while keeping most of its mass.
+
 From these, :func:`index_recall` gives any kept set's recall exactly as
 ``reference_attention(..., return_recall=True)`` defines it (mean over rows of the dense mass kept),
 and :func:`index_cost` the pairs the GPU kernel computes for it, as ``SparsePlan.computed_pairs``
@@ -57,6 +62,7 @@ class LayerStats:
 
     columns : long [heads, n_columns]  the key columns ``column_mass`` was gathered for
     locals : tuple of int  the windows ``sink_tail`` was summed beyond
+    last_rows : int  how many final query rows ``offset_mass_last`` and ``sink_tail_last`` cover
     """
 
     seq: int
@@ -66,17 +72,28 @@ class LayerStats:
     columns: torch.Tensor
     sink_tail: torch.Tensor
     locals: tuple[int, ...]
+    last_rows: int
+    offset_mass_last: torch.Tensor
+    sink_tail_last: torch.Tensor
 
     @property
     def n_blocks(self) -> int:
         return self.seq // BLOCK
 
-    def diagonal_mass(self) -> torch.Tensor:
-        """[heads, n_blocks]: mass of each block diagonal ``d`` (tiles ``(m, m - d)``)."""
+    def rows(self, which: str) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """``(first query block, number of rows, offset mass, sink tail)`` of ``"all"`` or ``"last"`` rows."""
+        if which == "all":
+            return 0, self.seq, self.offset_mass, self.sink_tail
+        if which == "last":
+            return self.n_blocks - self.last_rows // BLOCK, self.last_rows, self.offset_mass_last, self.sink_tail_last
+        raise ValueError(f"rows must be 'all' or 'last', got rows={which!r}")
+
+    def diagonal_mass(self, first_block: int = 0) -> torch.Tensor:
+        """[heads, n_blocks]: mass of each block diagonal ``d`` (tiles ``(m, m - d)``, ``m >= first_block``)."""
         nb = self.n_blocks
-        m = torch.arange(nb, device=self.block_mass.device)
-        key_block = m[:, None] - m[None, :]  # [query block, d]
-        tiles = self.block_mass.gather(2, key_block.clamp(min=0).expand(self.block_mass.shape[0], -1, -1))
+        m = torch.arange(first_block, nb, device=self.block_mass.device)
+        key_block = m[:, None] - torch.arange(nb, device=m.device)[None, :]  # [query block, d]
+        tiles = self.block_mass[:, first_block:].gather(2, key_block.clamp(min=0).expand(self.block_mass.shape[0], -1, -1))
         return (tiles * (key_block >= 0)).sum(dim=1)
 
 
@@ -88,6 +105,7 @@ def layer_statistics(
     locals_: tuple[int, ...] = (),
     n_sinks: int = 64,
     chunk_elements: int | None = None,
+    last_rows: int = 256,
 ) -> LayerStats:
     """Fold one layer's dense causal attention into :class:`LayerStats`.
 
@@ -98,6 +116,7 @@ def layer_statistics(
     columns : long [heads, n_columns]
         Key columns whose per-query-block mass is wanted (repeats allowed).
     locals_ : windows (tokens) for ``sink_tail``; n_sinks : how many first keys it covers.
+    last_rows : the final queries whose own sums are kept too (a multiple of 64, clamped to ``seq``).
     chunk_elements : int, optional
         Attention probabilities formed at once (heads x rows x keys); by default ~2^26 on a CPU and
         2^28 on a GPU.
@@ -109,6 +128,9 @@ def layer_statistics(
     device = q.device
     nb = seq // BLOCK
     n_sinks = min(n_sinks, seq)
+    if last_rows % BLOCK or last_rows < BLOCK:
+        raise ValueError(f"last_rows must be a positive multiple of {BLOCK}, got last_rows={last_rows}")
+    last_rows = min(last_rows, seq)
     if chunk_elements is None:
         chunk_elements = 2**28 if device.type == "cuda" else 2**26
     rows_per_chunk = max(BLOCK, chunk_elements // (heads * seq) // BLOCK * BLOCK)
@@ -118,6 +140,8 @@ def layer_statistics(
     offset_mass = torch.zeros(heads, seq, **f64)
     column_mass = torch.zeros(heads, nb, columns.shape[1], **f64)
     sink_tail = torch.zeros(heads, len(locals_), n_sinks, **f64)
+    offset_mass_last = torch.zeros(heads, seq, **f64)
+    sink_tail_last = torch.zeros(heads, len(locals_), n_sinks, **f64)
     key_positions = torch.arange(seq, device=device)
     for start in range(0, seq, rows_per_chunk):
         end = min(start + rows_per_chunk, seq)  # a multiple of 64: every chunk holds whole query blocks
@@ -133,8 +157,11 @@ def layer_statistics(
         )
         # Offset o of row i is key i - o; offsets past the row hold 0 (their key index is clamped).
         offset_keys = rows[:, None] - key_positions[None, :end]  # [rows, offsets]
-        by_offset = probs.gather(2, offset_keys.clamp(min=0).expand(heads, -1, -1))
-        offset_mass[:, :end] += (by_offset * (offset_keys >= 0)).sum(dim=1, dtype=torch.float64)
+        by_offset = probs.gather(2, offset_keys.clamp(min=0).expand(heads, -1, -1)) * (offset_keys >= 0)
+        offset_mass[:, :end] += by_offset.sum(dim=1, dtype=torch.float64)
+        last = rows >= seq - last_rows  # [rows]
+        if bool(last.any()):
+            offset_mass_last[:, :end] += by_offset[:, last].sum(dim=1, dtype=torch.float64)
         del by_offset
         # Requested columns past the chunk's last row have no causal mass in it.
         picked = probs.gather(2, columns.clamp(max=end - 1)[:, None, :].expand(-1, n_rows, -1))
@@ -147,8 +174,11 @@ def layer_statistics(
         for index, local in enumerate(locals_):
             beyond = probs[:, :, :sinks] * (sink_offsets >= local)
             sink_tail[:, index, :sinks] += beyond.sum(dim=1, dtype=torch.float64)
+            if bool(last.any()):
+                sink_tail_last[:, index, :sinks] += beyond[:, last].sum(dim=1, dtype=torch.float64)
         del probs
-    return LayerStats(seq, block_mass, offset_mass, column_mass, columns, sink_tail, tuple(locals_))
+    return LayerStats(seq, block_mass, offset_mass, column_mass, columns, sink_tail, tuple(locals_), last_rows,
+                      offset_mass_last, sink_tail_last)
 
 
 def _check_one(index: HeadIndex) -> None:
@@ -157,14 +187,16 @@ def _check_one(index: HeadIndex) -> None:
         raise ValueError("index_recall and index_cost take the index of one prompt (batch 1)")
 
 
-def index_recall(index: HeadIndex, stats: LayerStats, head: int) -> float:
-    """Recall of ``index`` (one prompt) for query head ``head``: dense mass on its kept set / seq."""
+def index_recall(index: HeadIndex, stats: LayerStats, head: int, rows: str = "all") -> float:
+    """Recall of ``index`` (one prompt) for query head ``head``: dense mass on its kept set, mean over
+    ``rows``: ``"all"`` query rows (``reference_attention``'s recall) or the ``"last"`` ones."""
     _check_one(index)
     seq, nb = stats.seq, stats.n_blocks
+    first_block, n_rows, offset_mass, sink_tail = stats.rows(rows)
     if isinstance(index, DenseIndex):
         return 1.0
     if isinstance(index, AShapeIndex):
-        window = stats.offset_mass[head, : min(index.local, seq)].sum()
+        window = offset_mass[head, : min(index.local, seq)].sum()
         sink = 0.0
         if index.sink > 0:
             if index.local not in stats.locals or index.sink > stats.sink_tail.shape[2]:
@@ -172,13 +204,13 @@ def index_recall(index: HeadIndex, stats: LayerStats, head: int) -> float:
                     f"statistics were gathered for windows {stats.locals} and {stats.sink_tail.shape[2]} sinks; "
                     f"AShape(sink={index.sink}, local={index.local}) needs its own"
                 )
-            sink = stats.sink_tail[head, stats.locals.index(index.local), : index.sink].sum()
-        return float((window + sink) / seq)
+            sink = sink_tail[head, stats.locals.index(index.local), : index.sink].sum()
+        return float((window + sink) / n_rows)
     if isinstance(index, BlockSparseIndex):
         if index.block != BLOCK:
             raise ValueError(f"the search scores BlockSparse(block={BLOCK}) only, got block={index.block}")
         tiles = index.block_mask()[0]  # [n_blocks, n_blocks]
-        return float((stats.block_mass[head] * tiles).sum() / seq)
+        return float((stats.block_mass[head, first_block:] * tiles[first_block:]).sum() / n_rows)
     if isinstance(index, VerticalSlashIndex):
         if index.slash_block != BLOCK:
             raise ValueError(f"the search scores block-diagonal Vertical-Slash (slash_block={BLOCK}) only, "
@@ -186,7 +218,7 @@ def index_recall(index: HeadIndex, stats: LayerStats, head: int) -> float:
         device = stats.block_mass.device
         diagonal_flag = torch.zeros(nb, dtype=torch.bool, device=device)
         diagonal_flag[index.diagonals[0].to(device)] = True
-        tiles = stats.diagonal_mass()[head][diagonal_flag].sum()
+        tiles = stats.diagonal_mass(first_block)[head][diagonal_flag].sum()
         columns = torch.unique(index.columns[0].to(device))
         # Where each kept column sits in the requested list.
         slot = torch.full((seq,), -1, dtype=torch.long, device=device)
@@ -194,11 +226,11 @@ def index_recall(index: HeadIndex, stats: LayerStats, head: int) -> float:
         where = slot[columns]
         if bool((where < 0).any()):
             raise ValueError("the statistics were gathered without some of this index's columns")
-        mass = stats.column_mass[head][:, where]  # [query block, column]
-        m = torch.arange(nb, device=device)
+        mass = stats.column_mass[head][first_block:, where]  # [query block, column]
+        m = torch.arange(first_block, nb, device=device)
         distance = m[:, None] - (columns // BLOCK)[None, :]  # block diagonal of (query block, column)
         outside = (distance >= 0) & ~diagonal_flag[distance.clamp(min=0)]
-        return float((tiles + (mass * outside).sum()) / seq)
+        return float((tiles + (mass * outside).sum()) / n_rows)
     raise TypeError(f"index must be a Dense, AShape, Vertical-Slash or Block-Sparse index, got {type(index).__name__}")
 
 
