@@ -174,6 +174,9 @@ def test_bad_arguments_are_clear():
     config = tiny_llama().config
     with pytest.raises(ValueError, match="unknown KV cache method 'h2o'; valid methods: full, snapkv, pyramidkv, streamingllm"):
         make_kv_cache("h2o", config, 64)
+    with pytest.raises(ValueError, match="streamingllm takes the options sink; got kernel"):
+        make_kv_cache("streamingllm", config, 64, kernel=7)
+    assert make_kv_cache("snapkv", config, 64, kernel=9).kernel == 9
     assert METHODS == ("full", "snapkv", "pyramidkv", "streamingllm")
 
 
@@ -343,6 +346,8 @@ def test_eval_kv_option_labels_and_compresses(tmp_path, capsys):
     [
         (["--kv", "h2o"], "--kv 'h2o' is not a KV cache method; expected one of full, snapkv, pyramidkv, streamingllm"),
         (["--kv", "snapkv", "--kv-capacity", "16"], "capacity=16, window=32"),
+        (["--kv", "snapkv", "--kv-kernel", "4"], "kernel must be an odd positive int"),
+        (["--kv", "streamingllm", "--kv-kernel", "7"], "--kv-kernel is SnapKV's pooling width"),
     ],
 )
 def test_eval_kv_bad_input(tmp_path, capsys, extra, message):

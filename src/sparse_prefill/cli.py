@@ -94,6 +94,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.kv not in METHODS:
         return fail(f"--kv must be one of {', '.join(METHODS)}, got {args.kv!r}")
+    if args.kv_kernel is not None and args.kv not in ("snapkv", "pyramidkv"):
+        return fail(f"--kv-kernel is SnapKV's pooling width: it needs --kv snapkv or pyramidkv, not {args.kv}")
+    kv_options = {} if args.kv_kernel is None else {"kernel": args.kv_kernel}
     prompt_text = None
     if args.prompt_file is not None:
         try:
@@ -144,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         return fail(f"--config {args.config!r} does not fit model {args.model!r}: {error}")
     try:
         try:
-            cache = make_kv_cache(args.kv, model, args.kv_capacity)
+            cache = make_kv_cache(args.kv, model, args.kv_capacity, **kv_options)
         except ValueError as error:
             return fail(f"--kv {args.kv} --kv-capacity {args.kv_capacity}: {error}")
         sparse = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "sparse prefill", cache)
@@ -158,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
             # the compressing cache the prefill's queries.
             enable(model, min_seq_len=sys.maxsize)
         try:
-            cache = make_kv_cache(args.kv, model, args.kv_capacity)
+            cache = make_kv_cache(args.kv, model, args.kv_capacity, **kv_options)
             dense = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "dense prefill", cache)
         finally:
             if args.kv != "full":
@@ -280,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(compressed once, after the prefill)")
     run.add_argument("--kv-capacity", type=int, metavar="C",
                      help="tokens kept per layer by --kv (PyramidKV: on average; default 1024)")
+    run.add_argument("--kv-kernel", type=int, metavar="K", help="SnapKV/PyramidKV average-pool width, odd (default 5)")
     run.add_argument("--no-chat-template", action="store_true", help="use --prompt-file as is, without the chat template")
     run.add_argument("--no-rope-scaling", action="store_true",
                      help="do not apply YaRN to prompts longer than the model's context (only warn)")

@@ -398,6 +398,9 @@ class StreamingLLMCache(_CompressingCache):
         self.capacity, self.sink = capacity, sink
 
 
+_OPTIONS = {"snapkv": ("window", "kernel"), "pyramidkv": ("window", "kernel", "beta"), "streamingllm": ("sink",)}
+
+
 def make_kv_cache(method: str, model_or_config: Any, capacity: int | None = None, **options: Any) -> DynamicCache:
     """The cache for ``method`` sized for a model: pass it as ``past_key_values`` to the prefill or ``generate``.
 
@@ -432,6 +435,9 @@ def make_kv_cache(method: str, model_or_config: Any, capacity: int | None = None
                 f"{method} scores the prompt with the prefill's queries, which sparse_prefill's attention hands over: call "
                 f"sparse_prefill.enable(model) first (attn_implementation is {config._attn_implementation!r})"
             )
+    unknown = sorted(set(options) - set(_OPTIONS[method]))
+    if unknown:
+        raise ValueError(f"{method} takes the options {', '.join(_OPTIONS[method])}; got {', '.join(unknown)}")
     capacity = DEFAULT_CAPACITY if capacity is None else capacity
     classes: dict[str, Callable[..., _CompressingCache]] = {
         "snapkv": SnapKVCache, "pyramidkv": PyramidKVCache, "streamingllm": StreamingLLMCache,

@@ -67,6 +67,8 @@ def add_eval_command(commands) -> None:
                         help="KV cache kept for decoding (needle, ruler): full (default), snapkv, pyramidkv or "
                         "streamingllm; results are labelled e.g. 'sparse + snapkv 1024'")
     parser.add_argument("--kv-capacity", type=int, metavar="C", help="tokens kept per layer by --kv (default 1024)")
+    parser.add_argument("--kv-kernel", type=int, metavar="K",
+                        help="SnapKV/PyramidKV average-pool width, odd (default 5); labels get ' kK'")
     parser.add_argument("--smoke", action="store_true", help="CI-sized: 1K tokens, one sample, three depths")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=_handle)
@@ -82,6 +84,7 @@ def _handle(args: argparse.Namespace) -> int:
         lengths=args.lengths, samples=args.samples, depths=args.depths, ruler_tasks=args.tasks,
         haystack=args.haystack, text=args.text, device=args.device, seed=args.seed,
         rope_scaling=not args.no_rope_scaling, progress=not args.no_progress, kv=args.kv, kv_capacity=args.kv_capacity,
+        kv_kernel=args.kv_kernel,
     )
     try:
         summary = run_eval(spec)

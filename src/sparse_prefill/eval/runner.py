@@ -50,6 +50,7 @@ class EvalSpec:
     progress: bool = True
     kv: str = "full"  # KV cache kept for decoding (sparse_prefill.kv_cache.METHODS)
     kv_capacity: int | None = None
+    kv_kernel: int | None = None  # SnapKV/PyramidKV pooling width (None: the method's default, 5)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -73,6 +74,11 @@ class EvalSpec:
             raise ValueError(f"--kv {self.kv!r} is not a KV cache method; expected one of {', '.join(KV_METHODS)}")
         if self.kv != "full" and self.task == "ppl":
             raise ValueError("--kv compresses the cache that decoding reads: it applies to needle and ruler, not ppl")
+        if self.kv_kernel is not None and self.kv not in ("snapkv", "pyramidkv"):
+            raise ValueError(f"--kv-kernel is SnapKV's pooling width: it needs --kv snapkv or pyramidkv, not {self.kv}")
+
+    def kv_options(self) -> dict[str, int]:
+        return {} if self.kv_kernel is None else {"kernel": self.kv_kernel}
 
 
 def _label(method: str, config: str | None) -> str:
@@ -87,7 +93,8 @@ def _kv_suffix(spec: EvalSpec) -> str:
         return ""
     from ..kv_cache import DEFAULT_CAPACITY
 
-    return f" + {spec.kv} {spec.kv_capacity or DEFAULT_CAPACITY}"
+    kernel = f" k{spec.kv_kernel}" if spec.kv_kernel is not None else ""
+    return f" + {spec.kv} {spec.kv_capacity or DEFAULT_CAPACITY}{kernel}"
 
 
 def _device(name: str) -> torch.device:
@@ -111,7 +118,7 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
     if spec.kv != "full":  # bad capacities fail here, before any sample runs
         from ..kv_cache import make_kv_cache
 
-        make_kv_cache(spec.kv, base.model.config, spec.kv_capacity)
+        make_kv_cache(spec.kv, base.model.config, spec.kv_capacity, **spec.kv_options())
     too_long = [n for n in spec.lengths if n > base.native_context]
     if too_long and not spec.rope_scaling:
         raise ValueError(
@@ -139,7 +146,7 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
                 enable(loaded.model, "uniform", min_seq_len=2**62)
             record = _evaluate(spec, loaded, item, device)
             record.update(key=item.key, label=label, method=method, config=spec.config or "default", length=length,
-                          kv=spec.kv, kv_capacity=spec.kv_capacity,
+                          kv=spec.kv, kv_capacity=spec.kv_capacity, kv_kernel=spec.kv_kernel,
                           yarn=loaded.rope_scaling is not None,
                           sparse_layers=state.sparse_calls if state is not None else 0)
             store.add(record)
@@ -171,7 +178,7 @@ def _evaluate(spec: EvalSpec, loaded: Any, item: Any, device: torch.device) -> d
     if spec.kv != "full":
         from ..kv_cache import make_kv_cache
 
-        cache = make_kv_cache(spec.kv, loaded.model, spec.kv_capacity)
+        cache = make_kv_cache(spec.kv, loaded.model, spec.kv_capacity, **spec.kv_options())
     result = greedy_generate(loaded.model, ids, item.max_new_tokens, eos_ids(loaded), cache=cache)
     prediction = loaded.tokenizer.decode(result["tokens"], skip_special_tokens=True)
     record = {"task": item.task, "index": item.index, "n_tokens": item.n_tokens, **item.meta,
