@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
 # The accuracy runs behind docs/ACCURACY.md: needle, RULER-style tasks and perplexity on SmolLM2-135M,
 # dense vs sparse (uniform default budget, and the config shipped for the model) vs a-shape.
-# Usage: benchmarks/accuracy.sh gpu|cpu OUTDIR [MODEL]
-#   gpu: 2K-32K (YaRN beyond 8K); cpu: 2K-8K with fewer samples (hours on 2 cores otherwise).
+# Usage: benchmarks/accuracy.sh gpu|cpu|kv OUTDIR [MODEL]
+#   gpu: 2K-32K (YaRN beyond 8K); cpu: 2K-8K with fewer samples (hours on 2 cores otherwise);
+#   kv: dense and sparse prefill (the shipped config) with a full or compressed KV cache (GPU).
 # Results already in OUTDIR are kept and not recomputed.
 set -euo pipefail
-mode=${1:?usage: accuracy.sh gpu|cpu OUTDIR [MODEL]}
-out=${2:?usage: accuracy.sh gpu|cpu OUTDIR [MODEL]}
+mode=${1:?usage: accuracy.sh gpu|cpu|kv OUTDIR [MODEL]}
+out=${2:?usage: accuracy.sh gpu|cpu|kv OUTDIR [MODEL]}
 model=${3:-default}
 run() { python3 -m sparse_prefill.cli eval "$@" --model "$model" --out "$out" --no-progress; }
 if [ "$mode" = gpu ]; then
   run needle --config uniform --lengths 2k,4k,8k,16k,32k
   run ppl --config uniform --lengths 8k,16k,32k --samples 4
   run ruler --config uniform --lengths 8k,16k --samples 5
+elif [ "$mode" = kv ]; then
+  # One line per cache: METHOD [CAPACITY [KERNEL]]. Kernel 9 widens SnapKV's pool from the paper's 5.
+  caches=("full" "snapkv 256" "snapkv 1024" "snapkv 256 9" "snapkv 1024 9" "pyramidkv 1024" "streamingllm 1024")
+  kv_args() { echo "--kv $1${2:+ --kv-capacity $2}${3:+ --kv-kernel $3}"; }
+  for cache in "${caches[@]}"; do
+    # shellcheck disable=SC2046,SC2086  # word splitting of the cache's flags is intended
+    run needle --method dense,sparse --lengths 2k,4k $(kv_args $cache)
+  done
+  for cache in "full" "snapkv 1024" "snapkv 1024 9" "pyramidkv 1024" "streamingllm 1024"; do
+    # shellcheck disable=SC2046,SC2086
+    run ruler --method dense,sparse --lengths 4k --samples 6 --tasks niah_single,niah_multikey,niah_multivalue,vt,fwe \
+      $(kv_args $cache)
+  done
 else
   run needle --config uniform --lengths 2k,4k,8k --depths 0,0.25,0.5,0.75,1
   run ppl --config uniform --lengths 2k,4k,8k --samples 1
