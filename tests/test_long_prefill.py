@@ -193,7 +193,9 @@ def test_memory_needed_at_llama3_8b_shapes():
     gib, tokens = 2**30, 1 << 20
     none = lp.memory_needed(model, tokens)
     assert none.hidden == 8 * gib and none.qkv == 12 * gib and none.kv_cache == 0 and none.host == 0
-    assert 30 * gib < none.device < 45 * gib  # fits next to the 15 GiB of weights on an 80 GB GPU
+    assert none.attention == 8 * gib + gib // 4  # the output, plus an allowance for the sparse plan
+    # Measured on an H100 (docs/BENCHMARKS.md): 43.57 GiB peak with the 15 GiB of weights.
+    assert 28 * gib < none.device < 29 * gib
     assert lp.memory_needed(model, tokens, cache="device").kv_cache == 128 * gib
     offload = lp.memory_needed(model, tokens, cache="offload", kv_dtype=torch.float8_e4m3fn)
     assert offload.host == 64 * gib + 32 * 2 * 2 * gib // 128  # values, plus one bf16 scale per 128
