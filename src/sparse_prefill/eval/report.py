@@ -106,11 +106,16 @@ def _length_names(lengths: Sequence[int]) -> list[str]:
     return [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths]
 
 
+NEEDLE_PANELS_PER_ROW = 6
+
+
 def _heatmap(axis, entry: dict, lengths: Sequence[int], title: str):
     image = axis.imshow(entry["grid"], cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", origin="upper")
     axis.set_xticks(range(len(lengths)), _length_names(lengths))
     axis.set_yticks(range(len(entry["depths"])), [f"{100 * d:.0f}%" for d in entry["depths"]])
-    axis.set_title(f"{title}: average {entry['average']:.1f}%", fontsize=10)
+    # Two lines: panels are narrow when there are few lengths, and labels like
+    # 'sparse (uniform) + snapkv 1024 k9' would run into their neighbours.
+    axis.set_title(f"{title}\naverage {entry['average']:.1f}%", fontsize=9)
     return image
 
 
@@ -126,13 +131,21 @@ def _plot_needle(summary: dict, out: Path) -> None:
         figure.tight_layout()
         figure.savefig(out / f"needle_{label.replace(' ', '_').replace('(', '').replace(')', '')}.png", dpi=120)
         plt.close(figure)
-    figure, axes = plt.subplots(1, len(methods), figsize=(2 + (0.7 * len(lengths) + 1.6) * len(methods), 4.8),
+    # At most NEEDLE_PANELS_PER_ROW panels a row: a KV-cache comparison has a dozen methods.
+    columns = min(len(methods), NEEDLE_PANELS_PER_ROW)
+    rows = math.ceil(len(methods) / columns)
+    panel_width = max(0.7 * len(lengths) + 1.0, 2.6)
+    figure, axes = plt.subplots(rows, columns, figsize=(2 + panel_width * columns, 0.6 + 4.4 * rows),
                                 squeeze=False, sharey=True, layout="constrained")
-    for axis, (label, entry) in zip(axes[0], methods.items()):
+    panels = [axis for row in axes for axis in row]
+    for axis, (label, entry) in zip(panels, methods.items()):
         image = _heatmap(axis, entry, lengths, label)
-    axes[0][0].set_ylabel("needle depth")
+    for axis in panels[len(methods):]:
+        axis.axis("off")
+    for row in axes:
+        row[0].set_ylabel("needle depth")
     figure.supxlabel("prompt length (tokens)", fontsize=10)
-    figure.colorbar(image, ax=list(axes[0]), label="retrieved (%)")
+    figure.colorbar(image, ax=panels, label="retrieved (%)")
     figure.suptitle("Needle in a haystack: exact match by length and depth", fontsize=11)
     figure.savefig(out / "needle_side_by_side.png", dpi=120, bbox_inches="tight")
     plt.close(figure)
