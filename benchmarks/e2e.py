@@ -37,7 +37,6 @@ import contextlib
 import gc
 import json
 import platform
-import statistics
 import time
 import traceback
 from pathlib import Path
@@ -49,6 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import sparse_prefill
 from sparse_prefill import AShape, PatternConfig, VerticalSlash, sparse_attention
 from sparse_prefill import long_prefill as lp
+from timing import cuda_ms  # benchmarks/timing.py
 
 GIB = 2**30
 LLAMA3_8B = dict(
@@ -203,25 +203,6 @@ def meta(device: torch.device) -> dict:
     return info
 
 
-def cuda_ms(fn, repeats: int = 3) -> float:
-    """Median milliseconds of fn() after one warm-up call (CUDA events; wall clock on the CPU)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
-
-
 @contextlib.contextmanager
 def one_layer(model):
     """The model with only its first decoder layer (the per-layer measurement of dense attention)."""
@@ -357,7 +338,7 @@ def stage_crossover(bench: Bench) -> None:
         table["default_sdpa_ms"].append(cuda_ms(lambda: lp.sdpa_attention(None, q, k, v, None)))
         for name, pattern in bench.patterns.items():
             table[f"{name}_ms"].append(cuda_ms(lambda: sparse_attention(q, k, v, pattern)))
-        del q, k, v
+        q = k = v = None  # frees them; pyflakes misreads a del after the lambdas above
     for name in bench.patterns:
         wins = [s <= d for s, d in zip(table[f"{name}_ms"], table["dense_cudnn_ms"])]
         # The shortest length from which the sparse path wins at every measured length.

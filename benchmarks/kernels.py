@@ -34,6 +34,7 @@ from sparse_prefill import AShape, BlockSparse, VerticalSlash
 from sparse_prefill.index import AShapeIndex, BlockSparseIndex, VerticalSlashIndex
 from sparse_prefill.kernels import build_plan, run_plan
 from sparse_prefill.synthetic import planted_qkv
+from timing import cuda_ms  # benchmarks/timing.py
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PATTERNS = {
@@ -42,21 +43,6 @@ PATTERNS = {
     "a_shape": AShape(64, 8192),
     "block_sparse": BlockSparse(100),
 }
-
-
-def cuda_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Median milliseconds of fn() over ``repeats`` runs, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def causal_pairs(seq: int) -> int:
@@ -120,7 +106,7 @@ def dense_times(q, k, v, seq: int, max_dense: int, cache: dict) -> dict:
                 with sdpa_kernel(backend):
                     F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
 
-            ms = cuda_time(dense, repeats=3 if seq <= 131072 else 1)
+            ms = cuda_ms(dense, repeats=3 if seq <= 131072 else 1)
             del k_full, v_full
             cache[backend_name] = (seq, ms)
             results[backend_name] = {"ms": ms, "estimated": False}
@@ -176,11 +162,11 @@ def flex_times(q, k, v, plan, pattern) -> dict | None:
         _FLEX.setdefault("create_block_mask", torch.compile(create_block_mask))
     else:
         return None
-    build_ms = cuda_time(build, repeats=3)
+    build_ms = cuda_ms(build, repeats=3)
     block_mask = build()
     # Flex picks 128-wide tiles by default and refuses 64-wide mask blocks unless told.
     options = {"BLOCK_M": 64, "BLOCK_N": 64}
-    attention_ms = cuda_time(
+    attention_ms = cuda_ms(
         lambda: attention(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options), repeats=3
     )
     return {"build_ms": build_ms, "attention_ms": attention_ms, "total_ms": build_ms + attention_ms}
@@ -205,10 +191,10 @@ def main() -> None:
             dense = dense_times(q, k, v, seq, args.max_dense, dense_cache)
             for name, pattern in ((n, PATTERNS[n]) for n in args.patterns):
                 patterns = [pattern] * Q_HEADS
-                plan_ms = cuda_time(lambda: build_plan(q, k, patterns, scale), repeats=3)
+                plan_ms = cuda_ms(lambda: build_plan(q, k, patterns, scale), repeats=3)
                 plan = build_plan(q, k, patterns, scale)
                 out = torch.empty_like(q)
-                kernel_ms = cuda_time(lambda: run_plan(q, k, v, plan, scale, out=out), repeats=3)
+                kernel_ms = cuda_ms(lambda: run_plan(q, k, v, plan, scale, out=out), repeats=3)
                 flex = None
                 if seq <= args.flex_max:
                     try:
@@ -237,8 +223,8 @@ def main() -> None:
                       f"x{row['speedup_vs_cudnn']:.2f}"
                       + (f"  flex {flex['total_ms']:.1f} ms (build {flex['build_ms']:.1f})" if flex and "total_ms" in flex else
                          f"  flex {flex}" if flex else ""), flush=True)
-                del plan, out
-            del q, k, v
+                plan = out = None  # frees them; pyflakes misreads a del after the lambdas above
+            q = k = v = None  # frees them; pyflakes misreads a del after the lambdas above
             torch.cuda.empty_cache()
     meta = {
         "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

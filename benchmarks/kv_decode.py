@@ -31,22 +31,9 @@ import sparse_prefill
 from sparse_prefill import kv_cache
 from sparse_prefill.generation import prefill
 from sparse_prefill.models import load_model
+from timing import cuda_ms  # benchmarks/timing.py
 
 METHODS = ("full", "snapkv", "pyramidkv", "streamingllm")
-
-
-def cuda_ms(fn, repeats: int = 5) -> float:
-    """Median CUDA-event time of ``fn()`` in ms, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def shared_scores_check(seq: int, window: int) -> dict:
@@ -64,9 +51,9 @@ def shared_scores_check(seq: int, window: int) -> dict:
     error = ((plan.window_scores.view_as(apart) - apart).norm() / apart.norm()).item()
     return {
         "seq": seq,
-        "plan_ms": cuda_ms(lambda: build_plan(q, k, patterns, scale)),
-        "plan_with_scores_ms": cuda_ms(lambda: build_plan(q, k, patterns, scale, window)),
-        "scores_apart_ms": cuda_ms(lambda: kv_cache.window_attention_scores(q, k, window, scale)),
+        "plan_ms": cuda_ms(lambda: build_plan(q, k, patterns, scale), repeats=5),
+        "plan_with_scores_ms": cuda_ms(lambda: build_plan(q, k, patterns, scale, window), repeats=5),
+        "scores_apart_ms": cuda_ms(lambda: kv_cache.window_attention_scores(q, k, window, scale), repeats=5),
         "relative_error": error,
     }
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import causal_pairs, cuda_time, exact_kept_pairs  # benchmarks/kernels.py
+from kernels import causal_pairs, exact_kept_pairs  # benchmarks/kernels.py
+from timing import cuda_ms  # benchmarks/timing.py
 from sparse_prefill import VerticalSlash
 from sparse_prefill.integrations.capture import capture_qkv
 from sparse_prefill.kernels import build_plan, run_plan
@@ -83,14 +84,14 @@ def main() -> None:
                 def run_dense():
                     with sdpa_kernel(backend):
                         F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
-                dense[name] = cuda_time(run_dense, repeats=5)
-            del k_full, v_full
+                dense[name] = cuda_ms(run_dense, repeats=5)
+            k_full = v_full = None  # frees them; pyflakes misreads a del after the lambdas above
             for name, pattern in PATTERNS.items():
                 patterns = [pattern] * q_heads
-                index_ms = cuda_time(lambda: build_plan(q, k, patterns, scale), repeats=5)
+                index_ms = cuda_ms(lambda: build_plan(q, k, patterns, scale), repeats=5)
                 plan = build_plan(q, k, patterns, scale)
                 out = torch.empty_like(q)
-                kernel_ms = cuda_time(lambda: run_plan(q, k, v, plan, scale, out=out), repeats=5)
+                kernel_ms = cuda_ms(lambda: run_plan(q, k, v, plan, scale, out=out), repeats=5)
                 _, recall = attention_with_index(q, k, v, plan.indices, scale=scale, chunk_size=1024, return_recall=True)
                 computed = plan.computed_pairs().double().mean().item() / causal_pairs(seq)
                 kept = exact_kept_pairs(plan, seq) / causal_pairs(seq)
@@ -110,7 +111,7 @@ def main() -> None:
                       f"cuDNN {dense['cudnn']:7.2f} ms x{row['speedup_vs_cudnn']:5.2f}  computed {computed:6.1%} "
                       f"kept {kept:6.1%} recall {row['recall']:.3f} far {row['far_slash_share']:.0%} "
                       f"{row['kernel_tflops']:.0f}/{row['cudnn_tflops']:.0f} TF/s", flush=True)
-                del plan, out
+                plan = out = None  # frees them; pyflakes misreads a del after the lambdas above
         del captured
         torch.cuda.empty_cache()
     meta = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

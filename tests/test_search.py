@@ -22,7 +22,6 @@ if not HAS_GPU:
 
 from sparse_prefill import AShape, BlockSparse, Dense, PatternConfig, VerticalSlash, reference_attention  # noqa: E402
 from sparse_prefill.estimate import estimate_index, last_query_attention  # noqa: E402
-from sparse_prefill.index import VerticalSlashIndex  # noqa: E402
 from sparse_prefill.patterns import AdaptiveVerticalSlash, pattern_from_dict, scale_pattern  # noqa: E402
 from sparse_prefill.search.allocate import BudgetTooSmall, allocate, upper_hull  # noqa: E402
 from sparse_prefill.search.candidates import CandidateGrid, score_grid, score_patterns  # noqa: E402

@@ -9,7 +9,6 @@ too, and its heads may have moved; search it again to be sure.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
