@@ -16,9 +16,10 @@ from .reference import reference_attention
 from .generation import eos_ids, greedy_generate
 from .synthetic import planted_qkv
 
-# Length of the `run --demo` prompt. On a CPU the sparse path is the O(N^2) chunked reference: 6K
-# tokens through SmolLM2's 30 layers took 83 s on 2 cores (dense SDPA 15 s), so the whole
-# `run --demo --compare-dense` takes about two minutes; --demo-tokens goes from 256 up to ~8.6K.
+# Length of the `run --demo` prompt. On a CPU the sparse path is SDPA with each head's kept set as
+# a mask (dense cost, the same kept sets): 6K tokens through SmolLM2's 30 layers took 30 s on 2
+# cores (dense 16 s), so `run --demo --compare-dense` takes about a minute; --demo-tokens goes from
+# 256 up to ~8.6K.
 DEMO_TOKENS = 6000
 
 
