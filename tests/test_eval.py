@@ -245,3 +245,22 @@ def test_austen_text_is_read_from_the_debian_package():
     text = load_text("austen")
     assert text.startswith("SENSE AND SENSIBILITY")
     assert "It is a truth universally acknowledged" in text and len(text) > 3_500_000
+
+
+@pytest.mark.parametrize("lengths", [[4096], [4096, 8192]])
+def test_ruler_report_from_hand_built_records(tmp_path, lengths):
+    from sparse_prefill.eval.report import write_report
+
+    records = []
+    for label, hits in (("dense", 1), ("sparse + snapkv 1024 k9", 0)):
+        for n in lengths:
+            for task in ("niah_single", "vt"):
+                for index in range(2):
+                    score = float(hits) if task == "niah_single" else 0.5 * index
+                    records.append({"label": label, "length": n, "task": task, "index": index, "score": score})
+    summary = write_report("ruler", records, tmp_path)
+    assert summary["methods"]["dense"]["by_task"]["niah_single"][lengths[0]] == 100.0
+    assert summary["methods"]["sparse + snapkv 1024 k9"]["average"] == 12.5  # (0 + 0 + 0 + 50) / 4
+    assert (tmp_path / "ruler.png").stat().st_size > 0
+    table = (tmp_path / "ruler.md").read_text()
+    assert "| sparse + snapkv 1024 k9 |" in table and "| dense |" in table

@@ -152,28 +152,47 @@ def _plot_needle(summary: dict, out: Path) -> None:
 
 
 def _plot_ruler(summary: dict, out: Path) -> None:
+    """Scores as an annotated method x task grid (readable for any number of methods, unlike bars),
+    and the average over tasks by length when there is more than one length."""
     plt = _pyplot()
     lengths, methods = summary["lengths"], summary["methods"]
     tasks = sorted({t for entry in methods.values() for t in entry["by_task"]})
-    figure, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
-    width = 0.8 / len(methods)
-    for i, (label, entry) in enumerate(methods.items()):
-        values = [_mean([v for v in entry["by_task"].get(t, {}).values() if not math.isnan(v)]) for t in tasks]
-        bars.bar([x + i * width for x in range(len(tasks))], values, width, label=label)
-        averages = [_mean([entry["by_task"][t][n] for t in entry["by_task"] if not math.isnan(entry["by_task"][t][n])])
-                    for n in lengths]
-        lines.plot(range(len(lengths)), averages, marker="o", label=label)
-    bars.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], tasks, rotation=20)
-    bars.set_ylabel("score (%)")
-    bars.set_ylim(0, 105)
-    bars.set_title("RULER-style tasks, averaged over lengths", fontsize=10)
-    bars.legend(fontsize=8)
-    lines.set_xticks(range(len(lengths)), _length_names(lengths))
-    lines.set_xlabel("prompt length (tokens)")
-    lines.set_ylim(0, 105)
-    lines.set_title("average over tasks", fontsize=10)
-    lines.grid(alpha=0.3)
-    figure.tight_layout()
+    labels = list(methods)
+    grid = []
+    for label in labels:
+        by_task = methods[label]["by_task"]
+        row = [_mean([v for v in by_task.get(t, {}).values() if not math.isnan(v)]) for t in tasks]
+        grid.append(row + [_mean([v for v in row if not math.isnan(v)])])
+    columns = tasks + ["average"]
+    with_lines = len(lengths) > 1
+    height = 1.2 + 0.32 * len(labels)
+    figure, axes = plt.subplots(1, 2 if with_lines else 1, squeeze=False, layout="constrained",
+                                figsize=(4 + 0.9 * len(columns) + (5 if with_lines else 0), max(3.5, height)),
+                                gridspec_kw={"width_ratios": [1.6, 1]} if with_lines else None)
+    table = axes[0][0]
+    table.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            table.text(j, i, "–" if math.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=8)
+    table.set_xticks(range(len(columns)), columns, rotation=20)
+    table.set_yticks(range(len(labels)), labels, fontsize=8)
+    names = _length_names(lengths)
+    where = f"averaged over {', '.join(names)}" if len(names) > 1 else f"at {names[0]}"
+    table.set_title(f"RULER-style score (%), {where}", fontsize=10)
+    if with_lines:
+        lines = axes[0][1]
+        colors = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+        for i, label in enumerate(labels):
+            entry = methods[label]
+            averages = [_mean([entry["by_task"][t][n] for t in entry["by_task"]
+                               if not math.isnan(entry["by_task"][t][n])]) for n in lengths]
+            lines.plot(range(len(lengths)), averages, marker="o", label=label, color=colors(i % colors.N))
+        lines.set_xticks(range(len(lengths)), _length_names(lengths))
+        lines.set_xlabel("prompt length (tokens)")
+        lines.set_ylim(0, 105)
+        lines.set_title("average over tasks", fontsize=10)
+        lines.grid(alpha=0.3)
+        lines.legend(fontsize=7)
     figure.savefig(out / "ruler.png", dpi=120)
     plt.close(figure)
 
