@@ -4,7 +4,7 @@
 # Usage: benchmarks/accuracy.sh gpu|cpu|kv OUTDIR [MODEL]
 #   gpu: 2K-32K (YaRN beyond 8K); cpu: 2K-8K with fewer samples (hours on 2 cores otherwise);
 #   kv: dense and sparse prefill (the shipped config) with a full or compressed KV cache (GPU, about
-#   25 min on an H100: each run loads the model and builds its prompts). Add --config uniform to the
+#   35 min on an H100: each run loads the model and builds its prompts). Add --config uniform to the
 #   run() line for the uniform default's rows.
 # Results already in OUTDIR are kept and not recomputed.
 set -euo pipefail
@@ -24,7 +24,8 @@ elif [ "$mode" = kv ]; then
     # shellcheck disable=SC2046,SC2086  # word splitting of the cache's flags is intended
     run needle --method dense,sparse --lengths 2k,4k $(kv_args $cache)
   done
-  for cache in "full" "snapkv 1024" "snapkv 1024 9" "pyramidkv 1024" "streamingllm 1024"; do
+  for cache in "full" "snapkv 2048" "snapkv 2048 9" "snapkv 1024" "snapkv 1024 9" "snapkv 256 9" "pyramidkv 1024" \
+               "streamingllm 1024" "streamingllm 2048"; do
     # shellcheck disable=SC2046,SC2086
     run ruler --method dense,sparse --lengths 4k --samples 5 --tasks niah_single,niah_multikey,vt $(kv_args $cache)
   done
