@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import cuda_time  # benchmarks/kernels.py
+from timing import cuda_ms  # benchmarks/timing.py
 from sparse_prefill.integrations.transformers import default_pattern
 from sparse_prefill.kernels import build_plan, run_plan
 from sparse_prefill.models import load_model
@@ -68,7 +68,7 @@ def measure(loaded, prompt_ids, configs: dict, seq: int, *, layers, timing: bool
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     F.scaled_dot_product_attention(q4, k_full, v_full, is_causal=True)
 
-            dense_ms = cuda_time(dense, repeats=repeats)
+            dense_ms = cuda_ms(dense, repeats=repeats)
             del k_full, v_full
         plans = {}
         for name, config in configs.items():
@@ -77,8 +77,8 @@ def measure(loaded, prompt_ids, configs: dict, seq: int, *, layers, timing: bool
             row = {**tag, "seq": seq, "layer": layer, "config": name, "dense_ms": dense_ms}
             if timing:
                 out = torch.empty_like(q4)
-                row["index_ms"] = cuda_time(lambda: build_plan(q4, k4, patterns, scale), repeats=repeats)
-                row["kernel_ms"] = cuda_time(lambda: run_plan(q4, k4, v4, plan, scale, out=out), repeats=repeats)
+                row["index_ms"] = cuda_ms(lambda: build_plan(q4, k4, patterns, scale), repeats=repeats)
+                row["kernel_ms"] = cuda_ms(lambda: run_plan(q4, k4, v4, plan, scale, out=out), repeats=repeats)
             row["tile_pairs"], row["column_pairs"] = plan_pairs(plan)
             row["kinds"] = sorted({p.kind for p in patterns})
             plans[name] = plan
