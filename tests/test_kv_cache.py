@@ -176,6 +176,8 @@ def test_bad_arguments_are_clear():
         make_kv_cache("h2o", config, 64)
     with pytest.raises(ValueError, match="streamingllm takes the options sink; got kernel"):
         make_kv_cache("streamingllm", config, 64, kernel=7)
+    with pytest.raises(ValueError, match=r"full takes the options \(none\); got kernel"):
+        make_kv_cache("full", config, kernel=9)
     assert make_kv_cache("snapkv", config, 64, kernel=9).kernel == 9
     assert METHODS == ("full", "snapkv", "pyramidkv", "streamingllm")
 

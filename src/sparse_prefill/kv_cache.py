@@ -398,7 +398,7 @@ class StreamingLLMCache(_CompressingCache):
         self.capacity, self.sink = capacity, sink
 
 
-_OPTIONS = {"snapkv": ("window", "kernel"), "pyramidkv": ("window", "kernel", "beta"), "streamingllm": ("sink",)}
+_OPTIONS = {"full": (), "snapkv": ("window", "kernel"), "pyramidkv": ("window", "kernel", "beta"), "streamingllm": ("sink",)}
 
 
 def make_kv_cache(method: str, model_or_config: Any, capacity: int | None = None, **options: Any) -> DynamicCache:
@@ -419,6 +419,9 @@ def make_kv_cache(method: str, model_or_config: Any, capacity: int | None = None
     """
     if method not in METHODS:
         raise ValueError(f"unknown KV cache method {method!r}; valid methods: {', '.join(METHODS)}")
+    unknown = sorted(set(options) - set(_OPTIONS[method]))
+    if unknown:
+        raise ValueError(f"{method} takes the options {', '.join(_OPTIONS[method]) or '(none)'}; got {', '.join(unknown)}")
     config = getattr(model_or_config, "config", model_or_config)
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     if method == "full":
@@ -435,9 +438,6 @@ def make_kv_cache(method: str, model_or_config: Any, capacity: int | None = None
                 f"{method} scores the prompt with the prefill's queries, which sparse_prefill's attention hands over: call "
                 f"sparse_prefill.enable(model) first (attn_implementation is {config._attn_implementation!r})"
             )
-    unknown = sorted(set(options) - set(_OPTIONS[method]))
-    if unknown:
-        raise ValueError(f"{method} takes the options {', '.join(_OPTIONS[method])}; got {', '.join(unknown)}")
     capacity = DEFAULT_CAPACITY if capacity is None else capacity
     classes: dict[str, Callable[..., _CompressingCache]] = {
         "snapkv": SnapKVCache, "pyramidkv": PyramidKVCache, "streamingllm": StreamingLLMCache,
