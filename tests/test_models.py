@@ -128,6 +128,15 @@ def test_run_refuses_empty_prompt_file(tmp_path, capsys):
     assert f"--prompt-file '{prompt}' is empty" in capsys.readouterr().err
 
 
+def test_run_refuses_bad_kv_options(tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    assert cli.main(["run", "--prompt-file", str(prompt), "--kv", "h2o"]) == 2
+    assert "--kv must be one of full, snapkv, pyramidkv, streamingllm, got 'h2o'" in capsys.readouterr().err
+    assert cli.main(["run", "--prompt-file", str(prompt), "--kv", "streamingllm", "--kv-kernel", "7"]) == 2
+    assert "--kv-kernel is SnapKV's pooling width: it needs --kv snapkv or pyramidkv, not streamingllm" in capsys.readouterr().err
+
+
 def test_run_refuses_unknown_model_and_bad_config(tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("hello")
