@@ -349,7 +349,7 @@ def test_eval_kv_option_labels_and_compresses(tmp_path, capsys):
         (["--kv", "h2o"], "--kv 'h2o' is not a KV cache method; expected one of full, snapkv, pyramidkv, streamingllm"),
         (["--kv", "snapkv", "--kv-capacity", "16"], "capacity=16, window=32"),
         (["--kv", "snapkv", "--kv-kernel", "4"], "kernel must be an odd positive int"),
-        (["--kv", "streamingllm", "--kv-kernel", "7"], "--kv-kernel is SnapKV's pooling width"),
+        (["--kv", "streamingllm", "--kv-kernel", "7"], "streamingllm takes the options sink; got kernel"),
     ],
 )
 def test_eval_kv_bad_input(tmp_path, capsys, extra, message):

@@ -134,7 +134,7 @@ def test_run_refuses_bad_kv_options(tmp_path, capsys):
     assert cli.main(["run", "--prompt-file", str(prompt), "--kv", "h2o"]) == 2
     assert "--kv must be one of full, snapkv, pyramidkv, streamingllm, got 'h2o'" in capsys.readouterr().err
     assert cli.main(["run", "--prompt-file", str(prompt), "--kv", "streamingllm", "--kv-kernel", "7"]) == 2
-    assert "--kv-kernel is SnapKV's pooling width: it needs --kv snapkv or pyramidkv, not streamingllm" in capsys.readouterr().err
+    assert "--kv streamingllm: streamingllm takes the options sink; got kernel" in capsys.readouterr().err
 
 
 def test_run_refuses_unknown_model_and_bad_config(tmp_path, capsys):

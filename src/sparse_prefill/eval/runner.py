@@ -74,8 +74,6 @@ class EvalSpec:
             raise ValueError(f"--kv {self.kv!r} is not a KV cache method; expected one of {', '.join(KV_METHODS)}")
         if self.kv != "full" and self.task == "ppl":
             raise ValueError("--kv compresses the cache that decoding reads: it applies to needle and ruler, not ppl")
-        if self.kv_kernel is not None and self.kv not in ("snapkv", "pyramidkv"):
-            raise ValueError(f"--kv-kernel is SnapKV's pooling width: it needs --kv snapkv or pyramidkv, not {self.kv}")
 
     def kv_options(self) -> dict[str, int]:
         return {} if self.kv_kernel is None else {"kernel": self.kv_kernel}
@@ -115,7 +113,7 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
     # every head; anything else: a PatternConfig file.
     config = PatternConfig.load(spec.config) if spec.config not in (None, "uniform") else spec.config
     base = load_model(spec.model, dtype=dtype, device=device)
-    if spec.kv != "full":  # bad capacities fail here, before any sample runs
+    if spec.kv != "full" or spec.kv_kernel is not None:  # bad capacities and options fail here, before any sample runs
         from ..kv_cache import make_kv_cache
 
         make_kv_cache(spec.kv, base.model.config, spec.kv_capacity, **spec.kv_options())
