@@ -472,12 +472,7 @@ def stage_cache_modes(bench: Bench, seq: int) -> None:
                     row["decode_logits_rel_err_vs_device_bf16"] = rel(logits, reference_logits)
                     row["decode_top1_equal_device_bf16"] = bool(
                         torch.equal(logits.argmax(-1), reference_logits.argmax(-1)))
-                    begin = time.perf_counter()
-                    tokens = lp.generate(bench.model, result, bench.args.gen_tokens)
-                    if bench.cuda:
-                        torch.cuda.synchronize()
-                    row["generate_s_per_token"] = (time.perf_counter() - begin) / max(1, bench.args.gen_tokens - 1)
-                    row["tokens"] = tokens[0].tolist()
+                    time_generation(bench, result, row)
                 out.append(row)
                 del result
                 bench.log(f"cache {label:<13} {pinned} {seq}: TTFT {row['ttft_s']:.2f} s peak {row['peak_gib']:.1f} GiB "
@@ -490,6 +485,16 @@ def stage_cache_modes(bench: Bench, seq: int) -> None:
             bench.save()
     finally:
         sparse_prefill.disable(bench.model)
+
+
+def time_generation(bench: Bench, result, row: dict) -> None:
+    """Greedy tokens from a prefill's kept cache: ``row`` gets the seconds per decoded token and the tokens."""
+    begin = time.perf_counter()
+    tokens = lp.generate(bench.model, result, bench.args.gen_tokens)
+    if bench.cuda:
+        torch.cuda.synchronize()
+    row["generate_s_per_token"] = (time.perf_counter() - begin) / max(1, bench.args.gen_tokens - 1)
+    row["tokens"] = tokens[0].tolist()
 
 
 def stage_long_generation(bench: Bench, seq: int) -> None:
@@ -507,12 +512,7 @@ def stage_long_generation(bench: Bench, seq: int) -> None:
             row["host_cache_gib"] = lp.memory_needed(
                 bench.model, seq, cache="offload", kv_dtype=torch.float8_e4m3fn).host / GIB
             if pinned == "cold":
-                begin = time.perf_counter()
-                tokens = lp.generate(bench.model, result, bench.args.gen_tokens)
-                if bench.cuda:
-                    torch.cuda.synchronize()
-                row["generate_s_per_token"] = (time.perf_counter() - begin) / max(1, bench.args.gen_tokens - 1)
-                row["tokens"] = tokens[0].tolist()
+                time_generation(bench, result, row)
             del result
             out.append(row)
             bench.log(f"offloaded FP8 cache at {seq} ({pinned}): TTFT {row['ttft_s']:.2f} s, peak {row['peak_gib']:.1f} GiB, "

@@ -187,7 +187,7 @@ def _plot_ruler(summary: dict, out: Path) -> None:
             averages = [_mean([entry["by_task"][t][n] for t in entry["by_task"]
                                if not math.isnan(entry["by_task"][t][n])]) for n in lengths]
             lines.plot(range(len(lengths)), averages, marker="o", label=label, color=colors(i % colors.N))
-        lines.set_xticks(range(len(lengths)), _length_names(lengths))
+        lines.set_xticks(range(len(lengths)), names)
         lines.set_xlabel("prompt length (tokens)")
         lines.set_ylim(0, 105)
         lines.set_title("average over tasks", fontsize=10)
