@@ -24,7 +24,7 @@ from sparse_prefill.eval.ruler import TASKS, ruler_samples  # noqa: E402
 from sparse_prefill.eval.scoring import string_match_all  # noqa: E402
 from sparse_prefill.eval.store import ResultStore  # noqa: E402
 from sparse_prefill.eval.texts import load_text  # noqa: E402
-from sparse_prefill.integrations.transformers import default_pattern  # noqa: E402
+from sparse_prefill.kinds.vertical_slash import minference_budget  # noqa: E402
 from sparse_prefill.models import load_model  # noqa: E402
 
 
@@ -130,10 +130,17 @@ def test_string_match_all_is_recall_over_references():
         string_match_all("x", [])
 
 
-def test_a_shape_baseline_costs_what_the_sparse_default_costs():
+def test_a_shape_baseline_costs_minference_budget():
     for n in (1024, 8192, 32768, 131072):
-        vs, ashape = default_pattern(n), a_shape_pattern(n)
+        vs, ashape = minference_budget(n), a_shape_pattern(n)
         assert ashape.sink + ashape.local == vs.vertical + vs.slash
+
+
+def test_sparse_results_are_labelled_by_preset_or_config():
+    assert runner._label("sparse", None) == runner._label("sparse", None, "default") == "sparse"
+    assert runner._label("sparse", None, "fast") == "sparse (fast)"
+    assert runner._label("sparse", "configs/searched.json", "fast") == "sparse (searched)"
+    assert runner._label("a-shape", None, "fast") == "a-shape" and runner._label("dense", "x.json") == "dense"
 
 
 def test_position_losses_match_the_models_own_loss():
@@ -225,7 +232,8 @@ def test_an_interrupted_eval_loses_no_finished_sample(tmp_path, monkeypatch):
         (["eval", "needle", "--lengths", "16k", "--no-rope-scaling"], "exceed the model's context of 8192"),
         (["eval", "needle", "--haystack", "pg19"], "--haystack 'pg19' is not a known text"),
         (["eval", "ruler", "--tasks", "qa_squad", "--lengths", "1k"], "unknown RULER task(s) qa_squad"),
-        (["eval", "needle", "--method", "dense", "--config", "uniform"], "add sparse to --method"),
+        (["eval", "needle", "--method", "dense", "--config", "patterns.json"], "add sparse to --method"),
+        (["eval", "needle", "--preset", "quick"], "--preset must be one of default, fast, got 'quick'"),
     ],
 )
 def test_eval_bad_input_is_a_clear_error(tmp_path, capsys, args, message):

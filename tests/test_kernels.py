@@ -18,7 +18,7 @@ if not HAS_GPU:
 
 triton = pytest.importorskip("triton")
 
-from sparse_prefill import AShape, BlockSparse, Dense, VerticalSlash, reference_attention  # noqa: E402
+from sparse_prefill import AShape, BlockCoverage, BlockSparse, Dense, VerticalSlash, reference_attention  # noqa: E402
 from sparse_prefill.kernels import triton_sparse_attention  # noqa: E402
 from sparse_prefill.reference import attention_with_index  # noqa: E402
 from sparse_prefill.synthetic import planted_qkv  # noqa: E402
@@ -47,9 +47,9 @@ def check_against_reference(q, k, v, patterns, tolerance=1e-2):
     return out, plan
 
 
-MIXED = [VerticalSlash(8, 70, last_q=16, slash_block=1), BlockSparse(2), AShape(3, 40), Dense(), VerticalSlash(100, 5),
-         AShape(0, 1), BlockSparse(1), VerticalSlash(1, 1, last_q=1, slash_block=1), VerticalSlash(3, 130, last_q=16),
-         AShape(5, 130)]
+MIXED = [BlockCoverage(0.9), BlockSparse(2), AShape(3, 40), Dense(), VerticalSlash(100, 5), AShape(0, 1),
+         BlockSparse(1), BlockCoverage(0.5, stride=4), VerticalSlash(3, 130, last_q=16), AShape(5, 130),
+         BlockCoverage(1.0, stride=64), AShape(70, 200)]
 
 
 @given(
@@ -70,7 +70,7 @@ def test_plan_estimates_what_the_reference_estimates():
     """Same kept sets as the reference estimators (float32 inputs on CPU: no ties, same arithmetic)."""
     planted = planted_qkv(batch=2, q_heads=6, kv_heads=2, seq=300, head_dim=64)
     q, k = planted.q.to(DEVICE), planted.k.to(DEVICE)
-    patterns = [VerticalSlash(10, 80, slash_block=1), VerticalSlash(20, 70, last_q=32, slash_block=1), BlockSparse(3),
+    patterns = [BlockCoverage(0.8), BlockCoverage(0.95, stride=8), BlockSparse(3),
                 AShape(2, 50), VerticalSlash(10, 200), VerticalSlash(5, 100, last_q=16)]
     from sparse_prefill.kernels.plan import build_plan
 
@@ -83,26 +83,27 @@ def test_plan_estimates_what_the_reference_estimates():
 
 def test_planted_structure_at_larger_size():
     planted = planted_qkv(batch=1, q_heads=2, kv_heads=1, seq=700, head_dim=64, dtype=LOW_PRECISION, device=DEVICE)
-    check_against_reference(planted.q, planted.k, planted.v, [VerticalSlash(16, 96, slash_block=1), VerticalSlash(16, 200)])
+    check_against_reference(planted.q, planted.k, planted.v, [BlockCoverage(0.95), VerticalSlash(16, 200)])
 
 
 def test_output_buffer_is_fully_written():
     q, k, v = fresh_qkv(2, 2, 1, 129, 64, torch.float16)
     from sparse_prefill.kernels import build_plan, run_plan
 
-    plan = build_plan(q, k, [VerticalSlash(4, 64, slash_block=1), BlockSparse(1)], 0.125)
+    plan = build_plan(q, k, [BlockCoverage(0.9), AShape(4, 100)], 0.125)
     out = torch.full_like(q, float("nan"))
     run_plan(q, k, v, plan, 0.125, out=out)
     assert torch.isfinite(out).all()
 
 
-def test_kernel_rejects_float32_and_bad_block():
+def test_kernel_rejects_float32_and_wide_heads():
     q, k, v = fresh_qkv(1, 2, 1, 64, 64, torch.float32)
     with pytest.raises(TypeError, match="float16 or bfloat16, got dtype=torch.float32"):
         triton_sparse_attention(q, k, v, Dense())
-    q, k, v = (t.half() for t in (q, k, v))
-    with pytest.raises(ValueError, match="BlockSparse\\(block=64\\) only, got block=128"):
-        triton_sparse_attention(q, k, v, BlockSparse(2, block=128))
+    # Refused before any estimator or kernel runs (a 512-wide head used to reach Triton's OutOfResources).
+    q, k, v = fresh_qkv(1, 2, 1, 64, 512, torch.float16)
+    with pytest.raises(ValueError, match="head_dim <= 256, got head_dim=512"):
+        triton_sparse_attention(q, k, v, BlockCoverage(0.9))
 
 
 @pytest.mark.gpu
@@ -110,7 +111,7 @@ def test_kernel_rejects_float32_and_bad_block():
 @pytest.mark.parametrize("seq", [8192 + 37, 32768, 131072])
 def test_real_sizes_on_gpu(seq):
     planted = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq=seq, head_dim=128, dtype=torch.bfloat16, device="cuda")
-    patterns = [VerticalSlash(1000, 6096), BlockSparse(32), AShape(64, 4096), VerticalSlash(200, 1000, slash_block=1)] * 2
+    patterns = [VerticalSlash(1000, 6096), BlockSparse(32), AShape(64, 4096), BlockCoverage(0.95)] * 2
     # The reference is exact but slow: check a few query heads' rows only via row chunks.
     out, plan = triton_sparse_attention(planted.q, planted.k, planted.v, patterns, return_plan=True)
     rows = torch.cat([torch.arange(0, 256), torch.arange(seq // 2, seq // 2 + 256), torch.arange(seq - 256, seq)]).cuda()
@@ -127,20 +128,57 @@ def test_real_sizes_on_gpu(seq):
 
 
 @pytest.mark.parametrize("seq, last_q", [(1, 64), (50, 64), (64, 16), (200, 64), (333, 100)])
-def test_fused_estimator_scores_match_pytorch(seq, last_q):
+def test_fused_last_query_statistics_match_pytorch(seq, last_q):
     """Column sums and per-row 64-key block sums of the last-query attention, without the N x last_q matrix."""
-    from sparse_prefill.estimate import last_query_attention
-    from sparse_prefill.kernels.estimate import last_query_scores
+    from sparse_prefill.kernels.last_query import last_query_scores
+    from sparse_prefill.kinds.vertical_slash import last_query_statistics
 
     q, k, _ = fresh_qkv(2, 4, 2, seq, 64, torch.float32)
-    n_rows = min(last_q, seq)
-    own = torch.tensor([n_rows, n_rows // 2 + 1, 1, n_rows] * 2, dtype=torch.int32, device=DEVICE)
-    columns, blocks, _, _ = last_query_scores(q, k, own, n_rows, 0.125)
-    for bh in range(8):
-        b, h = divmod(bh, 4)
-        probs = last_query_attention(q[b : b + 1, h], k[b : b + 1, h // 2], n_rows, 0.125)[0]  # [n_rows, seq]
-        probs[: n_rows - own[bh]] = 0
-        torch.testing.assert_close(columns[bh], probs.sum(0), rtol=1e-4, atol=1e-6)
-        padded = torch.nn.functional.pad(probs, (0, blocks.shape[2] * 64 - seq))
-        want = padded.view(n_rows, -1, 64).sum(2)
-        torch.testing.assert_close(blocks[bh, :n_rows], want, rtol=1e-4, atol=1e-6)
+    heads = [3, 0, 1]
+    last = [min(last_q, seq), min(last_q, seq) // 2 + 1, 1]
+    n_rows = max(last)
+    own = torch.tensor(last * 2, dtype=torch.int32, device=DEVICE)
+    columns, blocks, row_max, row_sum = last_query_scores(q, k, torch.tensor(heads), own, n_rows, 0.125)
+    want = last_query_statistics(q, k, heads, last, 0.125)  # float32 CPU tensors: the PyTorch definition
+    torch.testing.assert_close(columns, want.column_scores, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(blocks, want.block_sums, rtol=1e-4, atol=1e-6)
+    used = want.row_used
+    torch.testing.assert_close(row_max[used], want.row_max[used], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(row_sum[used], want.row_sum[used], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq, stride", [(1, 16), (64, 16), (200, 16), (300, 8), (130, 64), (257, 4), (700, 32)])
+def test_antidiagonal_tile_mass_matches_pytorch(seq, stride):
+    """The Triton tile masses equal the PyTorch definition (float32, selected heads, GQA, padding)."""
+    from sparse_prefill.kernels.coverage import antidiagonal_tile_mass
+    from sparse_prefill.kinds.block_coverage import tile_mass
+
+    q, k, _ = fresh_qkv(2, 4, 2, seq, 64, torch.float32)
+    heads = torch.tensor([0, 3, 2])
+    got = antidiagonal_tile_mass(q, k, heads, stride, 0.125)  # [batch * 3, n_blocks, n_blocks]
+    n_blocks = got.shape[1]
+    causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=DEVICE).tril()
+    for b in range(2):
+        want = tile_mass(q[b, heads], k[b, heads // 2], stride, 0.125)
+        torch.testing.assert_close(got[3 * b : 3 * b + 3] * causal, want, rtol=1e-4, atol=1e-5)
+
+
+@given(n_blocks=st.integers(1, 40), coverage=st.floats(0.05, 1.0), ties=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage, ties, seed):
+    """Bisection on the float bits finds exactly the sort-based threshold, ties and all.
+
+    Masses are multiples of 2^-12 and coverages multiples of 1/64, so that every sum and the target
+    (coverage x total - forced) are exact in float32 whatever the order of the additions and whether
+    the GPU fuses the multiply-add: the two implementations then see the same numbers.
+    """
+    from sparse_prefill.kernels.coverage import coverage_block_lists
+    from sparse_prefill.kinds.block_coverage import blocks_at_threshold, coverage_threshold
+
+    g = torch.Generator().manual_seed(seed)
+    mass = torch.rand(3, n_blocks, n_blocks, generator=g) ** 4
+    steps = 8 if ties else 4096  # coarse values: many equal masses in a row
+    mass = ((mass * steps).round() / steps).tril().to(DEVICE).contiguous()
+    cover = torch.tensor([round(coverage * 64) / 64, 1.0, 0.5], device=DEVICE)
+    got = coverage_block_lists(mass, cover).long()
+    want = blocks_at_threshold(mass, coverage_threshold(mass, cover))
+    assert torch.equal(got, want)

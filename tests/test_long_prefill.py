@@ -153,19 +153,26 @@ def test_sparse_attention_through_enable_matches_transformers_forward():
 def test_default_crossover_keeps_short_gpu_prompts_dense():
     from types import SimpleNamespace
 
-    from sparse_prefill.integrations import transformers as integration
+    from sparse_prefill.presets import PRESETS
 
     model = _model()
-    state = sparse_prefill.enable(model)  # no min_seq_len: the measured crossover on a GPU
+    state = sparse_prefill.enable(model)  # no min_seq_len: the preset's measured crossover on the device
     try:
-        assert state.shortest_sparse(torch.empty(1)) == integration.DEFAULT_MIN_SEQ_LEN
-        assert state.shortest_sparse(SimpleNamespace(is_cuda=True)) == integration.CUDA_MIN_SEQ_LEN == 49152
+        default = PRESETS["default"]
+        assert state.preset is default and state.config is None
+        assert state.shortest_sparse(torch.empty(1)) == default.min_seq_len_cpu
+        assert state.shortest_sparse(SimpleNamespace(is_cuda=True)) == default.min_seq_len_cuda > default.min_seq_len_cpu
+        fast = sparse_prefill.enable(model, preset="fast")
+        assert fast.preset is PRESETS["fast"]
+        assert fast.shortest_sparse(SimpleNamespace(is_cuda=True)) == PRESETS["fast"].min_seq_len_cuda
         explicit = sparse_prefill.enable(model, min_seq_len=64)
         assert explicit.shortest_sparse(SimpleNamespace(is_cuda=True)) == 64
     finally:
         sparse_prefill.disable(model)
     with pytest.raises(ValueError, match=r"min_seq_len must be a positive int, got min_seq_len=0 \(or None"):
         sparse_prefill.enable(model, min_seq_len=0)
+    with pytest.raises(ValueError, match=r"preset must be one of \['default', 'fast'\], got preset='quick'"):
+        sparse_prefill.enable(model, preset="quick")
 
 
 def test_profile_times_attention():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from sparse_prefill import AShape, BlockSparse, Dense, PatternConfig, VerticalSlash
+from sparse_prefill import AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash
 from sparse_prefill.patterns import pattern_from_dict
 
 
@@ -15,8 +15,16 @@ from sparse_prefill.patterns import pattern_from_dict
         (lambda: VerticalSlash(vertical=10, slash=-3), "VerticalSlash.slash must be >= 1"),
         (lambda: VerticalSlash(vertical=10, slash=10, last_q=0), "VerticalSlash.last_q must be >= 1"),
         (lambda: BlockSparse(top_k=0), "BlockSparse.top_k must be >= 1"),
-        (lambda: VerticalSlash(10, 10, slash_block=32), "slash_block must be 1 or 64, got slash_block=32"),
-        (lambda: BlockSparse(top_k=4, block=48), "power of two"),
+        (lambda: BlockCoverage(0.0), r"BlockCoverage.coverage must be a number in \(0, 1\], got coverage=0.0"),
+        (lambda: BlockCoverage(1.5), r"BlockCoverage.coverage must be a number in \(0, 1\], got coverage=1.5"),
+        (lambda: BlockCoverage(-0.2), r"BlockCoverage.coverage must be a number in \(0, 1\], got coverage=-0.2"),
+        (lambda: BlockCoverage(float("nan")), r"BlockCoverage.coverage must be a number in \(0, 1\], got coverage=nan"),
+        (lambda: BlockCoverage("0.9"), r"BlockCoverage.coverage must be a number in \(0, 1\], got coverage='0.9'"),
+        (lambda: BlockCoverage(True), r"BlockCoverage.coverage must be a number in \(0, 1\], got coverage=True"),
+        (lambda: BlockCoverage(0.9, stride=3), "BlockCoverage.stride must be a power of two that divides 64, got stride=3"),
+        (lambda: BlockCoverage(0.9, stride=128), "BlockCoverage.stride must be a power of two that divides 64, got stride=128"),
+        (lambda: BlockCoverage(0.9, stride=48), "BlockCoverage.stride must be a power of two that divides 64, got stride=48"),
+        (lambda: BlockCoverage(0.9, stride=0), "BlockCoverage.stride must be >= 1, got stride=0"),
     ],
 )
 def test_bad_budgets_raise_value_error_naming_the_field(make, message):
@@ -28,6 +36,15 @@ def test_bad_budgets_raise_value_error_naming_the_field(make, message):
 def test_non_integer_budgets_raise_type_error(value):
     with pytest.raises(TypeError, match="VerticalSlash.vertical must be an int"):
         VerticalSlash(vertical=value, slash=10)
+    with pytest.raises(TypeError, match=f"BlockCoverage.stride must be an int, got {type(value).__name__}"):
+        BlockCoverage(0.9, stride=value)
+
+
+def test_block_coverage_defaults_and_budget():
+    assert BlockCoverage(1) == BlockCoverage(1.0, stride=16) and isinstance(BlockCoverage(1).coverage, float)
+    assert {BlockCoverage(0.9, stride=s).stride for s in (1, 2, 4, 8, 16, 32, 64)} == {1, 2, 4, 8, 16, 32, 64}
+    # Its budget is a share of each row's mass: it does not scale with the prompt.
+    assert BlockCoverage(0.9, stride=8).scaled(4.0) == BlockCoverage(0.9, stride=8)
 
 
 def test_patterns_are_frozen_and_hashable():
@@ -40,8 +57,8 @@ def test_patterns_are_frozen_and_hashable():
 def test_config_json_round_trip(tmp_path):
     config = PatternConfig(
         (
-            (VerticalSlash(100, 200), AShape(4, 64), BlockSparse(8), Dense()),
-            (Dense(), VerticalSlash(10, 20, last_q=32, slash_block=1), AShape(0, 16), BlockSparse(2, block=128)),
+            (VerticalSlash(100, 200), AShape(4, 64), BlockSparse(8), Dense(), BlockCoverage(0.98)),
+            (Dense(), VerticalSlash(10, 20, last_q=32), AShape(0, 16), BlockSparse(2), BlockCoverage(0.5, stride=4)),
         ),
         {"model": "tiny"},
     )
@@ -49,8 +66,15 @@ def test_config_json_round_trip(tmp_path):
     config.save(path)
     loaded = PatternConfig.load(path)
     assert loaded == config
-    assert loaded[1, 1] == VerticalSlash(10, 20, last_q=32, slash_block=1)
+    assert loaded[1, 1] == VerticalSlash(10, 20, last_q=32)
+    assert loaded[0, 4] == BlockCoverage(0.98) and loaded[1, 4] == BlockCoverage(0.5, stride=4)
     assert loaded.metadata["model"] == "tiny"
+    # What the file holds for each kind: every field, by name.
+    heads = json.loads(path.read_text())["layers"][1]
+    assert heads[1] == {"type": "vertical_slash", "vertical": 10, "slash": 20, "last_q": 32}
+    assert heads[3] == {"type": "block_sparse", "top_k": 2}
+    assert heads[4] == {"type": "block_coverage", "coverage": 0.5, "stride": 4}
+    assert pattern_from_dict({"type": "block_coverage", "coverage": 0.9}) == BlockCoverage(0.9, stride=16)
 
 
 def test_uniform_and_model_check():
@@ -122,6 +146,21 @@ def test_malformed_json_file(tmp_path):
         ),
         ({"format": "sparse-prefill/pattern-config", "version": 1, "layers": [[{"type": "blocky"}]]},
          "unknown pattern type 'blocky'"),
+        (
+            {"format": "sparse-prefill/pattern-config", "version": 1, "n_layers": 1, "n_heads": 1,
+             "layers": [[{"type": "block_coverage", "coverage": 2, "stride": 16}]]},
+            r"BlockCoverage.coverage must be a number in \(0, 1\], got coverage=2",
+        ),
+        (
+            {"format": "sparse-prefill/pattern-config", "version": 1, "n_layers": 1, "n_heads": 1,
+             "layers": [[{"type": "block_coverage", "coverage": 0.9, "stride": 12}]]},
+            "BlockCoverage.stride must be a power of two that divides 64, got stride=12",
+        ),
+        (
+            {"format": "sparse-prefill/pattern-config", "version": 1, "n_layers": 1, "n_heads": 1,
+             "layers": [[{"type": "block_coverage", "stride": 16}]]},
+            r"layers\[0\]\[0\]: bad fields for 'block_coverage'",
+        ),
     ],
 )
 def test_malformed_own_config(data, message):

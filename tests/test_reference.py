@@ -8,12 +8,16 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparse_prefill import AShape, BlockSparse, Dense, VerticalSlash, reference_attention, sparse_attention
-from sparse_prefill.estimate import diagonal_sums, last_query_attention
-from sparse_prefill.index import SINK_COLUMNS, forced_diagonals, kept_fraction
+from sparse_prefill import AShape, BlockCoverage, BlockSparse, Dense, VerticalSlash, reference_attention, sparse_attention
+from sparse_prefill.kinds import estimate_layer, kept_fraction
+from sparse_prefill.kinds.block_coverage import blocks_at_threshold, coverage_threshold
+from sparse_prefill.kinds.common import LOG2E
+from sparse_prefill.kinds.vertical_slash import FORCED_DIAGONALS, SINK_COLUMNS, diagonal_scores, last_query_statistics
 from sparse_prefill.masked_attention import masked_attention
 from sparse_prefill.reference import attention_with_index
 from sparse_prefill.synthetic import planted_qkv
+
+BLOCK = 64
 
 
 def random_qkv(batch, q_heads, kv_heads, seq, dim, dtype=torch.float32, seed=None):
@@ -51,22 +55,22 @@ def brute_last_query_probs(q, k, last_q, scale):
 
 
 def brute_vertical_slash(q, k, pattern, scale, columns):
-    """Column scores, and diagonal scores of the mass not on ``columns``, from plain loops."""
-    seq, block = q.shape[0], pattern.slash_block
-    column, diagonal = [0.0] * seq, [0.0] * (-(-seq // block))
+    """Column scores, and block-diagonal scores of the mass not on ``columns``, from plain loops."""
+    seq = q.shape[0]
+    column, diagonal = [0.0] * seq, [0.0] * (-(-seq // BLOCK))
     for (i, j), p in brute_last_query_probs(q, k, pattern.last_q, scale).items():
         column[j] += p
         if j not in columns:
-            diagonal[i // block - j // block] += p
+            diagonal[i // BLOCK - j // BLOCK] += p
     return column, diagonal
 
 
 def brute_block_keep(q, k, pattern, scale):
-    """Set of (query block, key block) tiles kept, for one head."""
-    seq, block = q.shape[0], pattern.block
-    n = -(-seq // block)
-    pooled_q = [q[b * block : (b + 1) * block].double().mean(0) for b in range(n)]
-    pooled_k = [k[b * block : (b + 1) * block].double().mean(0) for b in range(n)]
+    """Set of (query block, key block) tiles kept by Block-Sparse, for one head."""
+    seq = q.shape[0]
+    n = -(-seq // BLOCK)
+    pooled_q = [q[b * BLOCK : (b + 1) * BLOCK].double().mean(0) for b in range(n)]
+    pooled_k = [k[b * BLOCK : (b + 1) * BLOCK].double().mean(0) for b in range(n)]
     tiles = set()
     for b in range(n):
         scores = {c: (pooled_q[b] @ pooled_k[c]).item() * scale for c in range(b + 1)}
@@ -76,63 +80,212 @@ def brute_block_keep(q, k, pattern, scale):
     return tiles
 
 
-@pytest.mark.parametrize("seq", [1, 5, 37, 70])
-def test_last_query_attention_and_diagonal_sums_match_loops(seq):
-    q, k, _ = random_qkv(1, 1, 1, seq, 8)
-    probs = last_query_attention(q[:, 0], k[:, 0], 16, 0.3)
-    n_last = min(16, seq)
-    want = torch.zeros(n_last, seq)
-    for (i, j), p in brute_last_query_probs(q[0, 0], k[0, 0], 16, 0.3).items():
-        want[i - (seq - n_last), j] = p
-    torch.testing.assert_close(probs[0], want, rtol=1e-5, atol=1e-6)
-    want_diagonal = torch.zeros(seq)
-    for r in range(n_last):
-        for j in range(seq):
-            i = seq - n_last + r
-            if j <= i:
-                want_diagonal[i - j] += want[r, j]
-    torch.testing.assert_close(diagonal_sums(probs)[0], want_diagonal, rtol=1e-5, atol=1e-6)
+def brute_coverage_selection(mass, coverage):
+    """Kept (query block, key block) tiles from per-tile masses (``mass[m][c]``, lists of floats).
+
+    Block 0 and the diagonal block always; then the free blocks ``0 < c < m`` by descending mass
+    until the kept mass reaches ``coverage`` of the row; every free block with a mass equal to the
+    last one taken is kept too. Should rounding leave the target out of reach, every free block.
+    """
+    tiles = set()
+    for m in range(len(mass)):
+        total = sum(mass[m][: m + 1])
+        kept = {0, m}
+        have = sum(mass[m][c] for c in kept)
+        free = sorted(range(1, m), key=lambda c: -mass[m][c])
+        if have < coverage * total:
+            threshold = 0.0  # out of reach: everything
+            running = have
+            for c in free:
+                running += mass[m][c]
+                if running >= coverage * total:
+                    threshold = mass[m][c]
+                    break
+            kept |= {c for c in free if mass[m][c] >= threshold}
+        tiles |= {(m, c) for c in kept}
+    return tiles
 
 
-@pytest.mark.parametrize("slash_block", [1, 64])
-@pytest.mark.parametrize("seq", [3, 64, 100, 200])
-def test_vertical_slash_kept_set_matches_definition(seq, slash_block):
+def brute_block_coverage(q, k, pattern, scale):
+    """Block-Coverage's kept tiles for one head (q, k: [seq, dim]) from its definition, in plain Python.
+
+    Query group ``a`` meets key group ``b`` in the products ``x_t = scale * q[a*S + t] . k[b*S + S-1-t]``
+    (positions past the sequence read zero vectors). Two scores, the mean ``sum_t x_t / S`` and
+    ``log sum_t exp(x_t)``, each get a softmax over the query group's key groups ``b <= a``; the
+    estimated mass is the mean of the two. A tile's mass sums its query groups (those holding a real
+    query) and key groups.
+    """
+    seq, dim = q.shape
+    stride = pattern.stride
+    n = -(-seq // BLOCK)
+    qs, ks = q.double().tolist(), k.double().tolist()
+    zero = [0.0] * dim
+
+    def row(x, i):
+        return x[i] if i < seq else zero
+
+    def softmax(scores):
+        top = max(scores)
+        weights = [math.exp(s - top) for s in scores]
+        return [w / sum(weights) for w in weights]
+
+    per_block = BLOCK // stride
+    mass = [[0.0] * n for _ in range(n)]
+    for a in range(n * per_block):
+        if a * stride >= seq:
+            continue
+        mean, log_sum = [], []
+        for b in range(a + 1):
+            products = [scale * sum(x * y for x, y in zip(row(qs, a * stride + t), row(ks, b * stride + stride - 1 - t)))
+                        for t in range(stride)]
+            mean.append(sum(products) / stride)
+            top = max(products)
+            log_sum.append(top + math.log(sum(math.exp(x - top) for x in products)))
+        for b, (p_mean, p_sum) in enumerate(zip(softmax(mean), softmax(log_sum))):
+            mass[a // per_block][b // per_block] += (p_mean + p_sum) / 2
+    return brute_coverage_selection(mass, pattern.coverage), mass
+
+
+def tiles_to_mask(tiles, seq):
+    return [[j <= i and (i // BLOCK, j // BLOCK) in tiles for j in range(seq)] for i in range(seq)]
+
+
+@pytest.mark.parametrize("seq", [1, 5, 37, 70, 200])
+def test_last_query_statistics_and_diagonal_scores_match_loops(seq):
+    """The estimator's statistics of the last queries, for two query heads of one KV head with
+    different ``last_q`` (heads given out of order), and the residual block-diagonal scores."""
+    q, k, _ = random_qkv(2, 2, 1, seq, 8)
+    scale = 0.3
+    heads, last = [1, 0], [16, 5]
+    stats = last_query_statistics(q, k, heads, last, scale)
+    n_last, nb = min(16, seq), -(-seq // BLOCK)
+    assert stats.n_last == n_last and stats.block_sums.shape == (4, n_last, nb)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    columns = torch.stack([torch.randperm(seq, generator=g)[: min(3, seq)] for _ in range(4)])
+    counts = torch.tensor([min(3, seq), min(2, seq)] * 2)  # past a row's count, a column is ignored
+    residual = diagonal_scores(stats, q, k, heads, columns, counts, scale)
+    for b in range(2):
+        for position, (head, last_q) in enumerate(zip(heads, last)):
+            r = b * len(heads) + position  # batch-major rows
+            own = min(last_q, seq)
+            probs = brute_last_query_probs(q[b, head], k[b, 0], last_q, scale)
+            want_columns, want_blocks = torch.zeros(seq), torch.zeros(n_last, nb)
+            want_diagonals = torch.zeros(nb)
+            chosen = set(columns[r, : counts[r]].tolist())
+            for (i, j), p in probs.items():
+                want_columns[j] += p
+                want_blocks[i - (seq - n_last), j // BLOCK] += p
+                if j not in chosen:
+                    want_diagonals[i // BLOCK - j // BLOCK] += p
+            torch.testing.assert_close(stats.column_scores[r], want_columns, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(stats.block_sums[r], want_blocks, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(residual[r], want_diagonals, rtol=1e-5, atol=1e-5)
+            assert stats.row_used[r].tolist() == [x >= n_last - own for x in range(n_last)]
+            for x in range(n_last - own, n_last):  # base-2 softmax statistics of the head's own rows
+                i = seq - n_last + x
+                logits = [(q[b, head, i] @ k[b, 0, j]).item() * scale * LOG2E for j in range(i + 1)]
+                top = max(logits)
+                assert stats.row_max[r, x].item() == pytest.approx(top, rel=1e-5, abs=1e-5)
+                assert stats.row_sum[r, x].item() == pytest.approx(sum(2 ** (y - top) for y in logits), rel=1e-5)
+
+
+@pytest.mark.parametrize("seq, slash", [(3, 130), (64, 130), (100, 130), (200, 130), (300, 200), (333, 64)])
+def test_vertical_slash_kept_set_matches_definition(seq, slash):
     q, k, v = random_qkv(1, 1, 1, seq, 16)
-    pattern = VerticalSlash(vertical=10, slash=70 if slash_block == 1 else 130, last_q=20, slash_block=slash_block)
+    pattern = VerticalSlash(vertical=10, slash=slash, last_q=20)
     result = reference_attention(q, k, v, pattern, return_indices=True)
     index = result.indices[0]
     columns, diagonals = set(index.columns[0].tolist()), set(index.diagonals[0].tolist())
-    n_diagonals = -(-seq // slash_block)
+    n_diagonals = -(-seq // BLOCK)
     assert len(columns) == min(10, seq)
-    assert len(diagonals) == min(-(-pattern.slash // slash_block), n_diagonals)
+    assert len(diagonals) == min(-(-pattern.slash // BLOCK), n_diagonals)
     assert set(range(min(SINK_COLUMNS, seq))) <= columns
-    forced = forced_diagonals(slash_block)
-    assert set(range(min(forced, n_diagonals))) <= diagonals
-    column_scores, diagonal_scores = brute_vertical_slash(q[0, 0], k[0, 0], pattern, 16**-0.5, columns)
+    assert set(range(min(FORCED_DIAGONALS, len(diagonals)))) <= diagonals
+    column_scores, diagonal_scores_ = brute_vertical_slash(q[0, 0], k[0, 0], pattern, 16**-0.5, columns)
     # Outside the forced ones, the chosen are the best scored.
-    for chosen_set, scores, first in ((columns, column_scores, SINK_COLUMNS), (diagonals, diagonal_scores, forced)):
+    for chosen_set, scores, first in ((columns, column_scores, SINK_COLUMNS), (diagonals, diagonal_scores_, FORCED_DIAGONALS)):
         free = range(first, len(scores))
         chosen = [x for x in free if x in chosen_set]
         rest = [x for x in free if x not in chosen_set]
         if chosen and rest:
             assert min(scores[x] for x in chosen) >= max(scores[x] for x in rest) - 1e-6
-    mask = index.kept_mask(torch.arange(seq), seq)[0]
+    mask = index.kept_mask(torch.arange(seq), seq)[0].tolist()
     for i in range(seq):
         for j in range(seq):
-            on_diagonal = (i // slash_block - j // slash_block) in diagonals
-            assert mask[i, j].item() == (j <= i and (j in columns or on_diagonal))
+            on_diagonal = (i // BLOCK - j // BLOCK) in diagonals
+            assert mask[i][j] == (j <= i and (j in columns or on_diagonal)), (i, j)
 
 
-@pytest.mark.parametrize("seq, top_k, block", [(1, 1, 16), (40, 2, 16), (100, 3, 16), (130, 10, 32)])
-def test_block_sparse_kept_set_matches_definition(seq, top_k, block):
+@pytest.mark.parametrize("seq, top_k", [(1, 1), (40, 2), (130, 1), (200, 2), (300, 3), (333, 10)])
+def test_block_sparse_kept_set_matches_definition(seq, top_k):
     q, k, v = random_qkv(1, 1, 1, seq, 8)
-    pattern = BlockSparse(top_k=top_k, block=block)
+    pattern = BlockSparse(top_k=top_k)
     index = reference_attention(q, k, v, pattern, return_indices=True).indices[0]
     tiles = brute_block_keep(q[0, 0], k[0, 0], pattern, 8**-0.5)
-    mask = index.kept_mask(torch.arange(seq), seq)[0]
-    for i in range(seq):
-        for j in range(seq):
-            assert mask[i, j].item() == (j <= i and (i // block, j // block) in tiles)
+    assert index.kept_mask(torch.arange(seq), seq)[0].tolist() == tiles_to_mask(tiles, seq)
+
+
+@pytest.mark.parametrize(
+    "seq, stride, coverage",
+    [(1, 4, 0.9), (70, 4, 0.9), (130, 8, 0.5), (200, 4, 0.8), (200, 8, 0.3), (257, 8, 0.95), (300, 4, 0.6)],
+)
+def test_block_coverage_kept_set_matches_definition(seq, stride, coverage):
+    """Antidiagonal scores, softmax per query group, tile masses and the coverage rule, all in plain
+    Python, against the reference's index, for every query head (GQA) and batch element."""
+    q, k, v = random_qkv(2, 2, 1, seq, 8, dtype=torch.float64)
+    q = 3 * q  # sharper attention: tile masses that differ
+    pattern = BlockCoverage(coverage, stride=stride)
+    scale = 8**-0.5
+    indices = reference_attention(q, k, v, pattern, return_indices=True).indices
+    for head in range(2):
+        mask = indices[head].kept_mask(torch.arange(seq), seq)
+        for b in range(2):
+            tiles, _ = brute_block_coverage(q[b, head], k[b, 0], pattern, scale)
+            assert mask[b].tolist() == tiles_to_mask(tiles, seq), (head, b)
+
+
+@given(n_blocks=st.integers(1, 12), coverage=st.floats(0.01, 1.0), steps=st.sampled_from([2, 4, 1024]),
+       seed=st.integers(0, 2**31 - 1))
+def test_coverage_selection_keeps_ties_and_matches_the_rule(n_blocks, coverage, steps, seed):
+    """The threshold rule on tile masses with many ties (masses on a coarse grid, sums exact in float64)."""
+    g = torch.Generator().manual_seed(seed)
+    mass = ((torch.rand(1, n_blocks, n_blocks, generator=g, dtype=torch.float64) * steps).floor() / steps).tril()
+    mass[0, :, 0] += 1 / steps  # strictly positive rows
+    blocks = blocks_at_threshold(mass, coverage_threshold(mass, torch.tensor([coverage], dtype=torch.float64)))[0]
+    got = {(m, c) for m in range(n_blocks) for c in blocks[m].tolist() if c >= 0}
+    assert got == brute_coverage_selection(mass[0].tolist(), coverage)
+    for m in range(n_blocks):  # ascending, padded at the end, the diagonal last
+        listed = [c for c in blocks[m].tolist() if c >= 0]
+        assert listed == sorted(listed) and listed[-1] == m and blocks[m].tolist()[: len(listed)] == listed
+
+
+def test_block_coverage_full_coverage_keeps_every_causal_pair():
+    q, k, v = random_qkv(2, 4, 2, 333, 16, dtype=torch.float64)
+    for stride in (1, 4, 16, 64):
+        result = reference_attention(q, k, v, BlockCoverage(1.0, stride=stride), return_indices=True)
+        causal = torch.ones(333, 333, dtype=torch.bool).tril()
+        for index in result.indices:
+            assert torch.equal(index.kept_mask(torch.arange(333), 333), causal.expand(2, -1, -1)), stride
+        torch.testing.assert_close(result.out, dense_sdpa(q, k, v))
+    # The masses it selects on are strictly positive and hold each query group's whole softmax.
+    _, mass = brute_block_coverage(q[0, 0], k[0, 0], BlockCoverage(1.0, stride=8), 16**-0.5)
+    assert all(mass[m][c] > 0 for m in range(6) for c in range(m + 1))
+    assert [sum(row) for row in mass] == pytest.approx([8.0] * 5 + [(333 - 320 + 7) // 8])
+
+
+@given(seed=st.integers(0, 2**31 - 1), low=st.floats(0.05, 1.0), high=st.floats(0.05, 1.0),
+       stride=st.sampled_from([2, 8, 16]))
+def test_block_coverage_more_coverage_never_keeps_fewer_pairs(seed, low, high, stride):
+    low, high = min(low, high), max(low, high)
+    q, k, _ = random_qkv(1, 2, 1, 400, 16, seed=seed)
+    q = 3 * q
+    rows = torch.arange(400)
+    small = estimate_layer(q, k, [BlockCoverage(low, stride=stride)] * 2, 0.25)  # what reference_attention keeps
+    large = estimate_layer(q, k, [BlockCoverage(high, stride=stride)] * 2, 0.25)
+    for a, b in zip(small, large):
+        kept_small, kept_large = a.kept_mask(rows, 400), b.kept_mask(rows, 400)
+        assert not (kept_small & ~kept_large).any()  # a subset, so never fewer pairs
+        assert kept_small.sum() <= kept_large.sum()
 
 
 @pytest.mark.parametrize("seq, sink, local", [(1, 0, 1), (50, 0, 7), (50, 3, 7), (20, 40, 40)])
@@ -147,12 +300,14 @@ def test_a_shape_kept_set_matches_definition(seq, sink, local):
 
 def test_output_is_masked_softmax_over_kept_set():
     """The output for one row, computed by hand from the kept keys only."""
-    q, k, v = random_qkv(2, 2, 1, 90, 16)
-    result = reference_attention(q, k, v, VerticalSlash(5, 66, last_q=8, slash_block=1), return_indices=True)
+    q, k, v = random_qkv(2, 2, 1, 200, 16)
+    result = reference_attention(q, k, v, [VerticalSlash(5, 64, last_q=8), BlockCoverage(0.5, stride=8)],
+                                 return_indices=True)
     for b in range(2):
         for head in range(2):
-            mask = result.indices[head].kept_mask(torch.arange(90), 90)[b]
-            for i in (0, 45, 89):
+            mask = result.indices[head].kept_mask(torch.arange(200), 200)[b]
+            assert mask.sum() < 200 * 201 // 2  # a sparse kept set, not all of them
+            for i in (0, 45, 100, 199):
                 keys = mask[i].nonzero()[:, 0]
                 weights = torch.softmax(q[b, head, i] @ k[b, 0, keys].T / 4.0, dim=0)
                 torch.testing.assert_close(result.out[b, head, i], weights @ v[b, 0, keys], rtol=1e-5, atol=1e-6)
@@ -170,8 +325,8 @@ def test_patterns_that_keep_everything_equal_sdpa(seq, dim, heads, batch):
     q_heads, kv_heads = heads
     q, k, v = random_qkv(batch, q_heads, kv_heads, seq, dim)
     want = dense_sdpa(q, k, v)
-    everything = [Dense(), VerticalSlash(seq, seq, slash_block=1), VerticalSlash(1, seq), BlockSparse(top_k=seq),
-                  AShape(0, seq), AShape(seq, 1)]
+    everything = [Dense(), VerticalSlash(seq, 1), VerticalSlash(1, seq), BlockSparse(top_k=seq), AShape(0, seq),
+                  AShape(seq, 1), BlockCoverage(1.0), BlockCoverage(1.0, stride=1), BlockCoverage(1.0, stride=64)]
     for pattern in everything:
         out = reference_attention(q, k, v, pattern, chunk_size=37).out
         assert rel_error(out, want) < 1e-5, pattern
@@ -182,8 +337,8 @@ def test_sparse_attention_mixed_heads_and_dtypes(seq, heads, dtype):
     """Per-head patterns; output dtype follows q; each head equals its own single-pattern run."""
     q_heads, kv_heads = heads
     q, k, v = random_qkv(1, q_heads, kv_heads, seq, 64, dtype=dtype)
-    choices = [VerticalSlash(8, 70, last_q=16), BlockSparse(2, block=16), AShape(2, 20), Dense()]
-    patterns = [choices[h % 4] for h in range(q_heads)]
+    choices = [VerticalSlash(8, 70, last_q=16), BlockSparse(2), AShape(2, 20), Dense(), BlockCoverage(0.7, stride=8)]
+    patterns = [choices[h % len(choices)] for h in range(q_heads)]
     out = sparse_attention(q, k, v, patterns)
     assert out.dtype == dtype and out.shape == q.shape
     group = q_heads // kv_heads
@@ -199,7 +354,8 @@ def test_masked_attention_equals_reference_on_every_chunking(seq, chunk, heads):
     """The CPU fast path (fused SDPA over causal prefixes) computes the reference's kept sets exactly."""
     q_heads, kv_heads = heads
     q, k, v = random_qkv(2, q_heads, kv_heads, seq, 32)
-    choices = [VerticalSlash(8, 130), VerticalSlash(8, 70, slash_block=1), BlockSparse(2, block=16), AShape(3, 40), Dense()]
+    choices = [VerticalSlash(8, 130), BlockCoverage(0.7, stride=4), BlockSparse(2), AShape(3, 40), Dense(),
+               VerticalSlash(3, 64, last_q=16)]
     patterns = [choices[h % len(choices)] for h in range(q_heads)]
     indices = reference_attention(q, k, v, patterns, return_indices=True).indices
     want, _ = attention_with_index(q, k, v, indices, scale=32**-0.5)
@@ -212,6 +368,10 @@ def test_float64_stays_float64_and_budgets_clamp():
     result = reference_attention(q, k, v, VerticalSlash(10**6, 10**6), return_indices=True)
     assert result.out.dtype == torch.float64
     assert result.indices[0].columns.shape[1] == 30 and result.indices[0].diagonals.shape[1] == 1
+    torch.testing.assert_close(result.out, dense_sdpa(q, k, v))
+    # One block: Block-Coverage keeps block 0, which is the diagonal block, at any coverage.
+    result = reference_attention(q, k, v, BlockCoverage(0.01, stride=64), return_indices=True)
+    assert result.out.dtype == torch.float64 and result.indices[1].blocks.tolist() == [[[0]]]
     torch.testing.assert_close(result.out, dense_sdpa(q, k, v))
 
 
@@ -233,15 +393,26 @@ def test_recall_matches_brute_force_and_dense_is_one():
 
 
 def test_estimator_recovers_planted_columns_and_diagonals():
+    """Planted heavy columns are chosen, and so is the block diagonal that holds most of each planted
+    diagonal: offset ``o`` lies on block diagonal ``o // 64`` in the rows ``i % 64 >= o % 64`` and on
+    ``o // 64 + 1`` in the others (offsets 150, 400, 700: block diagonals 2, 6 and 11 hold 42, 48
+    and 60 of every 64 rows)."""
     planted = planted_qkv(batch=2, q_heads=4, kv_heads=2, seq=1024, head_dim=128, columns=3, offsets=(150, 400, 700),
                           generator=torch.Generator().manual_seed(torch.seed() % 2**31))
-    pattern = VerticalSlash(vertical=16, slash=64 + 16, slash_block=1)
+    pattern = VerticalSlash(vertical=16, slash=64 * 8)  # 2 forced block diagonals + 6: two per planted offset
     result = reference_attention(planted.q, planted.k, planted.v, pattern, return_indices=True, return_recall=True)
+    rows = torch.arange(1024)
     for head, index in enumerate(result.indices):
         kv = head // 2
+        mask = index.kept_mask(rows, 1024)
         for b in range(2):
             assert set(planted.columns[kv].tolist()) <= set(index.columns[b].tolist())
-            assert set(planted.offsets[kv].tolist()) <= set(index.diagonals[b].tolist())
+            for offset in planted.offsets[kv].tolist():
+                near = BLOCK - offset % BLOCK  # rows out of 64 whose pair (i, i - o) is on block diagonal o // 64
+                majority = offset // BLOCK if near > BLOCK // 2 else offset // BLOCK + 1
+                assert majority in index.diagonals[b].tolist(), (head, b, offset)
+                i = torch.arange(offset, 1024)
+                assert mask[b, i, i - offset].double().mean() >= max(near, BLOCK - near) / BLOCK - 0.01
     a_shape = reference_attention(planted.q, planted.k, planted.v, AShape(16, 80), return_recall=True)
     assert result.recall.mean() > a_shape.recall.mean() + 0.1
 
@@ -255,8 +426,8 @@ def test_kept_fraction_counts_pairs():
 
 
 def test_chunking_does_not_change_results():
-    q, k, v = random_qkv(1, 3, 1, 150, 32)
-    pattern = [VerticalSlash(4, 70), BlockSparse(2, block=32), AShape(1, 40)]
+    q, k, v = random_qkv(1, 4, 1, 150, 32)
+    pattern = [VerticalSlash(4, 70), BlockSparse(2), AShape(1, 40), BlockCoverage(0.8, stride=8)]
     a = reference_attention(q, k, v, pattern, chunk_size=1000, return_recall=True)
     b = reference_attention(q, k, v, pattern, chunk_size=13, return_recall=True)
     torch.testing.assert_close(a.out, b.out)
@@ -276,7 +447,8 @@ def test_32k_tokens_9_heads_memory_is_bounded_by_chunks():
             return result
 
     with Spy():
-        reference_attention(q, k, v, VerticalSlash(16, 128), chunk_size=256, return_recall=True)
+        reference_attention(q, k, v, [VerticalSlash(16, 128), BlockCoverage(0.9), AShape(4, 256)], chunk_size=256,
+                            return_recall=True)
     assert max(seen) <= 256 * 2048 * 2
 
 

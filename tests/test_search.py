@@ -1,5 +1,5 @@
-"""The pattern search: length scaling, adaptive Vertical-Slash, blockwise statistics, candidate
-scoring, budget allocation, calibration prompts, and the resumable search end to end.
+"""The pattern search: length scaling, blockwise statistics, candidate scoring, budget allocation,
+calibration prompts, and the resumable search end to end.
 
 Fast tests use random or planted Q/K and a tiny random Llama; the one test on SmolLM2 itself is
 marked ``slow`` (one layer at 1024 tokens on the CPU).
@@ -7,26 +7,22 @@ marked ``slow`` (one layer at 1024 tokens on the CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
-HAS_GPU = torch.cuda.is_available()
-if not HAS_GPU:
-    # The plan's fused estimator is a Triton kernel: on a CPU it runs in the interpreter, which must
-    # be chosen before triton is first imported in this process.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from sparse_prefill import AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash, reference_attention
+from sparse_prefill.kinds import estimate_layer
+from sparse_prefill.patterns import pattern_from_dict, scale_pattern
+from sparse_prefill.search.allocate import BudgetTooSmall, allocate, upper_hull
+from sparse_prefill.search.candidates import CandidateGrid, score_grid, score_patterns
+from sparse_prefill.search.stats import index_cost, layer_statistics
+from sparse_prefill.synthetic import planted_qkv
 
-from sparse_prefill import AShape, BlockSparse, Dense, PatternConfig, VerticalSlash, reference_attention  # noqa: E402
-from sparse_prefill.estimate import estimate_index, last_query_attention  # noqa: E402
-from sparse_prefill.patterns import AdaptiveVerticalSlash, pattern_from_dict, scale_pattern  # noqa: E402
-from sparse_prefill.search.allocate import BudgetTooSmall, allocate, upper_hull  # noqa: E402
-from sparse_prefill.search.candidates import CandidateGrid, score_grid, score_patterns  # noqa: E402
-from sparse_prefill.search.stats import index_cost, layer_statistics  # noqa: E402
-from sparse_prefill.synthetic import planted_qkv  # noqa: E402
+HAS_GPU = torch.cuda.is_available()
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
@@ -39,24 +35,26 @@ def random_qk(heads=4, kv_heads=2, seq=512, dim=32, seed=None):
     return q, k
 
 
-# --- patterns: scaling rule and the adaptive pattern ---------------------------------------------
+# --- patterns: the scaling rule -------------------------------------------------------------------
 
 
 def test_scaling_rules_follow_length():
-    layer = (VerticalSlash(256, 1024), AShape(4, 512), BlockSparse(8), Dense())
+    coverage = BlockCoverage(0.9, stride=8)  # a share of each row's mass: the same at every length
+    layer = (VerticalSlash(256, 1024), AShape(4, 512), BlockSparse(8), Dense(), coverage)
     fixed = PatternConfig((layer,))
     assert fixed.layer_at(0, 131072) == layer
     proportional = PatternConfig((layer,), reference_length=8192, scaling="proportional")
-    assert proportional.layer_at(0, 32768) == (VerticalSlash(1024, 4096), AShape(4, 2048), BlockSparse(32), Dense())
-    assert proportional.layer_at(0, 4096) == (VerticalSlash(128, 512), AShape(4, 256), BlockSparse(4), Dense())
+    assert proportional.layer_at(0, 32768) == (VerticalSlash(1024, 4096), AShape(4, 2048), BlockSparse(32), Dense(),
+                                               coverage)
+    assert proportional.layer_at(0, 4096) == (VerticalSlash(128, 512), AShape(4, 256), BlockSparse(4), Dense(), coverage)
     limited = PatternConfig((layer,), reference_length=8192, scaling="proportional", scaling_limit=16384)
     assert limited.layer_at(0, 131072) == limited.layer_at(0, 16384) == (
-        VerticalSlash(512, 2048), AShape(4, 1024), BlockSparse(16), Dense())
+        VerticalSlash(512, 2048), AShape(4, 1024), BlockSparse(16), Dense(), coverage)
     assert limited.at_length(16384).layers == (limited.layer_at(0, 16384),)
 
 
 def test_scaling_round_trips_and_old_files_load(tmp_path):
-    config = PatternConfig(((VerticalSlash(256, 1024), AdaptiveVerticalSlash(0.9, 16, 512, 128, 2048)),),
+    config = PatternConfig(((VerticalSlash(256, 1024), BlockCoverage(0.9, stride=8)),),
                            {"model": "x"}, reference_length=8192, scaling="proportional", scaling_limit=49152)
     path = tmp_path / "c.json"
     config.save(path)
@@ -67,6 +65,7 @@ def test_scaling_round_trips_and_old_files_load(tmp_path):
     path.write_text(json.dumps(data))
     old = PatternConfig.load(path)
     assert old.scaling == "fixed" and old.layer_at(0, 100_000) == config.layers[0]
+    assert config.layer_at(0, 4 * 8192) == (VerticalSlash(1024, 4096), BlockCoverage(0.9, stride=8))
 
 
 @pytest.mark.parametrize(
@@ -75,70 +74,16 @@ def test_scaling_round_trips_and_old_files_load(tmp_path):
         (lambda: PatternConfig(((Dense(),),), scaling="linear"), "scaling must be one of"),
         (lambda: PatternConfig(((Dense(),),), scaling="proportional"), "needs reference_length"),
         (lambda: PatternConfig(((Dense(),),), reference_length=8192, scaling_limit=4), "applies to scaling='proportional'"),
-        (lambda: AdaptiveVerticalSlash(1.5, 4, 8, 64, 128), "coverage must be a number in \\(0, 1\\]"),
-        (lambda: AdaptiveVerticalSlash(0.9, 16, 8, 64, 128), "min_vertical must be <= max_vertical"),
-        (lambda: AdaptiveVerticalSlash(0.9, 4, 8, 256, 128), "min_slash must be <= max_slash"),
-        (lambda: pattern_from_dict({"type": "adaptive_vertical_slash", "coverage": 0.9}), "bad fields"),
+        # The adaptive Vertical-Slash pattern was removed: a file naming it gets a clear error.
+        (lambda: pattern_from_dict({"type": "adaptive_vertical_slash", "coverage": 0.9}),
+         "unknown pattern type 'adaptive_vertical_slash'; expected one of"),
         (lambda: scale_pattern(Dense(), 0), "factor must be a positive"),
+        (lambda: scale_pattern(BlockCoverage(0.9), float("inf")), "factor must be a positive"),
     ],
 )
-def test_bad_scaling_and_adaptive_input(make, message):
+def test_bad_scaling_input(make, message):
     with pytest.raises(ValueError, match=message):
         make()
-
-
-def test_adaptive_index_keeps_floor_respects_cap_and_reaches_coverage():
-    q, k = random_qk(heads=1, kv_heads=1, seq=1024, seed=3)
-    scale = q.shape[-1] ** -0.5
-    probs = last_query_attention(q, k, 64, scale)[0]  # [64, seq]
-    previous = None
-    for coverage in (0.2, 0.5, 0.8, 0.95):
-        pattern = AdaptiveVerticalSlash(coverage, min_vertical=8, max_vertical=300, min_slash=128, max_slash=640)
-        index = estimate_index(pattern, q, k, scale)
-        columns, diagonals = set(index.columns[0].tolist()), set(index.diagonals[0].tolist())
-        assert {0, 1, 2, 3} <= columns and {0, 1} <= diagonals  # forced sinks and nearest diagonals
-        assert 8 <= len(columns) <= 300 and 2 <= len(diagonals) <= 10
-        # Kept mass of the last queries, counted as the rule counts it, reaches the target unless capped.
-        kept = index.kept_mask(torch.arange(1024 - 64, 1024), 1024)[0]
-        if len(columns) < 300 and len(diagonals) < 10:
-            assert (probs * kept).sum() / 64 >= coverage - 1e-6
-        size = len(columns) + 64 * len(diagonals)
-        assert previous is None or size >= previous  # more coverage never keeps less
-        previous = size
-
-
-def test_adaptive_with_floor_equal_to_cap_is_static_vertical_slash():
-    q, k = random_qk(heads=1, kv_heads=1, seq=700, seed=5)
-    scale = q.shape[-1] ** -0.5
-    adaptive = estimate_index(AdaptiveVerticalSlash(0.3, 40, 40, 256, 256), q, k, scale)
-    static = estimate_index(VerticalSlash(40, 256), q, k, scale)
-    rows = torch.arange(700)
-    assert torch.equal(adaptive.kept_mask(rows, 700), static.kept_mask(rows, 700))
-
-
-def test_plan_estimates_adaptive_heads_as_the_reference_does():
-    from sparse_prefill.kernels import triton_sparse_attention
-    from sparse_prefill.reference import attention_with_index
-
-    torch.manual_seed(11)
-    batch, seq, dim = 2, 300, 64
-    q = torch.randn(batch, 4, seq, dim, device=DEVICE).half()
-    k = torch.randn(batch, 2, seq, dim, device=DEVICE).half()
-    v = torch.randn(batch, 2, seq, dim, device=DEVICE).half()
-    patterns = [AdaptiveVerticalSlash(0.5, 6, 120, 64, 256, last_q=16), VerticalSlash(20, 128),
-                AdaptiveVerticalSlash(0.9, 4, 40, 64, 192), BlockSparse(2)]
-    out, plan = triton_sparse_attention(q, k, v, patterns, return_plan=True)
-    rows = torch.arange(seq, device=DEVICE)
-    for head, pattern in enumerate(patterns):
-        expected = estimate_index(pattern, q[:, head].float(), k[:, head // 2].float(), dim**-0.5)
-        assert torch.equal(expected.kept_mask(rows, seq), plan.indices[head].kept_mask(rows, seq)), head
-    reference, _ = attention_with_index(q, k, v, plan.indices, scale=dim**-0.5)
-    assert ((out.float() - reference).norm() / reference.norm()) < 1e-2
-    # The kernel's gathered columns are exactly each adaptive head's kept columns.
-    counts = plan.column_count.view(batch, 4)
-    for head in (0, 2):
-        for b in range(batch):
-            assert counts[b, head] == len(set(plan.indices[head].columns[b].tolist()))
 
 
 # --- blockwise statistics and candidate scores -----------------------------------------------------
@@ -156,57 +101,90 @@ def test_statistics_do_not_depend_on_the_chunk_size():
 
 
 def test_every_candidate_scores_as_the_reference_measures_it():
-    """Grid recall = reference_attention's recall of estimate_index's kept set; cost = index_cost."""
+    """Grid recall = reference_attention's recall of the estimators' kept set (``estimate_layer``);
+    cost = index_cost; Vertical-Slash coverage = the last queries' attention on the kept set."""
     planted = planted_qkv(batch=1, q_heads=4, kv_heads=2, seq=512, head_dim=32,
                           generator=torch.Generator().manual_seed(torch.seed() % 2**31))
     q, k = planted.q[0].float(), planted.k[0].float()
     grid = CandidateGrid(verticals=(4, 100), slash_blocks=(2, 5), top_ks=(1, 4), sinks=(0, 64), local_blocks=(1, 3))
     scale = q.shape[-1] ** -0.5
     scores = score_grid(q, k, scale, grid)
+    causal = torch.arange(512)[None, :] <= torch.arange(512)[:, None]
+    logits = torch.einsum("hqd,hkd->hqk", q.double(), k.double().repeat_interleave(2, dim=0)) * scale
+    dense = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # [heads, 512, 512], float64
     last = torch.arange(512 - 256, 512)  # the rows recall_last is over
-    logits = torch.einsum("hqd,hkd->hqk", q[:, last], k.repeat_interleave(2, dim=0)) * scale
-    dense_last = logits.masked_fill(torch.arange(512)[None, :] > last[:, None], float("-inf")).softmax(dim=-1)
+    estimating = torch.arange(512 - grid.last_q, 512)  # the rows Vertical-Slash's estimator looks at
+    assert len(grid.patterns()) == scores.recall.shape[1] == 1 + 2 * 2 + 2 + 2 * 2
     for c, pattern in enumerate(grid.patterns()):
         result = reference_attention(q[None], k[None], k[None], [pattern] * 4, return_recall=True, return_indices=True)
         assert torch.allclose(scores.recall[:, c], result.recall[0].double(), atol=1e-5), pattern
         for h, index in enumerate(result.indices):
             tiles, columns = index_cost(index, 512)
             assert (scores.tile_pairs[h, c], scores.column_pairs[h, c]) == (tiles, columns), (pattern, h)
-            kept_last = (dense_last[h] * index.kept_mask(last, 512)[0]).sum() / 256
+            kept_last = (dense[h, last] * index.kept_mask(last, 512)[0]).sum() / 256
             assert abs(float(scores.recall_last[h, c]) - float(kept_last)) < 1e-5, (pattern, h)
+            if isinstance(pattern, VerticalSlash):
+                seen = (dense[h, estimating] * index.kept_mask(estimating, 512)[0]).sum() / grid.last_q
+                assert abs(float(scores.coverage[h, c]) - float(seen)) < 1e-5, (pattern, h)
+            else:
+                assert torch.isnan(scores.coverage[h, c])
+
+
+def one_prompt(index, b):
+    """Batch element ``b`` of a head's index, as an index of batch 1."""
+    fields = {name: value[b : b + 1] for name, value in vars(index).items() if isinstance(value, torch.Tensor)}
+    return dataclasses.replace(index, **fields, **({"batch": 1} if hasattr(index, "batch") else {}))
 
 
 def test_index_cost_is_what_the_kernel_plan_computes():
+    """index_cost against the kernel's own work lists (the tiles its loops walk), counted here from the plan."""
     from sparse_prefill.kernels import build_plan
 
     torch.manual_seed(2)
-    q = torch.randn(1, 5, 320, 64, device=DEVICE).half()
-    k = torch.randn(1, 5, 320, 64, device=DEVICE).half()
-    patterns = [VerticalSlash(10, 130), AShape(4, 100), BlockSparse(3), Dense(), AdaptiveVerticalSlash(0.7, 4, 50, 64, 256)]
+    q = torch.randn(2, 6, 320, 64, device=DEVICE).half()
+    k = torch.randn(2, 6, 320, 64, device=DEVICE).half()
+    patterns = [VerticalSlash(10, 130), AShape(4, 100), BlockSparse(3), Dense(), BlockCoverage(0.7), AShape(70, 64)]
     plan = build_plan(q, k, patterns, 0.125)
-    computed = plan.computed_pairs()
+    # Per query block: its listed diagonals, its listed key blocks, and its gathered columns in tiles of 64.
+    tiles = plan.diagonal_limit.long().sum(dim=1) + plan.block_count.long().sum(dim=1)
+    column_tiles = (-(-plan.column_before.long() // 64)).sum(dim=1)
+    walked = ((tiles + column_tiles) * 64 * 64).view(2, 6).cpu()
+    computed = plan.computed_pairs().view(2, 6).cpu()
+    assert torch.equal(computed, walked)
     for head, index in enumerate(plan.indices):
-        assert sum(index_cost(index, 320)) == int(computed[head]), patterns[head]
+        for b in range(2):
+            assert sum(index_cost(one_prompt(index, b), 320)) == int(walked[b, head]), (patterns[head], b)
 
 
 def test_score_patterns_matches_reference_for_mixed_heads():
     q, k = random_qk(heads=4, kv_heads=2, seq=448)
-    patterns = [AdaptiveVerticalSlash(0.6, 8, 100, 64, 256), AShape(4, 128), BlockSparse(3), VerticalSlash(30, 200)]
+    patterns = [BlockCoverage(0.6, stride=8), AShape(4, 128), BlockSparse(3), VerticalSlash(30, 200)]
     scores = score_patterns(q, k, q.shape[-1] ** -0.5, patterns)
-    reference = reference_attention(q[None], k[None], k[None], patterns, return_recall=True).recall[0]
-    assert torch.allclose(torch.tensor(scores.recall, dtype=torch.float64), reference.double(), atol=1e-5)
+    result = reference_attention(q[None], k[None], k[None], patterns, return_recall=True, return_indices=True)
+    assert torch.allclose(torch.tensor(scores.recall, dtype=torch.float64), result.recall[0].double(), atol=1e-5)
+    costs = [index_cost(index, 448) for index in result.indices]
+    assert scores.tile_pairs == [c[0] for c in costs] and scores.column_pairs == [c[1] for c in costs]
+    assert scores.tile_pairs[0] < (7 * 8 // 2) * 64 * 64  # Block-Coverage at 0.6 drops some tiles
 
 
-def test_search_rejects_single_diagonals_and_odd_lengths():
+def test_search_rejects_odd_lengths_and_statistics_it_lacks():
     from sparse_prefill.search.stats import index_recall
 
     q, k = random_qk(heads=1, kv_heads=1, seq=256)
-    stats = layer_statistics(q, k, 0.2, torch.zeros(1, 1, dtype=torch.long))
-    single = estimate_index(VerticalSlash(4, 64, slash_block=1), q, k, 0.2)
-    with pytest.raises(ValueError, match="slash_block=64"):
-        index_recall(single, stats, 0)
+    stats = layer_statistics(q, k, 0.2, torch.zeros(1, 1, dtype=torch.long), locals_=(64,), n_sinks=4)
     with pytest.raises(ValueError, match="multiple of 64"):
         layer_statistics(q[:, :200], k[:, :200], 0.2, torch.zeros(1, 1, dtype=torch.long))
+    vertical_slash = estimate_layer(q[None], k[None], [VerticalSlash(8, 128)], 0.2)[0]
+    with pytest.raises(ValueError, match="multiple of 64, got seq=200"):
+        index_cost(vertical_slash, 200)
+    with pytest.raises(ValueError, match="gathered without some of this index's columns"):
+        index_recall(vertical_slash, stats, 0)
+    a_shape = estimate_layer(q[None], k[None], [AShape(4, 128)], 0.2)[0]
+    with pytest.raises(ValueError, match=r"AShape\(sink=4, local=128\) needs its own"):
+        index_recall(a_shape, stats, 0)
+    two = estimate_layer(torch.cat([q[None]] * 2), torch.cat([k[None]] * 2), [BlockCoverage(0.9)], 0.2)[0]
+    with pytest.raises(ValueError, match="one prompt \\(batch 1\\)"):
+        index_cost(two, 256)
 
 
 # --- allocation ----------------------------------------------------------------------------------
@@ -424,13 +402,16 @@ def test_shipped_smollm2_config_is_found_by_architecture_and_beat_uniform_when_s
     assert shipped_config_for(other) is None
 
 
-def test_enable_uses_the_shipped_config_only_for_its_architecture(tiny):
+def test_enable_runs_the_preset_unless_given_a_config(tiny):
+    """A searched config is used only when passed: without one, enable() runs the preset on every head."""
     import sparse_prefill
+    from sparse_prefill.presets import PRESETS
 
     state = sparse_prefill.enable(tiny.model)
-    assert state.config is None  # nothing was searched for the tiny model: the uniform default
+    assert state.config is None and state.preset is PRESETS["default"]
     sparse_prefill.disable(tiny.model)
-    assert sparse_prefill.enable(tiny.model, "uniform").config is None
+    config = PatternConfig.uniform(2, 4, VerticalSlash(64, 256))
+    assert sparse_prefill.enable(tiny.model, config).config is config
     sparse_prefill.disable(tiny.model)
-    with pytest.raises(TypeError, match="'uniform' or None, got 'searched'"):
+    with pytest.raises(TypeError, match="PatternConfig or None .*, got 'searched'"):
         sparse_prefill.enable(tiny.model, "searched")

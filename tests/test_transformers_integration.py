@@ -15,7 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import sparse_prefill  # noqa: E402
-from sparse_prefill import AShape, BlockSparse, Dense, PatternConfig, VerticalSlash, reference_attention  # noqa: E402
+from sparse_prefill import (AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash,  # noqa: E402
+                            reference_attention)
 from sparse_prefill.integrations import transformers as integration  # noqa: E402
 
 SEQ = 200
@@ -65,17 +66,18 @@ def _ids(batch: int = 1, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-# Every pattern kind, a different one per head, with budgets well below the 200-token prompt.
+# Every pattern kind, a different one per head, with budgets well below the 200-token prompt (4
+# blocks of 64); the second layer has the heads in reverse order and Block-Coverage for Dense.
 MIXED = (
     VerticalSlash(vertical=8, slash=16, last_q=16),
     AShape(sink=4, local=32),
-    BlockSparse(top_k=2, block=16),
+    BlockSparse(top_k=2),
     Dense(),
 )
 
 
 def _mixed_config() -> PatternConfig:
-    return PatternConfig((MIXED, MIXED[::-1]))
+    return PatternConfig((MIXED, (BlockCoverage(0.8, stride=8),) + MIXED[::-1][1:]))
 
 
 def _all_keeping_config() -> PatternConfig:
@@ -253,24 +255,44 @@ def test_enable_checks_config_against_model():
 
 
 @torch.no_grad()
-def test_default_config_runs_sparse():
+def test_default_preset_runs_sparse():
+    from sparse_prefill.presets import PRESETS
+
     model = _model("qwen2")
+    ids = _ids()
     state = sparse_prefill.enable(model, min_seq_len=MIN_SEQ)
-    assert state.config is None
-    logits = model(_ids()).logits
+    assert state.config is None and state.preset is PRESETS["default"]
+    assert state.layer_patterns(0, N_HEADS, SEQ) == (PRESETS["default"].pattern,) * N_HEADS
+    assert state.describe() == f"preset default ({PRESETS['default'].pattern})"
+    captured, handles = _attention_inputs(model)
+    logits = model(ids).logits
     assert torch.isfinite(logits).all() and state.sparse_calls == N_LAYERS
+    # The same as the preset's pattern given as a config on every head.
+    uniform = PatternConfig.uniform(N_LAYERS, N_HEADS, PRESETS["default"].pattern)
+    got = list(captured)
+    captured.clear()
+    sparse_prefill.enable(model, uniform, min_seq_len=MIN_SEQ)
+    assert torch.equal(model(ids).logits, logits)
+    for layer, (a, b) in enumerate(zip(got, captured)):
+        assert torch.equal(a, b), layer
+    fast = sparse_prefill.enable(model, preset="fast", min_seq_len=MIN_SEQ)
+    assert fast.layer_patterns(1, N_HEADS, SEQ) == (PRESETS["fast"].pattern,) * N_HEADS
+    for handle in handles:
+        handle.remove()
     sparse_prefill.disable(model)
+    with pytest.raises(TypeError, match=r"config must be a PatternConfig or None \(a preset: preset='fast'\), got 'uniform'"):
+        sparse_prefill.enable(model, "uniform")
 
 
-def test_default_pattern_scales_with_length():
-    assert integration.default_pattern(1000) == VerticalSlash(vertical=64, slash=256)
-    assert integration.default_pattern(6000) == VerticalSlash(vertical=187, slash=750)
-    assert integration.default_pattern(131072) == VerticalSlash(vertical=1000, slash=6096)
-    assert integration.default_pattern(1 << 20) == VerticalSlash(vertical=1000, slash=6096)
-    config = integration.default_config(30, 9, 6000)
-    config.check_model(30, 9)
-    with pytest.raises(ValueError, match="seq_len must be a positive int, got seq_len=0"):
-        integration.default_pattern(0)
+def test_minference_budget_scales_with_length():
+    from sparse_prefill.kinds.vertical_slash import minference_budget
+
+    assert minference_budget(1000) == VerticalSlash(vertical=64, slash=256)
+    assert minference_budget(6000) == VerticalSlash(vertical=187, slash=750)
+    assert minference_budget(131072) == VerticalSlash(vertical=1000, slash=6096)
+    assert minference_budget(1 << 20) == VerticalSlash(vertical=1000, slash=6096)
+    with pytest.raises(ValueError, match="minference_budget.seq_len must be >= 1, got seq_len=0"):
+        minference_budget(0)
 
 
 def test_import_stays_light():

@@ -4,20 +4,20 @@ Importing this package never initialises CUDA.
 """
 
 from .attention import sparse_attention
-from .patterns import AShape, BlockSparse, Dense, PatternConfig, VerticalSlash
+from .patterns import AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash
 from .reference import ReferenceResult, reference_attention
 
 __version__ = "0.1.0"
 
 
-def enable(model, config=None, *, min_seq_len=None):
+def enable(model, config=None, *, preset="default", min_seq_len=None):
     """Switch a transformers model to sparse prefill; see :func:`sparse_prefill.integrations.transformers.enable`.
 
     transformers is imported on this first call, not when ``sparse_prefill`` is imported.
     """
     from .integrations import transformers as integration
 
-    return integration.enable(model, config, min_seq_len=min_seq_len)
+    return integration.enable(model, config, preset=preset, min_seq_len=min_seq_len)
 
 
 def disable(model):
@@ -35,6 +35,7 @@ def register():
 
 __all__ = [
     "AShape",
+    "BlockCoverage",
     "BlockSparse",
     "Dense",
     "PatternConfig",

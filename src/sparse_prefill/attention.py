@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .checks import check_layer_patterns, check_qkv, check_scale
-from .estimate import estimate_index
+from .kinds import estimate_layer
 from .masked_attention import masked_attention
 from .patterns import Pattern
 
@@ -47,8 +47,5 @@ def sparse_attention(
     shape = check_qkv(q, k, v)
     head_patterns = check_layer_patterns(patterns, shape.q_heads)
     scale = check_scale(scale, shape.head_dim)
-    indices = [
-        estimate_index(pattern, q[:, head], k[:, head // shape.group], scale)
-        for head, pattern in enumerate(head_patterns)
-    ]
+    indices = estimate_layer(q, k, head_patterns, scale)
     return masked_attention(q, k, v, indices, scale=scale)

@@ -10,8 +10,9 @@ from typing import Sequence
 
 import torch
 
-from .index import kept_fraction
+from .kinds import kept_fraction
 from .patterns import AShape, BlockSparse, Dense, VerticalSlash
+from .presets import PRESETS
 from .reference import reference_attention
 from .generation import eos_ids, greedy_generate
 from .synthetic import planted_qkv
@@ -39,6 +40,7 @@ def _demo(args: argparse.Namespace) -> int:
         "a-shape": AShape(sink=4, local=4 * budget),
         "vertical-slash": VerticalSlash(vertical=budget, slash=4 * budget),
         "block-sparse": BlockSparse(top_k=max(4 * budget // 64, 1)),
+        "block-coverage": PRESETS["default"].pattern,
     }
     rows = []
     for name, pattern in patterns.items():
@@ -141,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     progress = not args.json and not args.no_progress
 
     try:
-        state = enable(model, config, min_seq_len=args.min_seq_len)
+        state = enable(model, config, preset=args.preset, min_seq_len=args.min_seq_len)
     except ValueError as error:
         return fail(f"--config {args.config!r} does not fit model {args.model!r}: {error}")
     try:
@@ -173,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
         "model": loaded.source,
         "prompt_tokens": n_tokens,
         "rope_scaling": loaded.rope_scaling,
-        "config": args.config or "default (sparse_prefill.integrations.transformers.default_pattern)",
+        "config": args.config or state.describe(),
         "sparse_layers": sparse_layers,
         "threads": torch.get_num_threads(),
         "kv": {"method": args.kv, "capacity": None if args.kv == "full" else cache.capacity},
@@ -274,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo-tokens", type=int, default=DEMO_TOKENS,
                      help=f"length of the --demo prompt in tokens (default {DEMO_TOKENS}; at most ~8.6K)")
     run.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
-    run.add_argument("--config", help="pattern config JSON (default: sparse_prefill's default VerticalSlash budget)")
+    run.add_argument("--config", help="pattern config JSON (default: the --preset on every head)")
+    run.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                     help="named operating point when no --config: default (accurate) or fast (docs/BENCHMARKS.md)")
     run.add_argument("--min-seq-len", type=int, default=2048, help="shorter prompts run dense (default 2048)")
     run.add_argument("--compare-dense", action="store_true", help="also run dense; report speedup and agreement")
     run.add_argument("--kv", default="full", metavar="METHOD",

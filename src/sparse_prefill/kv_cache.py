@@ -19,10 +19,10 @@ more is evicted. A prompt no longer than a layer's capacity is kept whole.
 How the scores reach the cache: the prefill's queries exist only inside the attention function.
 transformers hands the attention function the very key tensor the cache's ``update`` returned, so
 the cache registers that tensor (:func:`awaiting_compression`) and sparse_prefill's attention
-function (``integrations/transformers.py``) calls back with the queries. On the GPU kernel path the
-scores come from the Vertical-Slash estimator's own pass over the last queries (it forms the same
-softmax rows; ``SparsePlan.window_scores``); elsewhere they are computed here
-(:func:`window_attention_scores`). A model must therefore run with sparse_prefill's attention
+function (``integrations/transformers.py``) calls back with the queries. The scores are the
+attention the last ``window`` queries give each key: the statistic Vertical-Slash's estimator
+computes from its last queries, and :func:`window_attention_scores` takes it from there (the fused
+Triton pass on the GPU). A model must therefore run with sparse_prefill's attention
 (:func:`sparse_prefill.enable`; for a dense prefill, ``enable(model, min_seq_len=...)`` above the
 prompt length routes every call to SDPA through it). StreamingLLM needs no scores and also works
 without it: it then compresses at the first decoding step.
@@ -49,6 +49,8 @@ import torch.nn.functional as F
 import transformers
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from .kinds.vertical_slash import last_query_statistics
+
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover - depends on the installed version
     raise ImportError(
         "sparse_prefill.kv_cache needs transformers >= 5 (its layered Cache API with get_mask_sizes(query_length)), "
@@ -72,7 +74,6 @@ __all__ = [
     "streaming_positions",
     "pyramid_capacities",
     "awaiting_compression",
-    "sparse_attention_with_scores",
 ]
 
 METHODS = ("full", "snapkv", "pyramidkv", "streamingllm")
@@ -101,22 +102,13 @@ def window_attention_scores(query: torch.Tensor, key: torch.Tensor, window: int,
     Returns
     -------
     Tensor [batch, q_heads, seq], float32 (float64 for float64 input). Row sums of the softmax are
-    1, so every query head's scores sum to ``min(window, seq)``.
+    1, so every query head's scores sum to ``min(window, seq)``. Computed by Vertical-Slash's
+    estimator statistics (:func:`sparse_prefill.kinds.vertical_slash.last_query_statistics`).
     """
-    batch, q_heads, seq, dim = query.shape
-    kv_heads = key.shape[1]
-    group = q_heads // kv_heads
-    n = min(window, seq)
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    future = torch.arange(seq, device=query.device)[None, :] > torch.arange(seq - n, seq, device=query.device)[:, None]
-    q_last = query[:, :, seq - n :].reshape(batch, kv_heads, group * n, dim)  # a KV head's query rows together
-    scores = torch.empty(batch, kv_heads, group, seq, dtype=dtype, device=query.device)
-    # One KV head's logits at a time stay small ([group * window, seq] floats: 37 MB at 1M tokens, 9 heads).
-    for h in range(kv_heads):
-        logits = torch.matmul(q_last[:, h].to(dtype), key[:, h].to(dtype).transpose(-1, -2)) * scale
-        logits = logits.view(batch, group, n, seq).masked_fill(future, float("-inf"))
-        scores[:, h] = logits.softmax(dim=-1).sum(dim=2)
-    return scores.view(batch, q_heads, seq)
+    batch, q_heads, seq, _ = query.shape
+    heads = list(range(q_heads))
+    stats = last_query_statistics(query, key, heads, [window] * q_heads, scale)
+    return stats.column_scores.view(batch, q_heads, seq)
 
 
 def snapkv_positions(kv_scores: torch.Tensor, capacity: int, window: int, kernel: int = POOL_KERNEL) -> torch.Tensor:
@@ -247,13 +239,10 @@ class _CompressingLayer(DynamicLayer):
         self.kept = kept
         self.pending = False
 
-    def compress_after_attention(self, query: torch.Tensor, scale: float | None, scores: torch.Tensor | None = None) -> None:
-        """Called by the attention function after this layer's prefill attention, with its queries.
-
-        ``scores`` [batch, q_heads, seq]: window scores already computed (by the sparse estimator);
-        None computes them here when the method needs them.
-        """
-        if self.window and scores is None:
+    def compress_after_attention(self, query: torch.Tensor, scale: float | None) -> None:
+        """Called by the attention function after this layer's prefill attention, with its queries."""
+        scores = None
+        if self.window:
             scale = query.shape[-1] ** -0.5 if scale is None else scale
             scores = window_attention_scores(query, self.keys, self.window, scale)
         _AWAITING.pop(id(self.keys), None)
@@ -457,35 +446,6 @@ def cache_stats(cache: Cache) -> dict:
 
 
 # --- the sparse prefill's side -------------------------------------------------------------------------
-
-
-def sparse_attention_with_scores(query, key, value, patterns, scale: float | None, window: int):
-    """:func:`sparse_prefill.sparse_attention` and the last ``window`` queries' key scores, from one estimator pass where possible.
-
-    On CUDA float16/bfloat16 the Triton plan's Vertical-Slash estimator forms the last queries'
-    softmax rows anyway and sums the window's columns in the same pass (``SparsePlan.window_scores``);
-    when the layer has no block-diagonal Vertical-Slash head, or ``window`` exceeds a head's
-    ``last_q``, and on the CPU path, the scores are computed by :func:`window_attention_scores`.
-
-    Returns (out [batch, q_heads, seq, head_dim], scores [batch, q_heads, seq] float32).
-    """
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    if window == 0:  # a selection without scores (StreamingLLM)
-        from .attention import sparse_attention
-
-        return sparse_attention(query, key, value, patterns, scale=scale), None
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        from .kernels import triton_sparse_attention  # lazy: importing this module never imports Triton
-
-        out, plan = triton_sparse_attention(query, key, value, patterns, scale=scale, return_plan=True,
-                                            score_window=window)
-        if plan.window_scores is not None:
-            return out, plan.window_scores.view(query.shape[0], query.shape[1], -1)
-    else:
-        from .attention import sparse_attention
-
-        out = sparse_attention(query, key, value, patterns, scale=scale)
-    return out, window_attention_scores(query, key, window, scale)
 
 
 def _check_positive(value: Any, name: str) -> None:

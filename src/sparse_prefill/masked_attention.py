@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .index import HeadIndex
+from .kinds import HeadIndex
 
 __all__ = ["masked_attention"]
 

@@ -1,8 +1,8 @@
 """Sparse attention patterns and the per-(layer, head) configuration that assigns them.
 
-A pattern is a small frozen dataclass holding a budget; what it keeps for a given input is defined
-in docs/semantics.md and implemented once, in :mod:`sparse_prefill.index` (the kept sets) and
-:mod:`sparse_prefill.estimate` (how a prompt chooses them).
+A pattern is a small frozen dataclass holding a budget; it lives with the rest of its kind (kept
+set, estimator, the GPU plan's share, cost) in :mod:`sparse_prefill.kinds`, and what it keeps for
+a given input is defined in docs/semantics.md. This module re-exports the patterns.
 
 ``PatternConfig`` maps every (layer, query head) of a model to one pattern and round-trips through
 JSON. Its budgets may be stated for a reference length with a rule that scales them to the prompt
@@ -16,13 +16,16 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping, Union
+from typing import Any, Iterator, Mapping
+
+from .kinds import PATTERN_TYPES, AShape, BlockCoverage, BlockSparse, Dense, Pattern, VerticalSlash
+from .kinds.common import check_positive_int as _check_positive_int
 
 __all__ = [
     "AShape",
     "VerticalSlash",
-    "AdaptiveVerticalSlash",
     "BlockSparse",
+    "BlockCoverage",
     "Dense",
     "Pattern",
     "PatternConfig",
@@ -35,137 +38,6 @@ CONFIG_FORMAT = "sparse-prefill/pattern-config"
 CONFIG_VERSION = 1
 
 
-def _check_positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
-    # bool is an int subclass; AShape(True, 64) is almost certainly a mistake.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {name}={value}")
-
-
-@dataclass(frozen=True)
-class Dense:
-    """Keep every causal (query, key) pair: plain causal attention."""
-
-    kind: ClassVar[str] = "dense"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind}
-
-
-@dataclass(frozen=True)
-class AShape:
-    """Static sink + local window: query ``i`` keeps key ``j <= i`` when ``j < sink`` or ``i - j < local``.
-
-    ``sink`` may be 0 (a pure sliding window); ``local`` is at least 1 so that every query keeps
-    itself and no softmax row is empty.
-    """
-
-    sink: int
-    local: int
-    kind: ClassVar[str] = "a_shape"
-
-    def __post_init__(self) -> None:
-        _check_positive_int("AShape", "sink", self.sink, minimum=0)
-        _check_positive_int("AShape", "local", self.local)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "sink": self.sink, "local": self.local}
-
-
-@dataclass(frozen=True)
-class VerticalSlash:
-    """Keep ``vertical`` key columns and about ``slash`` diagonals chosen from the last ``last_q`` queries.
-
-    ``slash_block`` is the unit diagonals are chosen in. With 1, a query keeps every causal key on a
-    chosen diagonal ``i - j`` (the paper's kept set). With 64 (the default), the sequence is cut
-    into 64-token blocks and whole block diagonals ``i // 64 - j // 64`` are chosen,
-    ``ceil(slash / 64)`` of them: the same number of pairs, laid out as the tiles the GPU kernel
-    computes, so it computes what it keeps. See docs/semantics.md.
-    """
-
-    vertical: int
-    slash: int
-    last_q: int = 64
-    slash_block: int = 64
-    kind: ClassVar[str] = "vertical_slash"
-
-    def __post_init__(self) -> None:
-        _check_positive_int("VerticalSlash", "vertical", self.vertical)
-        _check_positive_int("VerticalSlash", "slash", self.slash)
-        _check_positive_int("VerticalSlash", "last_q", self.last_q)
-        _check_positive_int("VerticalSlash", "slash_block", self.slash_block)
-        if self.slash_block not in (1, 64):
-            raise ValueError(f"VerticalSlash.slash_block must be 1 or 64, got slash_block={self.slash_block}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "vertical": self.vertical, "slash": self.slash, "last_q": self.last_q,
-                "slash_block": self.slash_block}
-
-
-@dataclass(frozen=True)
-class AdaptiveVerticalSlash:
-    """Vertical-Slash whose budget each prompt sets: the fewest columns and block diagonals whose
-    attention mass, seen from the last ``last_q`` queries, reaches ``coverage``.
-
-    ``min_vertical`` / ``max_vertical`` columns and ``min_slash`` / ``max_slash`` tokens of block
-    diagonals (``ceil(slash / 64)`` diagonals, as in :class:`VerticalSlash` with ``slash_block=64``)
-    are the floor, always kept, and the cap, never exceeded. Between them, columns and diagonals are
-    added in order of attention mass per computed pair until the mass reaches ``coverage``. Exact
-    rule: docs/semantics.md.
-    """
-
-    coverage: float
-    min_vertical: int
-    max_vertical: int
-    min_slash: int
-    max_slash: int
-    last_q: int = 64
-    kind: ClassVar[str] = "adaptive_vertical_slash"
-
-    def __post_init__(self) -> None:
-        coverage = self.coverage
-        if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not 0.0 < coverage <= 1.0:
-            raise ValueError(f"AdaptiveVerticalSlash.coverage must be a number in (0, 1], got coverage={coverage!r}")
-        object.__setattr__(self, "coverage", float(coverage))
-        for name in ("min_vertical", "max_vertical", "min_slash", "max_slash", "last_q"):
-            _check_positive_int("AdaptiveVerticalSlash", name, getattr(self, name))
-        for low, high in (("min_vertical", "max_vertical"), ("min_slash", "max_slash")):
-            if getattr(self, low) > getattr(self, high):
-                raise ValueError(
-                    f"AdaptiveVerticalSlash.{low} must be <= {high}, got {low}={getattr(self, low)}, "
-                    f"{high}={getattr(self, high)}"
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "coverage": self.coverage, "min_vertical": self.min_vertical,
-                "max_vertical": self.max_vertical, "min_slash": self.min_slash, "max_slash": self.max_slash,
-                "last_q": self.last_q}
-
-
-@dataclass(frozen=True)
-class BlockSparse:
-    """Keep the ``top_k`` key blocks of ``block`` tokens for every query block (diagonal block always)."""
-
-    top_k: int
-    block: int = 64
-    kind: ClassVar[str] = "block_sparse"
-
-    def __post_init__(self) -> None:
-        _check_positive_int("BlockSparse", "top_k", self.top_k)
-        _check_positive_int("BlockSparse", "block", self.block)
-        if self.block & (self.block - 1) or self.block < 16:
-            raise ValueError(f"BlockSparse.block must be a power of two >= 16, got block={self.block}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "top_k": self.top_k, "block": self.block}
-
-
-Pattern = Union[Dense, AShape, VerticalSlash, AdaptiveVerticalSlash, BlockSparse]
-PATTERN_TYPES: dict[str, type] = {
-    cls.kind: cls for cls in (Dense, AShape, VerticalSlash, AdaptiveVerticalSlash, BlockSparse)
-}
-
 # How a config's budgets follow the prompt length. "fixed": the same token counts at every length
 # (the share of pairs kept falls as 1/length). "proportional": counts grow with the length (the
 # share stays what it was at the reference length).
@@ -175,26 +47,13 @@ SCALING_RULES = ("fixed", "proportional")
 def scale_pattern(pattern: Pattern, factor: float) -> Pattern:
     """``pattern`` with its length-like budgets multiplied by ``factor`` (rounded, at least 1).
 
-    Scaled: ``AShape.local``, ``VerticalSlash.vertical`` and ``slash``, ``BlockSparse.top_k``, and the
-    floors and caps of ``AdaptiveVerticalSlash``. Not scaled: ``AShape.sink`` (the sink tokens are the
-    first few of any prompt), ``last_q``, block sizes and coverage.
+    Scaled: ``AShape.local``, ``VerticalSlash.vertical`` and ``slash``, ``BlockSparse.top_k``. Not
+    scaled: ``AShape.sink`` (the sink tokens are the first few of any prompt), ``last_q``, and
+    Block-Coverage (its budget is a share of each row's mass, which follows the prompt by itself).
     """
     if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor < math.inf):
         raise ValueError(f"factor must be a positive finite number, got factor={factor!r}")
-
-    def scaled(value: int) -> int:
-        return max(1, round(value * factor))
-
-    if isinstance(pattern, AShape):
-        return AShape(pattern.sink, scaled(pattern.local))
-    if isinstance(pattern, VerticalSlash):
-        return VerticalSlash(scaled(pattern.vertical), scaled(pattern.slash), pattern.last_q, pattern.slash_block)
-    if isinstance(pattern, AdaptiveVerticalSlash):
-        return AdaptiveVerticalSlash(pattern.coverage, scaled(pattern.min_vertical), scaled(pattern.max_vertical),
-                                     scaled(pattern.min_slash), scaled(pattern.max_slash), pattern.last_q)
-    if isinstance(pattern, BlockSparse):
-        return BlockSparse(scaled(pattern.top_k), pattern.block)
-    return check_is_pattern(pattern)
+    return check_is_pattern(pattern).scaled(factor)
 
 
 def pattern_from_dict(data: Any, where: str = "pattern") -> Pattern:
@@ -215,7 +74,7 @@ def pattern_from_dict(data: Any, where: str = "pattern") -> Pattern:
 def check_is_pattern(value: Any, where: str = "pattern") -> Pattern:
     if not isinstance(value, tuple(PATTERN_TYPES.values())):
         raise TypeError(
-            f"{where} must be one of Dense, AShape, VerticalSlash, AdaptiveVerticalSlash, BlockSparse, "
+            f"{where} must be one of {', '.join(cls.__name__ for cls in PATTERN_TYPES.values())}, "
             f"got {type(value).__name__}"
         )
     return value

@@ -13,8 +13,7 @@ from typing import Sequence
 import torch
 
 from .checks import check_layer_patterns, check_qkv, check_scale
-from .estimate import estimate_index
-from .index import HeadIndex
+from .kinds import HeadIndex, estimate_layer
 from .patterns import Pattern
 
 __all__ = ["ReferenceResult", "reference_attention", "attention_with_index"]
@@ -67,10 +66,7 @@ def reference_attention(
     scale = check_scale(scale, shape.head_dim)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
-    indices = [
-        estimate_index(pattern, q[:, head], k[:, head // shape.group], scale)
-        for head, pattern in enumerate(head_patterns)
-    ]
+    indices = estimate_layer(q, k, head_patterns, scale)
     out, recall = attention_with_index(q, k, v, indices, scale=scale, chunk_size=chunk_size, return_recall=return_recall)
     return ReferenceResult(out=out, indices=indices if return_indices else None, recall=recall)
 

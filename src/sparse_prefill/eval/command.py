@@ -48,8 +48,9 @@ def add_eval_command(commands) -> None:
     parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a model directory")
     parser.add_argument("--method", type=_names, default=list(METHODS),
                         help=f"comma-separated, from {', '.join(METHODS)} (default: all three)")
-    parser.add_argument("--config", help="sparse method's patterns: a config JSON, or 'uniform' for the length-scaled default on every "
-                        "head (default: the config shipped for the model, else uniform)")
+    parser.add_argument("--config", help="sparse method's patterns: a config JSON (default: the --preset on every head)")
+    parser.add_argument("--preset", default="default",
+                        help="sparse method's preset when no --config: default or fast (results labelled 'sparse (fast)')")
     parser.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192],
                         help="prompt lengths in tokens, comma-separated; 'k' means 1024 (default 2k,4k,8k)")
     parser.add_argument("--samples", type=int, help="samples per length (and task): ruler default 10, ppl default 4")
@@ -80,7 +81,7 @@ def _handle(args: argparse.Namespace) -> int:
     if args.smoke:
         args.lengths, args.samples, args.depths = SMOKE["lengths"], SMOKE["samples"], SMOKE["depths"]
     spec = EvalSpec(
-        task=args.task, out=args.out, model=args.model, methods=args.method, config=args.config,
+        task=args.task, out=args.out, model=args.model, methods=args.method, config=args.config, preset=args.preset,
         lengths=args.lengths, samples=args.samples, depths=args.depths, ruler_tasks=args.tasks,
         haystack=args.haystack, text=args.text, device=args.device, seed=args.seed,
         rope_scaling=not args.no_rope_scaling, progress=not args.no_progress, kv=args.kv, kv_capacity=args.kv_capacity,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..integrations.transformers import SparsePrefillState, default_pattern, disable, enable
+from ..integrations.transformers import SparsePrefillState, disable, enable
+from ..kinds.vertical_slash import minference_budget
 from ..patterns import AShape, PatternConfig
 
 __all__ = ["METHODS", "a_shape_pattern", "apply_method"]
@@ -13,20 +14,20 @@ METHODS = ("dense", "sparse", "a-shape")
 
 
 def a_shape_pattern(seq_len: int) -> AShape:
-    """The static baseline at the sparse default's cost: 64 sink tokens plus a local window, together
-    as many keys per row as :func:`default_pattern`'s columns plus slashes (block diagonals of 64
-    tokens keep ``slash`` keys a row)."""
-    pattern = default_pattern(seq_len)
+    """The static baseline: 64 sink tokens plus a local window, together as many keys per row as
+    MInference's budget for the length (:func:`~sparse_prefill.kinds.vertical_slash.minference_budget`:
+    its columns plus slash keys)."""
+    pattern = minference_budget(seq_len)
     return AShape(sink=64, local=pattern.vertical + pattern.slash - 64)
 
 
 def apply_method(
-    model: Any, method: str, seq_len: int, config: PatternConfig | str | None = None
+    model: Any, method: str, seq_len: int, config: PatternConfig | None = None, preset: str = "default"
 ) -> SparsePrefillState | None:
     """Switch ``model`` to ``method`` for a prompt of ``seq_len`` tokens; returns the sparse state.
 
-    ``config`` (sparse only) is passed to :func:`enable`: None for the model's shipped config, else
-    ``"uniform"`` or a :class:`PatternConfig`. Sparse methods run on every prefill, however short
+    ``config`` and ``preset`` (sparse only) are passed to :func:`enable`: a :class:`PatternConfig`,
+    or None for the preset on every head. Sparse methods run on every prefill, however short
     (``min_seq_len=1``): an evaluation measures the method, not the short-prompt fallback to dense.
     """
     if method not in METHODS:
@@ -37,4 +38,4 @@ def apply_method(
     if method == "a-shape":
         layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
         config = PatternConfig.uniform(layers, heads, a_shape_pattern(seq_len), source="a-shape baseline")
-    return enable(model, config, min_seq_len=1)
+    return enable(model, config, preset=preset, min_seq_len=1)

@@ -38,6 +38,7 @@ class EvalSpec:
     model: str = "default"
     methods: Sequence[str] = METHODS
     config: str | None = None
+    preset: str = "default"
     lengths: Sequence[int] = (2048, 4096, 8192)
     samples: int | None = None
     depths: Sequence[float] = DEFAULT_DEPTHS
@@ -68,6 +69,10 @@ class EvalSpec:
                 raise ValueError(f"{name} {value!r} is not a known text; expected one of {', '.join(TEXTS)}")
         if self.config is not None and "sparse" not in self.methods:
             raise ValueError("--config sets the sparse method's patterns; add sparse to --method")
+        from ..presets import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         from ..kv_cache import METHODS as KV_METHODS
 
         if self.kv not in KV_METHODS:
@@ -79,10 +84,14 @@ class EvalSpec:
         return {} if self.kv_kernel is None else {"kernel": self.kv_kernel}
 
 
-def _label(method: str, config: str | None) -> str:
-    """How a method's results are named: ``sparse`` is the model's default config (the searched one
-    shipped for it, else uniform); ``--config uniform`` or a file gets its own label."""
-    return f"sparse ({Path(config).stem})" if method == "sparse" and config else method
+def _label(method: str, config: str | None, preset: str = "default") -> str:
+    """How a method's results are named: ``sparse`` is the default preset on every head; another
+    preset (``sparse (fast)``) or a config file (``sparse (<file stem>)``) gets its own label."""
+    if method != "sparse":
+        return method
+    if config:
+        return f"sparse ({Path(config).stem})"
+    return "sparse" if preset == "default" else f"sparse ({preset})"
 
 
 def _kv_suffix(spec: EvalSpec) -> str:
@@ -109,9 +118,8 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
     out = check_writable(spec.out)
     device = _device(spec.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # None: the config shipped for the model (else uniform); "uniform": the length-scaled default on
-    # every head; anything else: a PatternConfig file.
-    config = PatternConfig.load(spec.config) if spec.config not in (None, "uniform") else spec.config
+    # None: the preset on every head; anything else: a PatternConfig file.
+    config = PatternConfig.load(spec.config) if spec.config is not None else None
     base = load_model(spec.model, dtype=dtype, device=device)
     if spec.kv != "full" or spec.kv_kernel is not None:  # bad capacities and options fail here, before any sample runs
         from ..kv_cache import make_kv_cache
@@ -125,7 +133,8 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
         )
     store = ResultStore(out / f"{spec.task}.jsonl")
     items = _items(spec, base.tokenizer)
-    todo = [(item, method) for item in items for method in spec.methods if not store.done(item.key, _label(method, spec.config) + _kv_suffix(spec))]
+    todo = [(item, method) for item in items for method in spec.methods
+            if not store.done(item.key, _label(method, spec.config, spec.preset) + _kv_suffix(spec))]
     bar = _bar(len(items) * len(spec.methods), len(items) * len(spec.methods) - len(todo), spec)
     for length in sorted({item.length for item in items}):
         pending = [(item, method) for item, method in todo if item.length == length]
@@ -134,16 +143,16 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
         scaled = length if length > base.native_context else None
         loaded = load_model(spec.model, dtype=dtype, device=device, rope_scaling_for=scaled)
         for item, method in sorted(pending, key=lambda pair: spec.methods.index(pair[1])):
-            label = _label(method, spec.config) + _kv_suffix(spec)
-            state = apply_method(loaded.model, method, length, config if method == "sparse" else None)
+            label = _label(method, spec.config, spec.preset) + _kv_suffix(spec)
+            state = apply_method(loaded.model, method, length, config if method == "sparse" else None, spec.preset)
             if method == "dense" and spec.kv != "full":
                 # Dense prefill through sparse_prefill's attention (every call goes to SDPA): it hands
                 # the compressing cache the prefill's queries.
                 from ..integrations.transformers import enable
 
-                enable(loaded.model, "uniform", min_seq_len=2**62)
+                enable(loaded.model, min_seq_len=2**62)
             record = _evaluate(spec, loaded, item, device)
-            record.update(key=item.key, label=label, method=method, config=spec.config or "default", length=length,
+            record.update(key=item.key, label=label, method=method, config=spec.config or f"preset {spec.preset}", length=length,
                           kv=spec.kv, kv_capacity=spec.kv_capacity, kv_kernel=spec.kv_kernel,
                           yarn=loaded.rope_scaling is not None,
                           sparse_layers=state.sparse_calls if state is not None else 0)

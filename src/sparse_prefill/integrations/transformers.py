@@ -18,13 +18,13 @@ Usage::
 
 or, after ``sparse_prefill.register()`` (or importing this module), load with
 ``attn_implementation="sparse_prefill"`` and attach a config with :func:`enable` afterwards. A model
-selected by name but never enabled runs the default config (:func:`default_pattern`).
+selected by name but never enabled runs the ``"default"`` preset (:mod:`sparse_prefill.presets`).
 
 When the sparse path runs
 -------------------------
 All of: the call is a prefill (as many queries as keys: no past KV cache), the sequence has at
-least ``min_seq_len`` tokens (default: :data:`DEFAULT_MIN_SEQ_LEN` on the CPU, :data:`CUDA_MIN_SEQ_LEN`
-on a CUDA GPU, where shorter prompts are faster dense), the layer has a pattern other
+least ``min_seq_len`` tokens (default: the preset's crossover with dense attention on the device:
+shorter prompts are faster dense), the layer has a pattern other
 than :class:`~sparse_prefill.Dense` on some head, and the layer has no sliding window shorter than
 the sequence (such layers are already local; they stay with SDPA). The attention mask must then be
 purely causal: a padded batch raises ``ValueError`` rather than silently attending to padding.
@@ -41,8 +41,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from ..attention import sparse_attention
-from ..kv_cache import awaiting_compression, sparse_attention_with_scores
-from ..patterns import Dense, Pattern, PatternConfig, VerticalSlash
+from ..kv_cache import awaiting_compression
+from ..patterns import Dense, Pattern, PatternConfig
+from ..presets import PRESETS, Preset, preset as preset_named
 
 try:  # the public home of SDPA attention since transformers 4.48
     from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa_attention
@@ -53,11 +54,7 @@ except ImportError:  # pragma: no cover - older or reorganised transformers: tak
 
 __all__ = [
     "ATTENTION_NAME",
-    "CUDA_MIN_SEQ_LEN",
-    "DEFAULT_MIN_SEQ_LEN",
     "SparsePrefillState",
-    "default_pattern",
-    "default_config",
     "enable",
     "disable",
     "register",
@@ -67,53 +64,18 @@ __all__ = [
 
 ATTENTION_NAME = "sparse_prefill"
 
-# Attention's share of prefill cost grows with length; below ~2K tokens it is small, and the index
-# estimation would be overhead for little saving.
-DEFAULT_MIN_SEQ_LEN = 2048
-# On a CUDA GPU the dense baseline is cuDNN attention, which beats the sparse kernel and its index
-# below this length. Measured on an H100 at Llama-3-8B shapes (32 query / 8 KV heads, head_dim 128;
-# benchmarks/e2e.py, docs/BENCHMARKS.md): per layer, VerticalSlash(1000, 6096) and AShape(64, 8192)
-# took 15.1 and 15.6 ms at 32K tokens against cuDNN's 13.2 ms, and 19.6 and 22.4 ms against 32.8 ms
-# at 48K. Other shapes and budgets move the crossover: pass min_seq_len to choose it.
-CUDA_MIN_SEQ_LEN = 49152
-
-
-def default_pattern(seq_len: int) -> VerticalSlash:
-    """The pattern used on every head when no config is given, scaled to the prompt length.
-
-    ``VerticalSlash(vertical=clamp(seq_len // 32, 64, 1000), slash=clamp(seq_len // 8, 256, 6096))``:
-    at 128K and beyond it is MInference's published default budget (1000 verticals, 6096 slashes);
-    shorter prompts keep a larger share of their keys (at 6144 tokens: 192 columns and 768 diagonals), since
-    a short prompt's attention is less concentrated and its absolute cost is small.
-
-    Parameters
-    ----------
-    seq_len : int
-        Prompt length in tokens, >= 1.
-    """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got seq_len={seq_len!r}")
-    vertical = min(1000, max(64, seq_len // 32))
-    slash = min(6096, max(256, seq_len // 8))
-    return VerticalSlash(vertical=vertical, slash=slash)
-
-
-def default_config(n_layers: int, n_heads: int, seq_len: int) -> PatternConfig:
-    """:func:`default_pattern` on every head of every layer, as a :class:`PatternConfig`."""
-    return PatternConfig.uniform(
-        n_layers, n_heads, default_pattern(seq_len), source="sparse_prefill.default_pattern", seq_len=seq_len
-    )
-
-
 @dataclass
 class SparsePrefillState:
     """What :func:`enable` attaches to a model.
 
     config : PatternConfig or None
-        Per-(layer, head) patterns; None means :func:`default_pattern` of each prompt's length.
+        Per-(layer, head) patterns; None means the preset's pattern on every head.
+    preset : Preset
+        The named operating point (:mod:`sparse_prefill.presets`): the pattern when ``config`` is
+        None, and the default shortest sparse prefill.
     min_seq_len : int or None
-        Shortest prefill that runs sparse; None: :data:`DEFAULT_MIN_SEQ_LEN` for CPU tensors,
-        :data:`CUDA_MIN_SEQ_LEN` for CUDA tensors.
+        Shortest prefill that runs sparse; None: the preset's crossover for the device
+        (:meth:`Preset.min_seq_len`).
     restore_implementation : str
         The attention implementation :func:`disable` puts back.
     sparse_calls, dense_calls : int
@@ -122,6 +84,7 @@ class SparsePrefillState:
     """
 
     config: PatternConfig | None = field(repr=False)
+    preset: Preset
     min_seq_len: int | None
     restore_implementation: str
     sparse_calls: int = 0
@@ -131,19 +94,25 @@ class SparsePrefillState:
         """The shortest prefill of ``query``'s device that runs sparse."""
         if self.min_seq_len is not None:
             return self.min_seq_len
-        return CUDA_MIN_SEQ_LEN if query.is_cuda else DEFAULT_MIN_SEQ_LEN
+        return self.preset.min_seq_len(query.is_cuda)
 
     def layer_patterns(self, layer_idx: int, n_heads: int, seq_len: int) -> tuple[Pattern, ...]:
         if self.config is None:
-            return (default_pattern(seq_len),) * n_heads
+            return (self.preset.pattern,) * n_heads
         return self.config.layer_at(layer_idx, seq_len)  # budgets scaled by the config's rule
+
+    def describe(self) -> str:
+        """What runs, for reports: ``preset default (BlockCoverage(coverage=0.98, stride=16))`` or the config's source."""
+        if self.config is None:
+            return f"preset {self.preset.name} ({self.preset.pattern})"
+        return f"config ({self.config.metadata.get('source', 'PatternConfig')})"
 
 
 # Attention module -> state of its model. Weak keys: enabling a model never keeps it alive, and no
 # attribute is added to transformers' objects.
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, SparsePrefillState]" = weakref.WeakKeyDictionary()
 # Used by models selected with attn_implementation="sparse_prefill" that were never enabled.
-_UNATTACHED = SparsePrefillState(config=None, min_seq_len=None, restore_implementation="sdpa")
+_UNATTACHED = SparsePrefillState(config=None, preset=PRESETS["default"], min_seq_len=None, restore_implementation="sdpa")
 
 
 def register() -> None:
@@ -210,11 +179,9 @@ def sparse_prefill_attention(
         )
     if attention_mask is not None:
         _check_causal_mask(attention_mask, query.shape[2])
-    if compressing is None:
-        out = sparse_attention(query, key, value, patterns, scale=scaling)  # [batch, q_heads, seq, head_dim]
-    else:  # the cache's key scores come out of the same estimator pass where the kernel path runs
-        out, scores = sparse_attention_with_scores(query, key, value, patterns, scaling, compressing.window)
-        compressing.compress_after_attention(query, scaling, scores)
+    out = sparse_attention(query, key, value, patterns, scale=scaling)  # [batch, q_heads, seq, head_dim]
+    if compressing is not None:
+        compressing.compress_after_attention(query, scaling)
     state.sparse_calls += 1
     # A view, not a copy: transformers' attention layers reshape it (copying then), and at 1M tokens a
     # contiguous copy here would be one more 8 GiB buffer at the peak (sparse_prefill.long_prefill).
@@ -266,8 +233,9 @@ def _check_causal_mask(attention_mask: torch.Tensor, seq_len: int, chunk_size: i
 
 def enable(
     model: torch.nn.Module,
-    config: PatternConfig | str | None = None,
+    config: PatternConfig | None = None,
     *,
+    preset: str = "default",
     min_seq_len: int | None = None,
 ) -> SparsePrefillState:
     """Switch ``model`` to sparse prefill: long prefills sparse, everything else transformers' SDPA.
@@ -277,14 +245,16 @@ def enable(
     model : transformers.PreTrainedModel
         A decoder-only model whose attention layers use transformers' attention registry
         (Llama, Mistral, Qwen2, Qwen3, Phi-3 and most recent architectures).
-    config : PatternConfig, "uniform" or None
-        One pattern per (layer, query head), checked against the model's shape. None: the config
-        shipped for this architecture when there is one (``sparse_prefill.configs``, e.g. the searched
-        SmolLM2-135M config), else :func:`default_pattern` of each prompt's length on every head.
-        ``"uniform"``: :func:`default_pattern` on every head whatever the model.
+    config : PatternConfig or None
+        One pattern per (layer, query head), checked against the model's shape. None (default): the
+        preset's pattern on every head.
+    preset : str
+        A name in :data:`sparse_prefill.presets.PRESETS`: ``"default"`` (accurate: output error at
+        most about 0.03 against dense attention on the real 128K workload) or ``"fast"`` (faster,
+        error about 0.08; docs/BENCHMARKS.md). It also sets the default ``min_seq_len``.
     min_seq_len : int
-        Prefills shorter than this many tokens stay dense. None (default): :data:`DEFAULT_MIN_SEQ_LEN`
-        on the CPU, :data:`CUDA_MIN_SEQ_LEN` on a CUDA GPU (the measured crossover with cuDNN).
+        Prefills shorter than this many tokens stay dense. None (default): the preset's crossover
+        with dense attention on the prompt's device.
 
     Returns
     -------
@@ -295,16 +265,11 @@ def enable(
     if min_seq_len is not None and (
         isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 1
     ):
-        raise ValueError(f"min_seq_len must be a positive int, got min_seq_len={min_seq_len!r} (or None: the default)")
-    if config is not None and config != "uniform" and not isinstance(config, PatternConfig):
-        raise TypeError(f"config must be a PatternConfig, 'uniform' or None, got {config!r}")
+        raise ValueError(f"min_seq_len must be a positive int, got min_seq_len={min_seq_len!r} (or None: the preset's)")
+    if config is not None and not isinstance(config, PatternConfig):
+        raise TypeError(f"config must be a PatternConfig or None (a preset: preset='fast'), got {config!r}")
+    chosen = preset_named(preset)
     model_config = _model_config(model)
-    if config is None:
-        from ..configs import shipped_config_for
-
-        config = shipped_config_for(model_config)  # None when nothing was searched for this architecture
-    elif config == "uniform":
-        config = None
     n_layers, n_heads = _model_shape(model_config)
     if config is not None:
         config.check_model(n_layers, n_heads)
@@ -320,7 +285,7 @@ def enable(
     restore = previous.restore_implementation if previous is not None else current
     if restore == ATTENTION_NAME:  # loaded with attn_implementation="sparse_prefill"
         restore = "sdpa"
-    state = SparsePrefillState(config=config, min_seq_len=min_seq_len, restore_implementation=restore)
+    state = SparsePrefillState(config=config, preset=chosen, min_seq_len=min_seq_len, restore_implementation=restore)
     for module in attention_modules:
         _STATES[module] = state
     _set_attn_implementation(model, ATTENTION_NAME)

@@ -12,10 +12,10 @@ import torch
 
 from ..checks import check_layer_patterns, check_qkv, check_scale
 from ..patterns import Pattern
-from .plan import SparsePlan, build_plan
-from .sparse_attention import run_plan
+from .plan import SparsePlan, build_plan, plan_from_indices
+from .sparse_attention import MAX_HEAD_DIM, run_plan
 
-__all__ = ["SparsePlan", "build_plan", "run_plan", "triton_sparse_attention"]
+__all__ = ["MAX_HEAD_DIM", "SparsePlan", "build_plan", "plan_from_indices", "run_plan", "triton_sparse_attention"]
 
 
 def triton_sparse_attention(
@@ -26,18 +26,15 @@ def triton_sparse_attention(
     *,
     scale: float | None = None,
     return_plan: bool = False,
-    score_window: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, SparsePlan]:
-    """Plan (estimate every head's index) then run the sparse forward; float16/bfloat16 only.
-
-    ``score_window > 0`` has the plan keep the last ``score_window`` queries' key scores
-    (``plan.window_scores``, see :func:`build_plan`), for KV-cache compression.
-    """
+    """Plan (estimate every head's index) then run the sparse forward; float16/bfloat16 only."""
     shape = check_qkv(q, k, v)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"the Triton kernels take float16 or bfloat16, got dtype={q.dtype}")
+    if shape.head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton kernels support head_dim <= {MAX_HEAD_DIM}, got head_dim={shape.head_dim}")
     head_patterns = check_layer_patterns(patterns, shape.q_heads)
     scale = check_scale(scale, shape.head_dim)
-    plan = build_plan(q, k, head_patterns, scale, score_window)
+    plan = build_plan(q, k, head_patterns, scale)
     out = run_plan(q, k, v, plan, scale)
     return (out, plan) if return_plan else out

@@ -16,25 +16,35 @@ import triton.language as tl
 
 from .plan import BLOCK, SparsePlan
 
-__all__ = ["run_plan"]
+__all__ = ["MAX_HEAD_DIM", "run_plan"]
 
 LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
+# Widest head the kernels hold in registers (a 64 x 256 query tile and its accumulator); wider
+# heads would spill or fail to compile, so they are refused before any work.
+MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _tile_update(acc, m_i, l_i, q, k_ptrs, v_ptrs, load_mask, keep, qk_scale):
-    """Fold one tile of keys into the running softmax: acc [M, D], m_i/l_i [M], keep [M, N]."""
-    k = tl.load(k_ptrs, mask=load_mask, other=0.0)  # [N, D]
-    v = tl.load(v_ptrs, mask=load_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], base-2 logits
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Rows with nothing kept yet keep m = -inf; subtracting a finite stand-in avoids inf - inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
+def _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr):
+    """Fold one tile of keys into the running softmax: acc [M, D], m_i/l_i [M], k/v [N, D].
+
+    Unmasked tiles (every pair kept: the interior of a kept set) skip the mask and the -inf
+    guards: at head_dim 64 the elementwise work, not the matrix products, bounds the kernel.
+    """
+    s = tl.dot(q, tl.trans(k))  # [M, N]
+    if MASKED:
+        s = tl.where(keep, s * qk_scale, float("-inf"))  # base-2 logits
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing kept yet keep m = -inf; subtracting a finite stand-in avoids inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # finite: every key of the tile is kept
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
 
 
@@ -49,10 +59,9 @@ def _configs() -> list[triton.Config]:
 @triton.jit
 def _sparse_attention_fwd(
     Q, K, V, Out,
-    diagonals, diagonal_limit, diagonal_flag,
+    diagonals, diagonal_limit, diagonal_flag, window, sink,
     blocks, block_count,
-    columns, column_count,
-    offset_flag, column_flag, mask_from,
+    columns, column_before,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -71,10 +80,10 @@ def _sparse_attention_fwd(
 
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM_PADDED)
-    row_ok = rows < seq
     dim_ok = dims < HEAD_DIM
     q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qs + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                mask=(rows < seq)[:, None] & dim_ok[None, :], other=0.0)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
@@ -82,71 +91,78 @@ def _sparse_attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_from_d = tl.load(mask_from + bh)
+    all_kept = tl.full([BLOCK_M, BLOCK_N], 1, dtype=tl.int1)  # the unmasked path ignores it
+    # Key blocks before the query block lie wholly inside the sequence and before every row: no
+    # bounds or causal masks there; only the diagonal tile needs them. (Loops no head of the layer
+    # needs are compiled out: each one left in costs registers, and so occupancy, in all of them.)
 
-    # 1. Tiles on the head's block diagonals: key block m - d for each diagonal d <= m.
-    # (Loops no head of the layer needs are compiled out: each one left in costs registers, and so
-    # occupancy, in all of them.)
+    # 1. Block diagonals (Dense, A-shape, Vertical-Slash): key block m - d for each listed d <= m.
+    #    Diagonal 0 is always listed first; tiles d >= window // 64 cross an A-shape window's edge.
     if USES_DIAGONALS:
-        n_diagonal = tl.load(diagonal_limit + bh64 * n_blocks + m)
-        for t in range(0, n_diagonal):
-            d = tl.load(diagonals + bh64 * n_blocks + t)
-            keys = (m - d) * BLOCK_N + offs_n
+        head_window = tl.load(window + bh64)
+        head_sink = tl.load(sink + bh64)
+        mask_from = head_window // BLOCK_N
+        n_listed = tl.load(diagonal_limit + bh64 * n_blocks + m)
+        # Diagonals below mask_from (0 included) are whole tiles; the index is clamped so that the load
+        # stays in bounds when mask_from is 0 (tl.where evaluates both sides).
+        plain_upto = tl.maximum(tl.minimum(m, mask_from - 1), 0)
+        n_plain = tl.where(mask_from > 0, tl.load(diagonal_limit + bh64 * n_blocks + plain_upto), 1)
+        for t in range(1, n_plain):
+            keys = (m - tl.load(diagonals + bh64 * n_blocks + t)) * BLOCK_N + offs_n
+            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=dim_ok[None, :], other=0.0)
+            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=dim_ok[None, :], other=0.0)
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
+        for t in range(tl.maximum(n_plain, 1), n_listed):
+            keys = (m - tl.load(diagonals + bh64 * n_blocks + t)) * BLOCK_N + offs_n
+            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=dim_ok[None, :], other=0.0)
+            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=dim_ok[None, :], other=0.0)
+            keep = (rows[:, None] - keys[None, :] < head_window) | (keys[None, :] < head_sink)
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
+        if n_listed > 0:  # a head with block lists lists no diagonals
+            keys = m * BLOCK_N + offs_n
             key_ok = keys < seq
+            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
             keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
-            if d >= mask_from_d:
-                # Exact kept set inside the tile: a kept offset i - j, or a kept column j.
-                distance = tl.maximum(rows[:, None] - keys[None, :], 0)
-                on_offset = tl.load(offset_flag + bh64 * seq + distance, mask=keep, other=0) != 0
-                on_column = tl.load(column_flag + bh64 * seq + keys, mask=key_ok, other=0) != 0
-                keep = keep & (on_offset | on_column[None, :])
-            kv_mask = key_ok[:, None] & dim_ok[None, :]
-            acc, m_i, l_i = _tile_update(
-                acc, m_i, l_i, q,
-                k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :],
-                v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :],
-                kv_mask, keep, qk_scale,
-            )
+            keep &= (rows[:, None] - keys[None, :] < head_window) | (keys[None, :] < head_sink)
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
 
-    # 2. Block-Sparse heads: their own key blocks for this query block.
+    # 2. Block lists (Block-Sparse, Block-Coverage): ascending, so the diagonal block comes last.
     if USES_BLOCKS:
         n_listed = tl.load(block_count + bh64 * n_blocks + m)
-        for t in range(0, n_listed):
-            c = tl.load(blocks + (bh64 * n_blocks + m) * max_blocks + t)
-            keys = c * BLOCK_N + offs_n
+        list_base = blocks + (bh64 * n_blocks + m) * max_blocks
+        for t in range(0, n_listed - 1):
+            keys = tl.load(list_base + t) * BLOCK_N + offs_n
+            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=dim_ok[None, :], other=0.0)
+            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=dim_ok[None, :], other=0.0)
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
+        if n_listed > 0:
+            keys = tl.load(list_base + n_listed - 1) * BLOCK_N + offs_n
             key_ok = keys < seq
+            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
             keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
-            acc, m_i, l_i = _tile_update(
-                acc, m_i, l_i, q,
-                k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :],
-                v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :],
-                key_ok[:, None] & dim_ok[None, :], keep, qk_scale,
-            )
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
 
-    # 3. Gathered columns that no diagonal tile of this query block already covers.
+    # 3. Gathered columns before the query block (those inside it lie on diagonal 0, computed
+    #    above), skipped where a kept diagonal tile of this query block already holds them.
     if USES_COLUMNS:
-        n_columns = tl.load(column_count + bh64)
-        last_row = m * BLOCK_M + BLOCK_M - 1
-        for start in range(0, n_columns, BLOCK_N):
+        n_before = tl.load(column_before + bh64 * n_blocks + m)
+        for start in range(0, n_before, BLOCK_N):
             slot = start + offs_n
-            cols = tl.load(columns + bh64 * max_columns + slot, mask=slot < n_columns, other=seq)
-            col_ok = (cols < seq) & (cols <= last_row)
-            block_distance = m - cols // BLOCK_N
-            covered = tl.load(diagonal_flag + bh64 * (n_blocks + 1) + tl.minimum(block_distance, n_blocks),
-                              mask=col_ok & (block_distance >= 0), other=0) != 0
-            col_ok = col_ok & ~covered
-            keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
-            acc, m_i, l_i = _tile_update(
-                acc, m_i, l_i, q,
-                k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :],
-                v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :],
-                col_ok[:, None] & dim_ok[None, :], keep, qk_scale,
-            )
+            in_list = slot < n_before
+            cols = tl.load(columns + bh64 * max_columns + slot, mask=in_list, other=0)
+            covered = tl.load(diagonal_flag + bh64 * (n_blocks + 1) + m - cols // BLOCK_N, mask=in_list, other=1) != 0
+            col_ok = in_list & ~covered
+            k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            keep = tl.broadcast_to(col_ok[None, :], [BLOCK_M, BLOCK_N])
+            acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
 
     out = acc / l_i[:, None]
     o_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
     tl.store(o_base + rows[:, None].to(tl.int64) * stride_os + dims[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
+             mask=(rows < seq)[:, None] & dim_ok[None, :])
 
 
 def run_plan(
@@ -162,17 +178,16 @@ def run_plan(
     for name, tensor in (("q", q), ("k", k), ("v", v), ("out", out)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got stride {tensor.stride()}")
-    if head_dim > 256:
-        raise ValueError(f"the sparse kernel supports head_dim <= 256, got head_dim={head_dim}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"the sparse kernel supports head_dim <= {MAX_HEAD_DIM}, got head_dim={head_dim}")
     head_dim_padded = max(16, triton.next_power_of_2(head_dim))
     n_blocks = plan.diagonal_limit.shape[1]
     grid = (n_blocks, batch * q_heads)
     _sparse_attention_fwd[grid](
         q, k, v, out,
-        plan.diagonals, plan.diagonal_limit, plan.diagonal_flag,
+        plan.diagonals, plan.diagonal_limit, plan.diagonal_flag, plan.window, plan.sink,
         plan.blocks, plan.block_count,
-        plan.columns, plan.column_count,
-        plan.offset_flag, plan.column_flag, plan.mask_from,
+        plan.columns, plan.column_before,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -6,8 +6,9 @@ larger one in rank order, and for a given column count the diagonals of a smalle
 first diagonals of a larger one. Block-Sparse indices for every ``top_k`` come from one ranking of
 the pooled block scores, and A-shape needs no index. So one dense pass
 (:func:`~sparse_prefill.search.stats.layer_statistics`) and a few cumulative sums score the whole
-grid; the choices are the ones the online estimators make (``estimate_index``), which the tests
-check candidate by candidate.
+grid. The rankings come from the kinds' own estimator functions
+(:mod:`sparse_prefill.kinds.vertical_slash`, :mod:`sparse_prefill.kinds.block_sparse`), so the
+choices are the ones the online estimators make, which the tests check candidate by candidate.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Sequence
 
 import torch
 
-from ..estimate import block_scores, diagonal_sums, estimate_index, last_query_attention, ranked_with_forced
-from ..index import SINK_COLUMNS, AShapeIndex, HeadIndex, VerticalSlashIndex, forced_diagonals
+from ..kinds import AShapeIndex, HeadIndex, VerticalSlashIndex, a_shape, estimate_layer
+from ..kinds.block_sparse import pooled_scores, ranked_blocks
+from ..kinds.vertical_slash import (FORCED_DIAGONALS, SINK_COLUMNS, column_tiles, diagonal_scores,
+                                    last_query_statistics, ranked_with_forced)
 from ..patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
 from .stats import BLOCK, index_cost, index_recall, layer_statistics
 
@@ -78,7 +81,7 @@ class GridScores:
     recall : [heads, n]  dense attention mass kept, mean over query rows
     tile_pairs, column_pairs : [heads, n]  pairs the GPU kernel computes in tiles and in gathered columns
     coverage : [heads, n]  Vertical-Slash only (NaN elsewhere): the mass the index keeps of the last
-        queries' attention, what an adaptive head measures at run time
+        queries' attention, what its estimator sees
     recall_last : [heads, n]  recall over the last 256 query rows only
     """
 
@@ -100,28 +103,28 @@ def score_grid(q: torch.Tensor, k: torch.Tensor, scale: float, grid: CandidateGr
     device = q.device
     keys_full = k.repeat_interleave(heads // k.shape[0], dim=0)
 
-    # Vertical-Slash: columns ranked once; diagonals ranked once per column count.
-    probs = last_query_attention(q, keys_full, grid.last_q, scale)  # [heads, n_last, seq]
-    n_last = probs.shape[1]
-    column_scores = probs.sum(dim=1)
+    # Vertical-Slash: columns ranked once; diagonals ranked once per column count, by the estimator's
+    # own statistics and scores (one batch element: the layer's heads).
+    head_ids = list(range(heads))
+    stats = last_query_statistics(q[None], k[None], head_ids, [grid.last_q] * heads, scale)
+    n_last = stats.n_last
+    column_scores = stats.column_scores  # [heads, seq]
     verticals = [min(v, seq) for v in grid.verticals]
     slashes = [min(s, nb) for s in grid.slash_blocks]
     column_rank = ranked_with_forced(column_scores, max(verticals), SINK_COLUMNS)  # [heads, V]
-    diagonal_ranks, diagonal_scores = [], []
+    diagonal_ranks, diagonal_mass = [], []
     for v in verticals:
-        residual = probs.scatter(2, column_rank[:, None, :v].expand(-1, n_last, -1), 0.0)
-        scores = diagonal_sums(residual, BLOCK)  # [heads, n_blocks]
-        rank = ranked_with_forced(scores, max(slashes), forced_diagonals(BLOCK))
+        scores = diagonal_scores(stats, q[None], k[None], head_ids, column_rank[:, :v],
+                                 torch.full((heads,), v, device=device), scale)  # [heads, n_blocks]
+        rank = ranked_with_forced(scores, max(slashes), FORCED_DIAGONALS)
         diagonal_ranks.append(rank)
-        diagonal_scores.append(scores.gather(1, rank))
-    del probs
+        diagonal_mass.append(scores.gather(1, rank))
+    del stats
 
     # Block-Sparse: key blocks of each query block ranked by pooled score, the diagonal block first.
-    pooled = block_scores(q, keys_full, BLOCK, scale)  # [heads, q blocks, k blocks], future -inf
+    block_rank = ranked_blocks(pooled_scores(q, keys_full, scale))  # [heads, q blocks, rank]
     blocks = torch.arange(nb, device=device)
-    pooled[:, blocks, blocks] = float("inf")
-    block_rank = pooled.sort(dim=2, descending=True).indices
-    del pooled, keys_full
+    del keys_full
 
     locals_ = tuple(sorted({min(BLOCK * b, seq) for b in grid.local_blocks}))
     stats = layer_statistics(q, k, scale, column_rank, locals_, n_sinks=max(max(grid.sinks), 1),
@@ -134,14 +137,15 @@ def score_grid(q: torch.Tensor, k: torch.Tensor, scale: float, grid: CandidateGr
     # Costs and last-query coverage, in candidate order (they do not depend on which rows are scored).
     tiles, columns, coverage = [per_head(nb * (nb + 1) // 2 * TILE_PAIRS)], [per_head(0)], [per_head(float("nan"))]
     column_block = column_rank // BLOCK  # [heads, V]
-    column_pairs_upto = (BLOCK * (nb - column_block)).cumsum(dim=1)
     column_score_upto = column_scores.gather(1, column_rank).double().cumsum(dim=1)
     for vi, v in enumerate(verticals):
         tile_upto = (TILE_PAIRS * (nb - diagonal_ranks[vi])).cumsum(dim=1)
-        cover_upto = diagonal_scores[vi].double().cumsum(dim=1)
+        cover_upto = diagonal_mass[vi].double().cumsum(dim=1)
+        # The kernel gathers the first v ranked columns in tiles of 64 per query block (vertical_slash.column_tiles).
+        column_pairs = column_tiles(column_rank[:, :v].sort(dim=1).values.cpu(), seq) * TILE_PAIRS
         for s in slashes:
             tiles.append(per_head(tile_upto[:, s - 1]))
-            columns.append(per_head(column_pairs_upto[:, v - 1]))
+            columns.append(per_head(column_pairs))
             coverage.append(per_head((column_score_upto[:, v - 1] + cover_upto[:, s - 1]) / n_last))
     for top_k in grid.top_ks:
         tiles.append(per_head(int(torch.clamp(blocks + 1, max=top_k).sum()) * TILE_PAIRS))
@@ -149,9 +153,9 @@ def score_grid(q: torch.Tensor, k: torch.Tensor, scale: float, grid: CandidateGr
         coverage.append(per_head(float("nan")))
     for sink in grid.sinks:
         for b in grid.local_blocks:
-            last = min((min(BLOCK * b, seq) + BLOCK - 2) // BLOCK, nb - 1)
-            tiles.append(per_head(sum(nb - d for d in range(last + 1)) * TILE_PAIRS))
-            columns.append(per_head(BLOCK * sum(nb - j // BLOCK for j in range(min(sink, seq)))))
+            tile_pairs, column_pairs = a_shape.computed_pairs(AShapeIndex(1, min(sink, seq), min(BLOCK * b, seq)), seq)
+            tiles.append(per_head(tile_pairs[0]))
+            columns.append(per_head(column_pairs[0]))
             coverage.append(per_head(float("nan")))
 
     def recall_over(which: str) -> torch.Tensor:
@@ -204,7 +208,7 @@ def score_indices(q: torch.Tensor, k: torch.Tensor, scale: float, index_sets: Se
     """Recall and kernel cost of several kept sets per head, from one dense pass over the layer.
 
     ``index_sets[i][h]`` is head ``h``'s index (batch 1) in set ``i``, e.g. one set per config, as
-    ``estimate_index`` or ``build_plan(...).indices`` give them. ``q`` [heads, seq, head_dim],
+    ``estimate_layer`` or ``build_plan(...).indices`` give them. ``q`` [heads, seq, head_dim],
     ``k`` [kv_heads, seq, head_dim].
     """
     heads, seq, _ = q.shape
@@ -238,14 +242,13 @@ def score_indices(q: torch.Tensor, k: torch.Tensor, scale: float, index_sets: Se
 
 def score_patterns(q: torch.Tensor, k: torch.Tensor, scale: float, patterns: Sequence[Pattern],
                    chunk_elements: int | None = None) -> PatternScores:
-    """Recall and kernel cost of one pattern per head (adaptive ones included) on one prompt.
+    """Recall and kernel cost of one pattern per head on one prompt.
 
-    Indices come from the library's estimators (``estimate_index``), as the CPU path computes them.
+    Indices come from the library's estimators (``estimate_layer``), as the CPU path computes them.
     ``q`` [heads, seq, head_dim], ``k`` [kv_heads, seq, head_dim].
     """
     heads = q.shape[0]
     if len(patterns) != heads:
         raise ValueError(f"patterns must hold one pattern per query head: got {len(patterns)} for {heads} heads")
-    group = heads // k.shape[0]
-    indices = [estimate_index(p, q[h][None], k[h // group][None], scale) for h, p in enumerate(patterns)]
+    indices = estimate_layer(q[None], k[None], list(patterns), scale)
     return score_indices(q, k, scale, [indices], chunk_elements)[0]

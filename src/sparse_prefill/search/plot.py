@@ -4,22 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..patterns import AShape, BlockSparse, PatternConfig, VerticalSlash
+from ..patterns import AShape, BlockCoverage, BlockSparse, PatternConfig, VerticalSlash
 
 __all__ = ["plot_config", "short_name"]
 
-_KINDS = ["dense", "vertical_slash", "block_sparse", "a_shape", "adaptive_vertical_slash"]
+_KINDS = ["dense", "vertical_slash", "block_sparse", "a_shape", "block_coverage"]
 _COLOURS = ["#444444", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
 
 
 def short_name(pattern) -> str:
-    """A cell label: ``D``, ``V256/16`` (columns / block diagonals), ``B8``, ``A4+1024``."""
+    """A cell label: ``D``, ``V256/16`` (columns / block diagonals), ``B8``, ``A4+1024``, ``C0.98``."""
     if isinstance(pattern, VerticalSlash):
         return f"V{pattern.vertical}/{-(-pattern.slash // 64)}"
     if isinstance(pattern, BlockSparse):
         return f"B{pattern.top_k}"
     if isinstance(pattern, AShape):
         return f"A{pattern.sink}+{pattern.local}"
+    if isinstance(pattern, BlockCoverage):
+        return f"C{pattern.coverage:g}"
     return pattern.kind[0].upper()
 
 

@@ -15,7 +15,7 @@ all rows while losing what the last rows read
 (:func:`~sparse_prefill.search.allocate.allocate`). Cost is what the GPU kernel computes, in units
 of the causal pairs of one head: 64 x 64 per tile plus ``COLUMN_PAIR_COST`` per gathered-column
 pair. The default budget is what the uniform default pattern
-(:func:`sparse_prefill.integrations.transformers.default_pattern`) costs on the same prompts, so
+(MInference's budget, :func:`sparse_prefill.kinds.vertical_slash.minference_budget`) costs on the same prompts, so
 the result compares with it at equal cost.
 """
 
@@ -180,7 +180,7 @@ def search(
     device : str or torch.device, optional
         Where the model runs; CUDA when available, else the CPU.
     """
-    from ..integrations.transformers import default_pattern
+    from ..kinds.vertical_slash import minference_budget as default_pattern
     from ..models import LoadedModel, load_model
 
     samples = _check_int("samples", samples, 1)

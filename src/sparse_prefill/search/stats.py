@@ -29,17 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..index import AShapeIndex, BlockSparseIndex, DenseIndex, HeadIndex, VerticalSlashIndex
+from ..kinds import HeadIndex, index_unit
+from ..kinds.common import BLOCK
 
-BLOCK = 64  # the kernel's tile: query blocks, key blocks and block diagonals are 64 tokens
-
-# A gathered-column pair costs the kernel this many tile pairs. Fitted to the kernel benchmark
-# (docs/BENCHMARKS.md, H100): on the random Llama-shape workload at 128K and 256K, Vertical-Slash
-# (1000, 6096) takes 32.4 and 66.0 ms; its tiles at the A-shape / Block-Sparse rate (~320 TF/s)
-# account for 20.8 and 42.5 ms, leaving ~92 TF/s for its 1000 uniformly placed columns: 3.5x
-# slower per pair. On SmolLM2's real attention at 128K (head_dim 64) the same split of the
-# (1000, 6096) and (1000, 12192) rows gives 2.4-4.8x depending on where the columns lie.
-COLUMN_PAIR_COST = 3.5
+# A pair in a gathered-column tile costs the kernel this many pairs of a whole tile (columns are
+# counted as the 64-wide tiles the kernel multiplies, kinds.vertical_slash.column_tiles). Estimated
+# from the frontier run of 2026-11-30 (docs/BENCHMARKS.md, H200, SmolLM2 at 128K): whole tiles ran
+# at ~400 TF/s (Block-Sparse, Block-Coverage), Vertical-Slash (1000, 6096) at 344 TF/s with about a
+# tenth of its pairs in column tiles, so those ran at ~150 TF/s: 2.6x. The tenth is estimated from
+# the budget, not measured.
+COLUMN_PAIR_COST = 2.6
 
 __all__ = [
     "BLOCK",
@@ -189,83 +188,17 @@ def _check_one(index: HeadIndex) -> None:
 
 def index_recall(index: HeadIndex, stats: LayerStats, head: int, rows: str = "all") -> float:
     """Recall of ``index`` (one prompt) for query head ``head``: dense mass on its kept set, mean over
-    ``rows``: ``"all"`` query rows (``reference_attention``'s recall) or the ``"last"`` ones."""
+    ``rows``: ``"all"`` query rows (``reference_attention``'s recall) or the ``"last"`` ones.
+    Each kind computes it from the statistics (``kinds.<kind>.recall``)."""
     _check_one(index)
-    seq, nb = stats.seq, stats.n_blocks
-    first_block, n_rows, offset_mass, sink_tail = stats.rows(rows)
-    if isinstance(index, DenseIndex):
-        return 1.0
-    if isinstance(index, AShapeIndex):
-        window = offset_mass[head, : min(index.local, seq)].sum()
-        sink = 0.0
-        if index.sink > 0:
-            if index.local not in stats.locals or index.sink > stats.sink_tail.shape[2]:
-                raise ValueError(
-                    f"statistics were gathered for windows {stats.locals} and {stats.sink_tail.shape[2]} sinks; "
-                    f"AShape(sink={index.sink}, local={index.local}) needs its own"
-                )
-            sink = sink_tail[head, stats.locals.index(index.local), : index.sink].sum()
-        return float((window + sink) / n_rows)
-    if isinstance(index, BlockSparseIndex):
-        if index.block != BLOCK:
-            raise ValueError(f"the search scores BlockSparse(block={BLOCK}) only, got block={index.block}")
-        tiles = index.block_mask()[0]  # [n_blocks, n_blocks]
-        return float((stats.block_mass[head, first_block:] * tiles[first_block:]).sum() / n_rows)
-    if isinstance(index, VerticalSlashIndex):
-        if index.slash_block != BLOCK:
-            raise ValueError(f"the search scores block-diagonal Vertical-Slash (slash_block={BLOCK}) only, "
-                             f"got slash_block={index.slash_block}")
-        device = stats.block_mass.device
-        diagonal_flag = torch.zeros(nb, dtype=torch.bool, device=device)
-        diagonal_flag[index.diagonals[0].to(device)] = True
-        tiles = stats.diagonal_mass(first_block)[head][diagonal_flag].sum()
-        columns = torch.unique(index.columns[0].to(device))
-        # Where each kept column sits in the requested list.
-        slot = torch.full((seq,), -1, dtype=torch.long, device=device)
-        slot[stats.columns[head]] = torch.arange(stats.columns.shape[1], device=device)
-        where = slot[columns]
-        if bool((where < 0).any()):
-            raise ValueError("the statistics were gathered without some of this index's columns")
-        mass = stats.column_mass[head][first_block:, where]  # [query block, column]
-        m = torch.arange(first_block, nb, device=device)
-        distance = m[:, None] - (columns // BLOCK)[None, :]  # block diagonal of (query block, column)
-        outside = (distance >= 0) & ~diagonal_flag[distance.clamp(min=0)]
-        return float((tiles + (mass * outside).sum()) / n_rows)
-    raise TypeError(f"index must be a Dense, AShape, Vertical-Slash or Block-Sparse index, got {type(index).__name__}")
+    return index_unit(index).recall(index, stats, head, rows)
 
 
 def index_cost(index: HeadIndex, seq: int) -> tuple[int, int]:
-    """``(tile_pairs, column_pairs)`` the GPU kernel computes for ``index`` (one prompt of ``seq`` tokens).
-
-    Their sum is what ``SparsePlan.computed_pairs`` counts: 64 x 64 per tile and 64 per gathered
-    column and query block at or after it.
-    """
+    """``(tile_pairs, column_pairs)`` the GPU kernel computes for ``index`` (one prompt of ``seq`` tokens),
+    as ``SparsePlan.computed_pairs`` counts them (``kinds.<kind>.computed_pairs``)."""
     _check_one(index)
     if seq % BLOCK:
         raise ValueError(f"the search works on lengths that are a multiple of {BLOCK}, got seq={seq}")
-    nb = seq // BLOCK
-    tile = BLOCK * BLOCK
-
-    def diagonal_tiles(diagonals: torch.Tensor) -> int:
-        diagonals = torch.unique(diagonals[diagonals < nb])
-        return int((nb - diagonals).sum())
-
-    def column_pairs(columns: torch.Tensor) -> int:
-        return BLOCK * int((nb - torch.unique(columns) // BLOCK).sum())
-
-    if isinstance(index, DenseIndex):
-        return nb * (nb + 1) // 2 * tile, 0
-    if isinstance(index, AShapeIndex):
-        # The window's offsets 0..local-1 touch block diagonals 0..(local + 62) // 64.
-        last = min((index.local + BLOCK - 2) // BLOCK, nb - 1)
-        tiles = sum(nb - d for d in range(last + 1))
-        return tiles * tile, column_pairs(torch.arange(index.sink))
-    if isinstance(index, BlockSparseIndex):
-        return int((index.blocks[0] >= 0).sum()) * tile, 0
-    if isinstance(index, VerticalSlashIndex):
-        if index.slash_block == 1:
-            offsets = index.diagonals[0]
-            touched = torch.cat([offsets // BLOCK, (offsets + BLOCK - 1) // BLOCK])
-            return diagonal_tiles(touched) * tile, column_pairs(index.columns[0])
-        return diagonal_tiles(index.diagonals[0]) * tile, column_pairs(index.columns[0])
-    raise TypeError(f"index must be a Dense, AShape, Vertical-Slash or Block-Sparse index, got {type(index).__name__}")
+    tiles, columns = index_unit(index).computed_pairs(index, seq)
+    return int(tiles[0]), int(columns[0])

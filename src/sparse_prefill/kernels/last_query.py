@@ -1,8 +1,10 @@
-"""Fused Vertical-Slash score estimation for block diagonals (``slash_block=64``).
+"""The last queries' attention statistics on the GPU: Vertical-Slash's estimator pass.
 
-The last ``n_last`` queries of every head attend to all keys; the estimator needs, per head,
-the column sums of that attention and, per query row, its sum over each 64-key block. Two Triton
-passes over K produce exactly those, and never hold the ``n_last x seq`` probabilities in memory:
+The last ``n_last`` queries of some heads attend to all keys; Vertical-Slash needs, per head, the
+column sums of that attention and, per query row, its sum over each 64-key block (SnapKV's window
+scores are the same column sums over fewer rows). Two Triton passes over K produce exactly those,
+and never hold the ``n_last x seq`` probabilities in memory (the definition, in PyTorch:
+:func:`sparse_prefill.kinds.vertical_slash.last_query_statistics`):
 
 1. ``_row_statistics``: per row, the running max and sum of ``exp`` over a chunk of keys
    (split over chunks so that long sequences fill the GPU); combined in PyTorch.
@@ -10,9 +12,7 @@ passes over K produce exactly those, and never hold the ``n_last x seq`` probabi
    forms the probabilities of its tile and writes their column sums and their per-row sums.
 
 Outputs are ``[bh, seq]`` column scores and ``[bh, n_rows, n_tiles]`` row-block sums, about
-1/64 of the probabilities' size. On request the second pass also sums each column over the last
-``window`` rows only: SnapKV's key scores (``sparse_prefill.kv_cache``), from the same
-probabilities, so KV-cache compression costs no extra pass over K.
+1/64 of the probabilities' size; ``bh`` runs over the batch and the selected query heads.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ TILE = 64  # keys per tile: the block-diagonal unit
 
 @triton.jit
 def _row_statistics(
-    Q, K, row_max, row_sum,
+    Q, K, heads, row_max, row_sum,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    seq, q_heads, group, n_rows, tiles_per_chunk, n_chunks, qk_scale,
+    seq, n_selected, group, n_rows, tiles_per_chunk, n_chunks, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
     TILE: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
-    batch = bh // q_heads
-    head = bh % q_heads
+    batch = bh // n_selected
+    head = tl.load(heads + bh % n_selected)
     rows = tl.arange(0, BLOCK_Q)
     positions = seq - n_rows + rows  # row r is the query at this position
     row_ok = (rows < n_rows) & (positions >= 0)
@@ -66,16 +66,16 @@ def _row_statistics(
 
 @triton.jit
 def _column_and_block_sums(
-    Q, K, row_max, row_sum, own_rows, column_scores, block_sums, window_scores,
+    Q, K, heads, row_max, row_sum, own_rows, column_scores, block_sums,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    seq, q_heads, group, n_rows, n_tiles, window, qk_scale,
+    seq, n_selected, group, n_rows, n_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
-    TILE: tl.constexpr, WITH_WINDOW: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
-    batch = bh // q_heads
-    head = bh % q_heads
+    batch = bh // n_selected
+    head = tl.load(heads + bh % n_selected)
     rows = tl.arange(0, BLOCK_Q)
     positions = seq - n_rows + rows
     # A head with a smaller last_q uses only its own last rows.
@@ -98,37 +98,32 @@ def _column_and_block_sums(
     p = tl.where(keep, tl.math.exp2(s - tl.where(row_ok, m, 0.0)[:, None]) / tl.where(row_ok, l, 1.0)[:, None], 0.0)
     tl.store(column_scores + bh.to(tl.int64) * seq + keys, tl.sum(p, 0), mask=key_ok)
     tl.store(block_sums + (bh.to(tl.int64) * BLOCK_Q + rows) * n_tiles + tile, tl.sum(p, 1))
-    if WITH_WINDOW:
-        in_window = (rows >= n_rows - window)[:, None]
-        tl.store(window_scores + bh.to(tl.int64) * seq + keys, tl.sum(tl.where(in_window, p, 0.0), 0), mask=key_ok)
 
 
 def last_query_scores(
-    q: torch.Tensor, k: torch.Tensor, own_rows: torch.Tensor, n_rows: int, scale: float,
-    window_scores: torch.Tensor | None = None, window: int = 0,
+    q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, own_rows: torch.Tensor, n_rows: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Column scores and row-block sums of the last-query attention, for every query head.
+    """Column scores and row-block sums of the last-query attention of the query heads ``heads``.
 
     Parameters
     ----------
     q : [batch, q_heads, seq, head_dim]; k : [batch, kv_heads, seq, head_dim]
-    own_rows : int32 [batch * q_heads]
+    heads : long [n]
+        The query heads to score; ``bh`` below runs over ``batch * n`` (batch-major).
+    own_rows : int32 [batch * n]
         How many of the last ``n_rows`` queries each head uses (its ``min(last_q, seq)``).
     n_rows : int
         The largest ``own_rows``.
-    window_scores : float32 [batch * q_heads, seq], optional
-        Filled with the column sums over the last ``window`` rows (``window <= own_rows`` of every
-        head, else a head's rows outside its own are missing from its sums).
 
     Returns
     -------
-    column_scores : float32 [batch * q_heads, seq]
-    block_sums : float32 [batch * q_heads, block_q, n_tiles]; row ``r`` is the query at position
-        ``seq - n_rows + r`` (rows ``>= n_rows`` are padding, zero)
-    row_max, row_sum : float32 [batch * q_heads, block_q]  base-2 softmax statistics of each row
+    column_scores : float32 [batch * n, seq]
+    block_sums : float32 [batch * n, n_rows, n_tiles]; row ``r`` is the query at position ``seq - n_rows + r``
+    row_max, row_sum : float32 [batch * n, n_rows]  base-2 softmax statistics of each row
     """
     batch, q_heads, seq, head_dim = q.shape
-    bh = batch * q_heads
+    n = heads.numel()
+    bh = batch * n
     block_q = max(16, triton.next_power_of_2(n_rows))
     n_tiles = triton.cdiv(seq, TILE)
     n_chunks = min(n_tiles, max(1, 4096 // bh))  # enough programs to fill the GPU
@@ -140,10 +135,11 @@ def last_query_scores(
     )
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     group = q_heads // k.shape[1]
+    heads = heads.to(device=q.device, dtype=torch.int32)
     partial_max = torch.empty(bh, block_q, n_chunks, dtype=torch.float32, device=q.device)
     partial_sum = torch.empty_like(partial_max)
     _row_statistics[(n_chunks, bh)](
-        q, k, partial_max, partial_sum, *strides, seq, q_heads, group, n_rows, tiles_per_chunk, n_chunks,
+        q, k, heads, partial_max, partial_sum, *strides, seq, n, group, n_rows, tiles_per_chunk, n_chunks,
         scale * LOG2E, **common,
     )
     row_max = partial_max.amax(dim=2)
@@ -152,8 +148,7 @@ def last_query_scores(
     column_scores = torch.empty(bh, seq, dtype=torch.float32, device=q.device)
     block_sums = torch.empty(bh, block_q, n_tiles, dtype=torch.float32, device=q.device)
     _column_and_block_sums[(n_tiles, bh)](
-        q, k, row_max.contiguous(), row_sum.contiguous(), own_rows, column_scores, block_sums,
-        column_scores if window_scores is None else window_scores, *strides,
-        seq, q_heads, group, n_rows, n_tiles, window, scale * LOG2E, WITH_WINDOW=window_scores is not None, **common,
+        q, k, heads, row_max.contiguous(), row_sum.contiguous(), own_rows, column_scores, block_sums, *strides,
+        seq, n, group, n_rows, n_tiles, scale * LOG2E, **common,
     )
-    return column_scores, block_sums, row_max, row_sum
+    return column_scores, block_sums[:, :n_rows], row_max[:, :n_rows], row_sum[:, :n_rows]

@@ -1,0 +1,259 @@
+"""Block-Coverage estimation on the GPU: antidiagonal tile masses and the coverage selection.
+
+The definition is :mod:`sparse_prefill.kinds.block_coverage`; these kernels compute the same
+quantities without ever holding the ``(seq / stride)^2`` scores:
+
+1. ``_antidiagonal_block_lse``: query groups against key groups, walked as ``stride`` products of
+   ``head_dim`` (one per antidiagonal step), reduced on the fly, for both estimates (the mean
+   logit, and the sum of exponentials), to one log-sum-exp per (query group, 64-key block), plus
+   each query group's log-sum-exp over all its key groups (online, as in flash attention). Base 2.
+2. ``_tile_mass``: per (query block, key block), the sum over the block's query groups of
+   ``exp2(block_lse - row_lse)``, averaged over the two estimates: the tile's estimated mass.
+3. ``_coverage_threshold``: per query block, the threshold of the coverage rule, found exactly by
+   bisection on the bits of a non-negative float32 (their order is the order of the values).
+4. ``_write_blocks``: the kept blocks of each query block, ascending, into the plan's lists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..kinds.common import BLOCK
+
+LOG2E = 1.4426950408889634  # 1/ln(2)
+
+
+def _score_configs() -> list[triton.Config]:
+    """Tiles of query groups x key groups: it is a GEMM with an inner dimension of stride x head_dim,
+    and larger tiles re-read Q and K fewer times."""
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter ignores warps and stages: one config
+        return [triton.Config({"GROUPS_M": 64, "GROUPS_N": 64}, num_warps=4, num_stages=1)]
+    shapes = [(64, 64, 4), (128, 64, 8), (64, 128, 4), (128, 128, 8)]
+    return [triton.Config({"GROUPS_M": m, "GROUPS_N": n}, num_warps=w, num_stages=s) for m, n, w in shapes for s in (2, 3)]
+
+
+@triton.autotune(configs=_score_configs(), key=["STRIDE", "HEAD_DIM_PADDED"])
+@triton.jit
+def _antidiagonal_block_lse(
+    Q, K, heads, block_lse, row_lse,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    seq, n_groups, n_blocks, n_selected, group, log2_scale,
+    STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+    GROUPS_M: tl.constexpr, GROUPS_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """block_lse [2, rows, n_groups, n_blocks] and row_lse [2, rows, n_groups], base 2: [0] of the
+    mean antidiagonal logit, [1] of the sum of the antidiagonal's exponentials."""
+    # The last query groups have the most key groups (causal): start them first to shorten the tail.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    batch = bh // n_selected
+    q_head = tl.load(heads + bh % n_selected)
+    kv_head = q_head // group
+    rows = pid * GROUPS_M + tl.arange(0, GROUPS_M)  # query groups
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    dim_ok = dims < HEAD_DIM
+    q_base = Q + batch.to(tl.int64) * stride_qb + q_head.to(tl.int64) * stride_qh
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    PER_BLOCK: tl.constexpr = 64 // STRIDE  # groups per 64-token block
+    BLOCKS_N: tl.constexpr = GROUPS_N // PER_BLOCK  # key blocks per step
+    estimate_stride = (tl.num_programs(1) * n_groups).to(tl.int64)  # between the two estimates
+    mean_m = tl.full([GROUPS_M], float("-inf"), dtype=tl.float32)
+    mean_l = tl.zeros([GROUPS_M], dtype=tl.float32)
+    sum_m = tl.full([GROUPS_M], float("-inf"), dtype=tl.float32)
+    sum_l = tl.zeros([GROUPS_M], dtype=tl.float32)
+    last_group = tl.minimum(pid * GROUPS_M + GROUPS_M, n_groups)  # causal: key groups < this
+    out_rows = bh.to(tl.int64) * n_groups + rows
+    for start in range(0, last_group, GROUPS_N):
+        cols = start + tl.arange(0, GROUPS_N)  # key groups
+        causal = cols[None, :] <= rows[:, None]
+        logit_sum = tl.zeros([GROUPS_M, GROUPS_N], dtype=tl.float32)
+        # Sum of exponentials per (query group, key block), against a running maximum per row.
+        run_max = tl.full([GROUPS_M], float("-inf"), dtype=tl.float32)
+        run_acc = tl.zeros([GROUPS_M, BLOCKS_N], dtype=tl.float32)
+        # A loop, not an unrolled one: unrolled, every step's tiles got their own shared-memory
+        # buffers (and pipeline stages), 16 x 3 x 16 KB at stride 16, past the H200's 227 KB.
+        for t in range(STRIDE):
+            # Query a*S + t meets key b*S + S-1-t: one antidiagonal of the (a, b) group tile.
+            q_pos = rows * STRIDE + t
+            k_pos = cols * STRIDE + (STRIDE - 1 - t)
+            q = tl.load(q_base + q_pos[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                        mask=(q_pos < seq)[:, None] & dim_ok[None, :], other=0.0)
+            k = tl.load(k_base + k_pos[:, None].to(tl.int64) * stride_ks + dims[None, :],
+                        mask=(k_pos < seq)[:, None] & dim_ok[None, :], other=0.0)
+            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            logit_sum += logits
+            logits = tl.where(causal, logits * log2_scale, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(logits, 1))
+            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+            exps = tl.reshape(tl.math.exp2(logits - safe[:, None]), [GROUPS_M, BLOCKS_N, PER_BLOCK])
+            run_acc = run_acc * tl.math.exp2(run_max - safe)[:, None] + tl.sum(exps, axis=2)
+            run_max = new_max
+        key_blocks = start // PER_BLOCK + tl.arange(0, BLOCKS_N)
+        store_mask = (rows < n_groups)[:, None] & (key_blocks < n_blocks)[None, :]
+        lse_at = out_rows[:, None] * n_blocks + key_blocks[None, :]
+        # Estimate 0: the mean logit along the antidiagonal; one log-sum-exp per 64-key block.
+        mean = tl.where(causal, logit_sum * (log2_scale / STRIDE), float("-inf"))
+        blocks = tl.reshape(mean, [GROUPS_M, BLOCKS_N, PER_BLOCK])
+        b_max = tl.max(blocks, axis=2)
+        b_safe = tl.where(b_max == float("-inf"), 0.0, b_max)
+        b_sum = tl.sum(tl.math.exp2(blocks - b_safe[:, :, None]), axis=2)
+        tl.store(block_lse + lse_at, b_safe + tl.log2(b_sum), mask=store_mask)
+        chunk_max = tl.max(b_max, 1)
+        new_m = tl.maximum(mean_m, chunk_max)
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+        mean_l = mean_l * tl.math.exp2(mean_m - safe_m) + tl.sum(b_sum * tl.math.exp2(b_safe - safe_m[:, None]), 1)
+        mean_m = new_m
+        # Estimate 1: the sum of the antidiagonal's exponentials, per 64-key block.
+        safe = tl.where(run_max == float("-inf"), 0.0, run_max)
+        tl.store(block_lse + estimate_stride * n_blocks + lse_at, safe[:, None] + tl.log2(run_acc), mask=store_mask)
+        new_m = tl.maximum(sum_m, run_max)
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+        sum_l = sum_l * tl.math.exp2(sum_m - safe_m) + tl.sum(run_acc, 1) * tl.math.exp2(run_max - safe_m)
+        sum_m = new_m
+    tl.store(row_lse + out_rows, mean_m + tl.log2(mean_l), mask=rows < n_groups)
+    tl.store(row_lse + estimate_stride + out_rows, sum_m + tl.log2(sum_l), mask=rows < n_groups)
+
+
+@triton.jit
+def _tile_mass(
+    block_lse, row_lse, mass, seq, n_groups, n_blocks, estimate_stride,
+    STRIDE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """mass[row, m, c]: the mean of the two estimates' softmax mass of tile (m, c), summed over the
+    query groups of block m."""
+    m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    PER_BLOCK: tl.constexpr = 64 // STRIDE
+    for start in range(0, m + 1, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r in tl.static_range(PER_BLOCK):
+            a = m * PER_BLOCK + r
+            for e in tl.static_range(2):
+                row = e * estimate_stride + bh * n_groups + a
+                lse = tl.load(block_lse + row * n_blocks + c, mask=c <= m, other=float("-inf"))
+                share = tl.math.exp2(lse - tl.load(row_lse + row))
+                # A group of padding only (past the sequence) holds no query: it adds nothing.
+                acc += tl.where(a * STRIDE < seq, 0.5 * share, 0.0)
+        tl.store(mass + (bh * n_blocks + m) * n_blocks + c, acc, mask=c < n_blocks)
+
+
+@triton.jit
+def _free_sum_above(row, m, threshold, BLOCK_C: tl.constexpr):
+    """Sum of the free masses (0 < c < m) that are >= threshold, over the row in chunks."""
+    total = tl.zeros([], dtype=tl.float32)
+    for start in range(0, m, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        x = tl.load(row + c, mask=c < m, other=0.0)
+        total += tl.sum(tl.where((c > 0) & (c < m) & (x >= threshold), x, 0.0))
+    return total
+
+
+@triton.jit
+def _coverage_threshold(
+    mass, coverage, thresholds, counts, n_blocks,
+    BLOCK_C: tl.constexpr,
+):
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    row = mass + (bh.to(tl.int64) * n_blocks + m) * n_blocks
+    total = tl.zeros([], dtype=tl.float32)
+    forced = tl.zeros([], dtype=tl.float32)
+    for start in range(0, m + 1, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        x = tl.load(row + c, mask=c <= m, other=0.0)
+        total += tl.sum(x)
+        forced += tl.sum(tl.where((c == 0) | (c == m), x, 0.0))
+    needed = tl.load(coverage + bh) * total - forced
+    # Largest t (as float32 bits, whose integer order is the value order for t >= 0) such that the
+    # free masses >= t reach `needed`; t = 0 keeps every free block, so `lo` always qualifies.
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.full([], 0x7F800000, dtype=tl.int32)  # +inf: never qualifies while needed > 0
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        if mid > lo:
+            t = mid.to(tl.float32, bitcast=True)
+            if _free_sum_above(row, m, t, BLOCK_C) >= needed:
+                lo = mid
+            else:
+                hi = mid
+    threshold = tl.where(needed <= 0, float("inf"), lo.to(tl.float32, bitcast=True))
+    kept = tl.zeros([], dtype=tl.int32)
+    for start in range(0, m + 1, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        x = tl.load(row + c, mask=c <= m, other=0.0)
+        keep = (c <= m) & ((c == 0) | (c == m) | (x >= threshold))
+        kept += tl.sum(keep.to(tl.int32))
+    tl.store(thresholds + bh.to(tl.int64) * n_blocks + m, threshold)
+    tl.store(counts + bh.to(tl.int64) * n_blocks + m, kept)
+
+
+@triton.jit
+def _write_blocks(mass, thresholds, blocks, n_blocks, max_kept, BLOCK_C: tl.constexpr):
+    m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    row = mass + (bh * n_blocks + m) * n_blocks
+    threshold = tl.load(thresholds + bh * n_blocks + m)
+    out = blocks + (bh * n_blocks + m) * max_kept
+    written = tl.zeros([], dtype=tl.int32)
+    for start in range(0, m + 1, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        x = tl.load(row + c, mask=c <= m, other=0.0)
+        keep = (c <= m) & ((c == 0) | (c == m) | (x >= threshold))
+        slot = written + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out + slot, c, mask=keep)
+        written += tl.sum(keep.to(tl.int32))
+    for start in range(written, max_kept, BLOCK_C):  # the rest of the row: padding
+        slot = start + tl.arange(0, BLOCK_C)
+        tl.store(out + slot, -1, mask=slot < max_kept)
+
+
+def antidiagonal_tile_mass(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, stride: int, scale: float) -> torch.Tensor:
+    """Tile masses of the query heads ``heads`` (long [n]), as :func:`~sparse_prefill.kinds.block_coverage.tile_mass`.
+
+    q : [batch, q_heads, seq, head_dim]; k : [batch, kv_heads, seq, head_dim], last dimension contiguous.
+    Returns float32 [batch * n, n_blocks, n_blocks]; entries above the diagonal are unspecified.
+    """
+    batch, q_heads, seq, head_dim = q.shape
+    n = heads.numel()
+    n_blocks = -(-seq // BLOCK)
+    n_groups = n_blocks * BLOCK // stride
+    block_lse = torch.empty(2, batch * n, n_groups, n_blocks, dtype=torch.float32, device=q.device)
+    row_lse = torch.empty(2, batch * n, n_groups, dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(n_groups, meta["GROUPS_M"]), batch * n)  # noqa: E731
+    _antidiagonal_block_lse[grid](
+        q, k, heads.to(device=q.device, dtype=torch.int32), block_lse, row_lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        seq, n_groups, n_blocks, n, q_heads // k.shape[1], scale * LOG2E,
+        STRIDE=stride, HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    mass = torch.empty(batch * n, n_blocks, n_blocks, dtype=torch.float32, device=q.device)
+    _tile_mass[(n_blocks, batch * n)](block_lse, row_lse, mass, seq, n_groups, n_blocks, batch * n * n_groups, STRIDE=stride,
+                                      BLOCK_C=_chunk(n_blocks))
+    return mass
+
+
+def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+    """The Block-Coverage rule on the GPU: kept blocks [rows, n_blocks, max_kept], ascending, -1 padded.
+
+    mass : float32 [rows, n_blocks, n_blocks] (contiguous); coverage : float32 [rows] per row of ``mass``.
+    """
+    rows, n_blocks, _ = mass.shape
+    thresholds = torch.empty(rows, n_blocks, dtype=torch.float32, device=mass.device)
+    counts = torch.empty(rows, n_blocks, dtype=torch.int32, device=mass.device)
+    chunk = _chunk(n_blocks)
+    _coverage_threshold[(n_blocks, rows)](mass, coverage.float().contiguous(), thresholds, counts, n_blocks,
+                                          BLOCK_C=chunk)
+    max_kept = int(counts.max())  # one host synchronisation: the lists' width
+    blocks = torch.empty(rows, n_blocks, max_kept, dtype=torch.int32, device=mass.device)
+    _write_blocks[(n_blocks, rows)](mass, thresholds, blocks, n_blocks, max_kept, BLOCK_C=chunk)
+    return blocks
+
+
+def _chunk(n_blocks: int) -> int:
+    return min(triton.next_power_of_2(max(n_blocks, 16)), 2048)

@@ -1,0 +1,126 @@
+"""Block-Sparse: per 64-query block, a list of 64-key blocks (MInference's third pattern).
+
+The kept set, the GPU kernel's share and the cost are those of any block list; Block-Coverage
+(:mod:`.block_coverage`) keeps the same kind of index and reuses them. The estimator here is
+MInference's: queries and keys mean-pooled over blocks, the ``top_k`` best pooled scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .common import BLOCK, causal, check_positive_int, float_dtype, n_blocks, scaled_count
+
+
+@dataclass(frozen=True)
+class BlockSparse:
+    """Keep the ``top_k`` key blocks of 64 tokens with the best pooled scores for every query block (diagonal block always)."""
+
+    top_k: int
+    kind: ClassVar[str] = "block_sparse"
+
+    def __post_init__(self) -> None:
+        check_positive_int("BlockSparse", "top_k", self.top_k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "top_k": self.top_k}
+
+    def scaled(self, factor: float) -> "BlockSparse":
+        return BlockSparse(scaled_count(self.top_k, factor))
+
+
+@dataclass(frozen=True)
+class BlockSparseIndex:
+    """Chosen key blocks per query block.
+
+    ``blocks`` [batch, n_blocks, k] (int32 or int64) holds key-block numbers, ascending, padded
+    with -1 at the end where a query block keeps fewer than ``k``. Key ``j <= i`` is kept when block ``j // 64`` is
+    listed for query block ``i // 64``. The diagonal block is always listed (last).
+    """
+
+    blocks: torch.Tensor
+
+    def block_mask(self) -> torch.Tensor:
+        """Bool [batch, n_blocks, n_blocks]: which (query block, key block) tiles are kept."""
+        batch, nb, _ = self.blocks.shape
+        mask = torch.zeros(batch, nb, nb + 1, dtype=torch.bool, device=self.blocks.device)
+        # Padding (-1) lands in the spare last column and is dropped.
+        mask.scatter_(2, torch.where(self.blocks < 0, nb, self.blocks).long(), True)
+        return mask[:, :, :nb]
+
+    def kept_mask(self, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
+        keys = torch.arange(n_keys, device=rows.device)
+        tiles = self.block_mask()  # [batch, q blocks, k blocks]
+        kept = tiles[:, rows // BLOCK][:, :, keys // BLOCK]
+        return kept & causal(rows, n_keys)
+
+
+def mean_pool_blocks(x: torch.Tensor) -> torch.Tensor:
+    """[..., seq, dim] -> [..., ceil(seq / 64), dim] block means (the last block over the tokens it has),
+    float32 (float64 stays). Sums in the wider dtype without copying ``x`` (gigabytes at 1M tokens)."""
+    dtype = float_dtype(x)
+    seq, dim = x.shape[-2:]
+    full = seq // BLOCK
+    parts = [x[..., : full * BLOCK, :].reshape(*x.shape[:-2], full, BLOCK, dim).sum(dim=-2, dtype=dtype) / BLOCK]
+    if seq > full * BLOCK:
+        parts.append(x[..., full * BLOCK :, :].sum(dim=-2, keepdim=True, dtype=dtype) / (seq - full * BLOCK))
+    return torch.cat(parts, dim=-2)
+
+
+def pooled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """[..., n_blocks, n_blocks] pooled scores, ``q``/``k`` [..., seq, dim]; future key blocks -inf."""
+    scores = torch.matmul(mean_pool_blocks(q), mean_pool_blocks(k).transpose(-1, -2)) * scale
+    nb = scores.shape[-1]
+    future = torch.ones(nb, nb, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf"))
+
+
+def ranked_blocks(scores: torch.Tensor) -> torch.Tensor:
+    """Key blocks of every query block by descending pooled score, the diagonal block first."""
+    nb = scores.shape[-1]
+    diagonal = torch.arange(nb, device=scores.device)
+    scores = scores.clone()
+    scores[..., diagonal, diagonal] = float("inf")
+    return scores.sort(dim=-1, descending=True).indices
+
+
+def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[BlockSparse], scale: float) -> list[BlockSparseIndex]:
+    """MInference's Block-Sparse estimator for every Block-Sparse head of a layer (docs/semantics.md)."""
+    batch, q_heads, seq, _ = q.shape
+    group = q_heads // k.shape[1]
+    nb = n_blocks(seq)
+    diagonal = torch.arange(nb, device=q.device)
+    indices = []
+    for head, pattern in zip(heads, patterns):
+        # [batch, nb, nb] floats per head (1 GB at 1M tokens): one head at a time.
+        scores = pooled_scores(q[:, head], k[:, head // group], scale)
+        scores[:, diagonal, diagonal] = float("inf")
+        top = scores.topk(min(pattern.top_k, nb), dim=2)
+        # Query block b has only b + 1 causal key blocks: the rest of its top-k are -inf, dropped as -1.
+        chosen = torch.where(top.values > float("-inf"), top.indices, nb).sort(dim=2).values
+        indices.append(BlockSparseIndex(blocks=torch.where(chosen == nb, -1, chosen)))
+    return indices
+
+
+# --- the GPU kernel's share and cost -------------------------------------------------------------------
+
+
+def add_to_plan(writer, heads: list[int], indices: list[BlockSparseIndex]) -> None:
+    for head, index in zip(heads, indices):
+        writer.set_blocks(head, index.blocks)
+
+
+def computed_pairs(index: BlockSparseIndex, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([batch] tile pairs, [batch] gathered-column pairs) the kernel multiplies: 64 x 64 per listed tile."""
+    tiles = (index.blocks >= 0).sum(dim=(1, 2)).cpu()
+    return tiles * BLOCK * BLOCK, torch.zeros_like(tiles)
+
+
+def recall(index: BlockSparseIndex, stats, head: int, rows: str = "all") -> float:
+    """Dense mass on the kept set from blockwise statistics (:mod:`sparse_prefill.search.stats`)."""
+    first_block, n_rows, _, _ = stats.rows(rows)
+    tiles = index.block_mask()[0].to(stats.block_mass.device)  # [n_blocks, n_blocks]
+    return float((stats.block_mass[head, first_block:] * tiles[first_block:]).sum() / n_rows)

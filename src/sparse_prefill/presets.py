@@ -1,0 +1,63 @@
+"""Named operating points: which pattern every head gets, and from which length sparse pays.
+
+A preset is what :func:`sparse_prefill.enable` uses when no per-head config is given. Each was
+chosen on the accuracy-speed frontier (benchmarks/frontier.py, docs/BENCHMARKS.md) and checked on
+the model-level evaluation (docs/ACCURACY.md):
+
+- ``"default"``: the accurate operating point (output error against dense attention at most 0.03
+  on the real 128K workload).
+- ``"fast"``: a faster, less exact one, for users who measured that their task tolerates it.
+
+Below a preset's ``min_seq_len`` dense attention is faster than sparse attention with its index,
+so the prefill stays dense there (``pattern_for`` returns :class:`~sparse_prefill.patterns.Dense`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .patterns import BlockCoverage, Dense, Pattern
+
+__all__ = ["Preset", "PRESETS", "preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named pattern for every head and the shortest prompt that runs it.
+
+    name : str
+    pattern : Pattern
+        Every head's pattern; its budget adapts to the prompt, so it holds at every length.
+    min_seq_len_cuda : int
+        Shortest prefill that runs sparse on a CUDA GPU (the crossover with dense cuDNN attention).
+    min_seq_len_cpu : int
+        The same on the CPU path, where sparse attention is computed as masked dense attention
+        (never faster); it is kept low so that accuracy can be measured anywhere.
+    """
+
+    name: str
+    pattern: Pattern
+    min_seq_len_cuda: int
+    min_seq_len_cpu: int = 2048
+
+    def min_seq_len(self, on_cuda: bool) -> int:
+        return self.min_seq_len_cuda if on_cuda else self.min_seq_len_cpu
+
+    def pattern_for(self, seq_len: int, on_cuda: bool = True) -> Pattern:
+        """The pattern a prompt of ``seq_len`` tokens gets: :attr:`pattern`, or ``Dense()`` below the crossover."""
+        return self.pattern if seq_len >= self.min_seq_len(on_cuda) else Dense()
+
+
+# Below 64K tokens the index and the kernel together do not beat cuDNN on an H200 at SmolLM2's
+# shapes (at 32K every Block-Coverage budget was 0.7-0.9x cuDNN: docs/BENCHMARKS.md).
+PRESETS: dict[str, Preset] = {
+    "default": Preset("default", BlockCoverage(0.99, stride=16), min_seq_len_cuda=65536),
+    "fast": Preset("fast", BlockCoverage(0.95, stride=16), min_seq_len_cuda=65536),
+}
+
+
+def preset(name: str) -> Preset:
+    """The preset called ``name`` (one of :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got preset={name!r}")
+    return PRESETS[name]
