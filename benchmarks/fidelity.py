@@ -28,7 +28,7 @@ import time
 import torch
 
 import sparse_prefill
-from sparse_prefill.integrations.transformers import default_pattern
+from sparse_prefill.kinds.vertical_slash import minference_budget as default_pattern
 from sparse_prefill.models import load_model
 
 # (book reference for `bible`, label): eight books of different genres.

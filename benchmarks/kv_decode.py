@@ -2,15 +2,14 @@
 
 SmolLM2-135M-Instruct (GGUF, bf16 on the GPU, YaRN for the longest length + decode tokens, used
 for every length: speed and memory do not depend on the RoPE factor) prefills the first N tokens of
-the King James Bible with sparse attention (sparse_prefill's default Vertical-Slash budget), once
+the King James Bible with sparse attention (sparse_prefill's default preset), once
 per KV method, into that method's cache; then greedy decoding, one token per step, eager PyTorch.
 
 Per (length, method): the cache's K+V bytes after the prefill, the peak GPU memory of the prefill
 (weights included), the prefill time, the median wall time of a decoding step (CUDA-synchronised,
 after warm-up steps), how many decoded tokens match the full cache's, and how many layers computed
-the SnapKV scores outside the Vertical-Slash estimator (0 = shared pass on every layer). Also,
-once: the estimator with and without the window scores against computing them separately, on
-SmolLM2's attention shapes with random Q/K.
+the SnapKV window scores (``kv_cache.window_attention_scores``: one call per compressing layer that
+needs them).
 
 Usage (GPU machine, repository root):
   PYTHONPATH=src python3 benchmarks/kv_decode.py --model SmolLM2-135M-Instruct.Q4_1.gguf --text kjv.txt \
@@ -31,31 +30,8 @@ import sparse_prefill
 from sparse_prefill import kv_cache
 from sparse_prefill.generation import prefill
 from sparse_prefill.models import load_model
-from timing import cuda_ms  # benchmarks/timing.py
 
 METHODS = ("full", "snapkv", "pyramidkv", "streamingllm")
-
-
-def shared_scores_check(seq: int, window: int) -> dict:
-    """The estimator's window scores vs computing them apart (SmolLM2 shapes, random bf16 Q/K/V)."""
-    from sparse_prefill.integrations.transformers import default_pattern
-    from sparse_prefill.kernels import build_plan
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, 9, seq, 64, device="cuda", generator=g, dtype=torch.bfloat16)
-    k = torch.randn(1, 3, seq, 64, device="cuda", generator=g, dtype=torch.bfloat16)
-    patterns = [default_pattern(seq)] * 9
-    scale = 64**-0.5
-    plan = build_plan(q, k, patterns, scale, window)
-    apart = kv_cache.window_attention_scores(q, k, window, scale)
-    error = ((plan.window_scores.view_as(apart) - apart).norm() / apart.norm()).item()
-    return {
-        "seq": seq,
-        "plan_ms": cuda_ms(lambda: build_plan(q, k, patterns, scale), repeats=5),
-        "plan_with_scores_ms": cuda_ms(lambda: build_plan(q, k, patterns, scale, window), repeats=5),
-        "scores_apart_ms": cuda_ms(lambda: kv_cache.window_attention_scores(q, k, window, scale), repeats=5),
-        "relative_error": error,
-    }
 
 
 @torch.inference_mode()
@@ -75,9 +51,6 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    check = shared_scores_check(max(args.lengths), kv_cache.DEFAULT_WINDOW)
-    print("shared scores:", json.dumps({k: round(v, 4) for k, v in check.items()}), flush=True)
-
     longest = max(args.lengths) + args.decode_tokens
     loaded = load_model(args.model, dtype=torch.bfloat16, device="cuda", rope_scaling_for=longest, cache=False)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -85,10 +58,10 @@ def main() -> None:
     if len(token_ids) < max(args.lengths):
         raise ValueError(f"--text has {len(token_ids)} tokens, fewer than {max(args.lengths)}")
     state = sparse_prefill.enable(model) if args.min_seq_len is None else sparse_prefill.enable(model, min_seq_len=args.min_seq_len)
-    config_source = "default_pattern on every head" if state.config is None else str(state.config.metadata.get("source", "config"))
+    config_source = state.describe()
     weights = torch.cuda.memory_allocated()
 
-    # Count the layers whose SnapKV scores were computed apart from the estimator.
+    # Count the layers that computed SnapKV window scores.
     apart_calls = [0]
     computed_apart = kv_cache.window_attention_scores
 
@@ -163,7 +136,6 @@ def main() -> None:
         "decode_tokens": args.decode_tokens,
         "warmup_steps": args.warmup_steps,
         "decode_sdpa": args.decode_sdpa,
-        "shared_scores": check,
         "rows": rows,
     }
     import transformers

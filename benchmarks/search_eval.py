@@ -6,8 +6,8 @@
    layer, the recall of the kept sets the GPU plan chose, the pairs the kernel computed (tiles and
    gathered columns) and the index and kernel times.
 3. Longer prompts (--lengths, YaRN factor N / 8192): the same per layer, against dense cuDNN, for
-   the uniform default at that length, the uniform 8K default scaled fixed and proportionally, the
-   searched config under its own rule, fixed and proportionally, and its adaptive variant.
+   the uniform default at that length, the uniform 8K default scaled fixed and proportionally, and the
+   searched config under its own rule, fixed and proportionally.
 
 Usage (GPU machine, repository root):
   PYTHONPATH=src python3 benchmarks/search_eval.py --model SmolLM2-135M-Instruct.Q4_1.gguf \\
@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from timing import cuda_ms  # benchmarks/timing.py
-from sparse_prefill.integrations.transformers import default_pattern
+from sparse_prefill.kinds.vertical_slash import minference_budget as default_pattern
 from sparse_prefill.kernels import build_plan, run_plan
 from sparse_prefill.models import load_model
 from sparse_prefill.patterns import PatternConfig
-from sparse_prefill.search.adaptive import adaptive_config
 from sparse_prefill.search.candidates import score_indices
 from sparse_prefill.search.prompts import calibration_prompt
 from sparse_prefill.search.run import run_layers, search
@@ -43,12 +42,11 @@ from sparse_prefill.search.stats import BLOCK, COLUMN_PAIR_COST, causal_pairs
 
 
 def plan_pairs(plan) -> tuple[float, float]:
-    """Mean over heads of (tile pairs, gathered-column pairs) the kernel computes (batch 1)."""
-    n_blocks = plan.diagonal_limit.shape[1]
+    """Mean over heads of (tile pairs, gathered-column pairs) the kernel computes (batch 1): 64 x 64 per
+    listed tile, and per query block its gathered columns in tiles of 64 (as ``SparsePlan.computed_pairs``)."""
     tiles = plan.diagonal_limit.sum(dim=1).double() + plan.block_count.sum(dim=1).double()
-    valid = torch.arange(plan.columns.shape[1], device=plan.columns.device)[None, :] < plan.column_count[:, None]
-    column_blocks = torch.where(valid, n_blocks - plan.columns.long() // BLOCK, 0).sum(dim=1).double()
-    return float(tiles.mean()) * BLOCK * BLOCK, float(column_blocks.mean()) * BLOCK
+    column_tiles = (-(-plan.column_before.long() // BLOCK)).sum(dim=1).double()
+    return float(tiles.mean()) * BLOCK * BLOCK, float(column_tiles.mean()) * BLOCK * BLOCK
 
 
 def measure(loaded, prompt_ids, configs: dict, seq: int, *, layers, timing: bool, recall_layers, repeats: int,
@@ -126,7 +124,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="evaluate this config instead of searching")
     parser.add_argument("--configs", nargs="*", default=[],
                         help="NAME=PATH ...: evaluate these configs (under their own scaling rules) against the uniform "
-                        "default instead of searching; no scaling or adaptive variants")
+                        "default instead of searching; no scaling variants")
     parser.add_argument("--samples", type=int, default=9)
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--heldout", type=int, default=6)
@@ -171,7 +169,7 @@ def main() -> None:
         config = PatternConfig.load(args.config)
     uniform = PatternConfig.uniform(n_layers, n_heads, default_pattern(args.length))
     configs = ({"uniform": uniform, **extra} if extra else
-               {"uniform": uniform, "searched": config, "adaptive": adaptive_config(config, 0.5, 2.0)})
+               {"uniform": uniform, "searched": config})
     for i in range(args.heldout):
         prompt = calibration_prompt(loaded.tokenizer, text, args.length, 100 + i, seed=1)
         results["rows"] += measure(loaded, prompt.input_ids, configs, args.length, layers=layers, timing=timing,
@@ -194,7 +192,6 @@ def main() -> None:
             "searched": config,
             "searched_fixed": PatternConfig(searched, config.metadata),
             "searched_proportional": PatternConfig(searched, config.metadata, reference_length=reference, scaling="proportional"),
-            "adaptive": adaptive_config(config, 0.5, 2.0),
         }
         prompt = calibration_prompt(loaded.tokenizer, text, seq, 300, seed=1)  # index 300: a plain text window
         results["rows"] += measure(loaded, prompt.input_ids, long_configs, seq, layers=layers, timing=timing,
