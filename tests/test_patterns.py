@@ -126,6 +126,25 @@ def test_malformed_json_file(tmp_path):
         PatternConfig.load(path)
     with pytest.raises(ValueError, match="not found"):
         PatternConfig.load(tmp_path / "missing.json")
+    # A directory (`--config /tmp`) and a file that is not UTF-8 were tracebacks (IsADirectoryError,
+    # UnicodeDecodeError) instead of a ValueError naming the path.
+    with pytest.raises(ValueError, match=f"pattern config '{tmp_path}' is a directory; expected a JSON file"):
+        PatternConfig.load(tmp_path)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"caf\xe9": 1}')
+    with pytest.raises(ValueError, match=r"is not UTF-8 JSON text \(byte 0xe9 at offset 5\)"):
+        PatternConfig.load(latin)
+
+
+def test_metadata_must_be_an_object(tmp_path):
+    data = PatternConfig.uniform(1, 2, VerticalSlash(8, 64)).to_dict() | {"metadata": ["a", "b"]}
+    path = tmp_path / "list-metadata.json"
+    path.write_text(json.dumps(data))
+    # Was: "cannot convert dictionary update sequence element #0 to a sequence".
+    with pytest.raises(ValueError, match="pattern config 'metadata' must be a JSON object, got list"):
+        PatternConfig.load(path)
+    with pytest.raises(TypeError, match="PatternConfig.metadata must be a mapping .*, got list"):
+        PatternConfig(((VerticalSlash(8, 64),),), ["a"])
 
 
 @pytest.mark.parametrize(

@@ -131,6 +131,10 @@ class PatternConfig:
                 )
             for head, pattern in enumerate(heads):
                 check_is_pattern(pattern, f"PatternConfig.layers[{index}][{head}]")
+        if not isinstance(self.metadata, Mapping):
+            raise TypeError(
+                f"PatternConfig.metadata must be a mapping (a JSON object), got {type(self.metadata).__name__}"
+            )
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "metadata", dict(self.metadata))
 
@@ -214,6 +218,11 @@ class PatternConfig:
         layers = data.get("layers")
         if not isinstance(layers, list) or not all(isinstance(heads, list) for heads in layers):
             raise ValueError("pattern config 'layers' must be a list of lists of patterns")
+        metadata = data.get("metadata", {})
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, Mapping):
+            raise ValueError(f"pattern config 'metadata' must be a JSON object, got {type(metadata).__name__}: {metadata!r:.80}")
         scaling = data.get("scaling", {"rule": "fixed", "reference_length": None})
         if not isinstance(scaling, Mapping) or not {"rule", "reference_length"} <= set(scaling) <= {
             "rule", "reference_length", "limit"
@@ -227,7 +236,7 @@ class PatternConfig:
                 tuple(pattern_from_dict(p, f"layers[{l}][{h}]") for h, p in enumerate(heads))
                 for l, heads in enumerate(layers)
             ),
-            data.get("metadata") or {},
+            metadata,
             reference_length=scaling["reference_length"],
             scaling=scaling["rule"],
             scaling_limit=scaling.get("limit"),
@@ -299,10 +308,21 @@ class PatternConfig:
 
 
 def _read_json(path: str | os.PathLike) -> Any:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"pattern config path must be a str or path, got {type(path).__name__}")
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
         raise ValueError(f"pattern config file not found: {os.fspath(path)!r}") from None
+    except IsADirectoryError:
+        raise ValueError(f"pattern config {os.fspath(path)!r} is a directory; expected a JSON file") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"pattern config {os.fspath(path)!r} is not UTF-8 JSON text (byte {error.object[error.start]:#04x} at "
+            f"offset {error.start})"
+        ) from None
+    except OSError as error:
+        raise ValueError(f"cannot read pattern config {os.fspath(path)!r}: {error.strerror or error}") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"pattern config {os.fspath(path)!r} is not valid JSON: {error}") from error
