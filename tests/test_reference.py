@@ -469,6 +469,9 @@ def test_32k_tokens_9_heads_memory_is_bounded_by_chunks():
          ValueError, "same batch size"),
         (lambda q, k, v: (q.index_fill(2, torch.tensor([3]), float("nan")), k, v), ValueError, "q contains NaN or Inf"),
         (lambda q, k, v: (q, k.index_fill(2, torch.tensor([3]), float("inf")), v), ValueError, "k contains NaN or Inf"),
+        # NaN in v used to pass through to NaN output rows.
+        (lambda q, k, v: (q, k, v.index_fill(2, torch.tensor([3]), float("nan"))), ValueError, "v contains NaN or Inf"),
+        (lambda q, k, v: (q, k, v.index_fill(2, torch.tensor([0]), float("-inf"))), ValueError, "v contains NaN or Inf"),
         (lambda q, k, v: ("q", k, v), TypeError, "q must be a torch.Tensor"),
     ],
 )
@@ -476,6 +479,19 @@ def test_bad_tensors(make, error, message):
     q, k, v = random_qkv(2, 4, 2, 10, 16)
     with pytest.raises(error, match=message):
         sparse_attention(*make(q, k, v), Dense())
+
+
+def test_cpu_path_builds_no_autograd_graph():
+    """Prefill is inference: under autograd the CPU path kept every chunk's mask and probabilities
+    for a backward (twice dense's memory); it runs under no_grad, like the GPU kernel, whose output
+    has no backward either."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 4, 2, 130, 16))
+    assert torch.is_grad_enabled()
+    out = sparse_attention(q, k, v, [VerticalSlash(4, 32), BlockCoverage(0.9), AShape(2, 16), Dense()])
+    assert out.grad_fn is None and not out.requires_grad
+    with torch.no_grad():
+        expected = reference_attention(q, k, v, [VerticalSlash(4, 32), BlockCoverage(0.9), AShape(2, 16), Dense()]).out
+    torch.testing.assert_close(out, expected.to(out.dtype))
 
 
 def test_bad_patterns_and_scale():

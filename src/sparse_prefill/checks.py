@@ -5,6 +5,7 @@ Messages name the argument, the expected form and the value received.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -64,11 +65,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, check_finite
             f"got q_heads={q_heads}, kv_heads={kv_heads}"
         )
     if check_finite:
-        for name, tensor in (("q", q), ("k", k)):
+        for name, tensor in (("q", q), ("k", k), ("v", v)):
             # The extremes are NaN or infinite exactly when some element is (max/min propagate NaN);
             # unlike isfinite(tensor), this makes no tensor-sized temporaries (GBs at 1M tokens).
             if not bool(torch.isfinite(torch.stack([tensor.amax(), tensor.amin()])).all()):
-                raise ValueError(f"{name} contains NaN or Inf; sparse index estimation needs finite inputs")
+                why = ("sparse index estimation needs finite inputs" if name != "v" else
+                       "every query that keeps such a key would get a NaN output row")
+                raise ValueError(f"{name} contains NaN or Inf; {why}")
     return AttentionShape(batch, q_heads, kv_heads, seq_len, head_dim)
 
 
@@ -90,3 +93,24 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
         raise ValueError(f"scale must be a positive finite number or None (1/sqrt(head_dim)), got scale={scale!r}")
     return float(scale)
+
+
+def read_text_file(path: str | os.PathLike, option: str) -> str:
+    """The UTF-8 text of ``path``, or ``ValueError`` naming ``option`` (e.g. ``--prompt-file``) and what is wrong.
+
+    Refused: a missing or unreadable file, a directory, bytes that are not UTF-8 (a Latin-1 or binary
+    file), and NUL bytes (binary data that happens to decode).
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{option} {os.fspath(path)!r} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+    except OSError as error:  # missing, a directory, no permission
+        raise ValueError(f"cannot read {option} {os.fspath(path)!r}: {error.strerror or error}") from None
+    if "\x00" in text:
+        raise ValueError(f"{option} {os.fspath(path)!r} holds NUL bytes: it looks like a binary file, not text")
+    return text
