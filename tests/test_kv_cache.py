@@ -26,6 +26,7 @@ from sparse_prefill.kv_cache import (  # noqa: E402
     StreamingLLMCache,
     awaiting_compression,
     cache_stats,
+    check_kv_options,
     make_kv_cache,
     pyramid_capacities,
     snapkv_positions,
@@ -176,6 +177,46 @@ def test_bad_arguments_are_clear():
         make_kv_cache("full", config, kernel=9)
     assert make_kv_cache("snapkv", config, 64, kernel=9).kernel == 9
     assert METHODS == ("full", "snapkv", "pyramidkv", "streamingllm")
+    # No model: was AttributeError: 'NoneType' object has no attribute 'num_hidden_layers'.
+    for method in METHODS:
+        with pytest.raises(TypeError, match="make_kv_cache needs the model .*model_or_config must have "
+                                            "config.num_hidden_layers, got NoneType"):
+            make_kv_cache(method, None)
+
+
+def test_options_are_checked_without_a_model():
+    """What commands call before loading a model: the same errors as make_kv_cache, no model needed."""
+    check_kv_options("snapkv", 256, kernel=9)
+    check_kv_options("full")
+    with pytest.raises(ValueError, match="kernel must be an odd positive int"):
+        check_kv_options("snapkv", kernel=4)
+    with pytest.raises(ValueError, match="capacity must be a positive int, got capacity=-5"):
+        check_kv_options("pyramidkv", -5)
+    with pytest.raises(ValueError, match="beta must be a positive int"):
+        check_kv_options("pyramidkv", 256, beta=0)
+    with pytest.raises(ValueError, match="capacity=4, sink=4"):
+        check_kv_options("streamingllm", 4)
+    with pytest.raises(ValueError, match="unknown KV cache method 'h2o'"):
+        check_kv_options("h2o")
+
+
+@pytest.mark.parametrize("method", ["snapkv", "streamingllm"])
+def test_a_spent_cache_reused_by_a_second_generate_is_refused(method):
+    """generate() again with a cache that holds a prompt and its answer fed the prompt's tail at
+    positions the cache had already seen, and answered without a word; a continuation still works."""
+    model = tiny_llama(layers=1)
+    sparse_prefill.enable(model, min_seq_len=64)
+    ids = prompt(seed=5)
+    cache = make_kv_cache(method, model, 48)
+    settings = dict(past_key_values=cache, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    model.generate(ids, **settings)
+    with pytest.raises(ValueError, match=f"has already seen {SEQ + 2} tokens, but {SEQ - 2} new ones start at "
+                                         "position 2.*make a new one with make_kv_cache"):
+        model.generate(ids, **settings)
+    cache = make_kv_cache(method, model, 48)  # the same prompt, then a second turn appended to its answer
+    out = model.generate(ids, **settings | {"past_key_values": cache})
+    second = model.generate(torch.cat([out, torch.tensor([[5, 6, 7]])], dim=1), **settings | {"past_key_values": cache})
+    assert second.shape[1] == SEQ + 3 + 3 + 3 and cache.get_seq_length() == SEQ + 3 + 3 + 2
 
 
 def test_snapkv_needs_sparse_prefills_attention():

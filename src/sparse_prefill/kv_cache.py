@@ -68,6 +68,7 @@ __all__ = [
     "PyramidKVCache",
     "StreamingLLMCache",
     "make_kv_cache",
+    "check_kv_options",
     "cache_stats",
     "window_attention_scores",
     "snapkv_positions",
@@ -213,6 +214,8 @@ class _CompressingLayer(DynamicLayer):
                 self.pending = True
                 _AWAITING[id(self.keys)] = self
             return self.keys, self.values
+        if key_states.shape[-2] > 1:  # more than one token after the prompt: a continuation, or a reused cache
+            self._check_continues(key_states.shape[-2], kwargs)
         if self.pending:  # the prefill's attention never called back: compress now if no scores are needed
             if self.window:
                 raise RuntimeError(
@@ -225,6 +228,29 @@ class _CompressingLayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
         return self.keys, self.values
+
+    def _check_continues(self, n_tokens: int, kwargs: dict) -> None:
+        """Refuse tokens whose positions do not follow the ``seen`` ones: a cache reused for a second prompt.
+
+        ``generate`` called again with a cache that already holds a prompt and its answer passes the
+        prompt's tail at positions the cache has already seen (transformers slices the input by
+        ``get_seq_length()``); appended, they would silently give a wrong answer. The positions come
+        from the attention kwargs transformers' models hand to ``Cache.update`` (``kwargs=...``); a
+        direct ``model(ids, past_key_values=cache)`` has none there and always continues. Checked only
+        for multi-token updates: decoding steps stay free of a host sync.
+        """
+        attention_kwargs = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
+        positions = attention_kwargs.get("position_ids")
+        if not isinstance(positions, torch.Tensor) or positions.numel() == 0:
+            return
+        first = int(positions[..., 0].max())  # [batch, n] (or [3, batch, n]): an unpadded row starts at seen
+        if first != self.seen:
+            raise ValueError(
+                f"this compressing KV cache has already seen {self.seen} tokens, but {n_tokens} new ones "
+                f"start at position {first}: a compressing cache holds one prompt and its continuation. Reusing a "
+                "cache for a second generate() call gives wrong answers; make a new one with make_kv_cache() for "
+                "each prompt"
+            )
 
     def select(self, scores: torch.Tensor | None) -> torch.Tensor:
         """Positions to keep, long [batch, kv_heads, n] ascending, from [batch, q_heads, seq] scores (or None)."""
@@ -387,7 +413,24 @@ class StreamingLLMCache(_CompressingCache):
         self.capacity, self.sink = capacity, sink
 
 
+_CLASSES: dict[str, Callable[..., _CompressingCache]] = {
+    "snapkv": SnapKVCache, "pyramidkv": PyramidKVCache, "streamingllm": StreamingLLMCache,
+}
 _OPTIONS = {"full": (), "snapkv": ("window", "kernel"), "pyramidkv": ("window", "kernel", "beta"), "streamingllm": ("sink",)}
+
+
+def check_kv_options(method: str, capacity: int | None = None, **options: Any) -> None:
+    """Raise ``ValueError`` unless ``make_kv_cache(method, model, capacity, **options)`` would accept them.
+
+    Needs no model: commands call it before loading one, so that a bad option is reported as such.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown KV cache method {method!r}; valid methods: {', '.join(METHODS)}")
+    unknown = sorted(set(options) - set(_OPTIONS[method]))
+    if unknown:
+        raise ValueError(f"{method} takes the options {', '.join(_OPTIONS[method]) or '(none)'}; got {', '.join(unknown)}")
+    if method != "full":  # the classes check capacity and options; one layer is enough to run those checks
+        _CLASSES[method](DEFAULT_CAPACITY if capacity is None else capacity, 1, **options)
 
 
 def make_kv_cache(method: str, model_or_config: Any, capacity: int | None = None, **options: Any) -> DynamicCache:
@@ -406,13 +449,14 @@ def make_kv_cache(method: str, model_or_config: Any, capacity: int | None = None
     **options
         Passed to the cache class (``window``, ``kernel``, ``beta``, ``sink``).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown KV cache method {method!r}; valid methods: {', '.join(METHODS)}")
-    unknown = sorted(set(options) - set(_OPTIONS[method]))
-    if unknown:
-        raise ValueError(f"{method} takes the options {', '.join(_OPTIONS[method]) or '(none)'}; got {', '.join(unknown)}")
+    check_kv_options(method, capacity, **options)
     config = getattr(model_or_config, "config", model_or_config)
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if not isinstance(getattr(text_config, "num_hidden_layers", None), int):
+        raise TypeError(
+            "make_kv_cache needs the model (or its transformers config) to size the cache per layer: model_or_config "
+            f"must have config.num_hidden_layers, got {type(model_or_config).__name__}"
+        )
     if method == "full":
         return DynamicCache(config=config)
     layer_types = getattr(text_config, "layer_types", None) or []
@@ -428,10 +472,7 @@ def make_kv_cache(method: str, model_or_config: Any, capacity: int | None = None
                 f"sparse_prefill.enable(model) first (attn_implementation is {config._attn_implementation!r})"
             )
     capacity = DEFAULT_CAPACITY if capacity is None else capacity
-    classes: dict[str, Callable[..., _CompressingCache]] = {
-        "snapkv": SnapKVCache, "pyramidkv": PyramidKVCache, "streamingllm": StreamingLLMCache,
-    }
-    return classes[method](capacity, int(text_config.num_hidden_layers), **options)
+    return _CLASSES[method](capacity, int(text_config.num_hidden_layers), **options)
 
 
 def cache_stats(cache: Cache) -> dict:
