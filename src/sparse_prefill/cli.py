@@ -23,11 +23,20 @@ from .synthetic import planted_qkv
 # 256 up to ~8.6K.
 DEMO_TOKENS = 6000
 
+# Printed by `run` after a sparse prefill on the CPU, where it is slower than dense (the README's account).
+CPU_NOTE = (
+    "on a CPU sparse prefill is slower than dense: without a GPU the library runs PyTorch's SDPA with each "
+    "head's kept set as a mask, which costs about twice dense. The speed is on the GPU, where the Triton kernels "
+    f"compute only the kept blocks, for prompts of {PRESETS['default'].min_seq_len_cuda // 1024}K tokens and more "
+    "(the presets' crossover with dense attention; docs/BENCHMARKS.md)."
+)
+
 
 def _demo(args: argparse.Namespace) -> int:
     """The three patterns on a planted synthetic input: kept fraction, recall and error against dense."""
-    if args.seq < 1:
-        raise SystemExit(f"sparse-prefill demo: --seq must be >= 1, got {args.seq}")
+    if args.seq < 2:  # the planted input needs a diagonal below the main one
+        print(f"sparse-prefill demo: error: --seq must be >= 2, got {args.seq}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     planted = planted_qkv(
         batch=1, q_heads=4, kv_heads=2, seq=args.seq, head_dim=64, generator=torch.Generator().manual_seed(args.seed)
@@ -80,6 +89,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Prefill a real model sparsely, answer greedily, optionally against the dense model."""
     from . import disable, enable
+    from .checks import read_text_file
+    from .generation import check_cpu_prefill_fits
+    from .long_prefill import PrefillMemoryError
     from .models import load_model, needle_prompt
     from .patterns import PatternConfig
 
@@ -87,24 +99,40 @@ def _run(args: argparse.Namespace) -> int:
         print(f"sparse-prefill run: error: {message}", file=sys.stderr)
         return 2
 
+    # Every argument is checked before the model loads: a bad option is reported as such, also on a
+    # machine without the model, and never after a minute of loading and prefill.
     if args.max_new_tokens < 1:
         return fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.min_seq_len < 1:
         return fail(f"--min-seq-len must be >= 1, got {args.min_seq_len}")
-    if args.demo_tokens < 256:
-        return fail(f"--demo-tokens must be >= 256, got {args.demo_tokens}")
-    from .kv_cache import METHODS, cache_stats, make_kv_cache
+    if args.demo_tokens is not None and not args.demo:
+        return fail("--demo-tokens sets the length of the --demo prompt; with --prompt-file the file sets the length")
+    if args.no_chat_template and args.demo:
+        return fail("--no-chat-template applies to --prompt-file; the --demo prompt is built with the chat template")
+    demo_tokens = DEMO_TOKENS if args.demo_tokens is None else args.demo_tokens
+    if demo_tokens < 256:
+        return fail(f"--demo-tokens must be >= 256, got {demo_tokens}")
+    if args.preset is not None and args.config is not None:
+        return fail("--preset and --config both choose the patterns: give one (--config FILE sets every head itself)")
+    preset = args.preset or "default"
+    from .kv_cache import METHODS, cache_stats, check_kv_options, make_kv_cache
 
     if args.kv not in METHODS:
         return fail(f"--kv must be one of {', '.join(METHODS)}, got {args.kv!r}")
+    if args.kv == "full" and args.kv_capacity is not None:
+        return fail(f"--kv-capacity applies to a compressing --kv (snapkv, pyramidkv, streamingllm); --kv full keeps "
+                    f"every token, got --kv-capacity {args.kv_capacity}")
     kv_options = {} if args.kv_kernel is None else {"kernel": args.kv_kernel}
+    try:
+        check_kv_options(args.kv, args.kv_capacity, **kv_options)
+    except ValueError as error:
+        return fail(f"--kv {args.kv}: {error}")  # names the bad capacity or option
     prompt_text = None
     if args.prompt_file is not None:
         try:
-            with open(args.prompt_file, encoding="utf-8") as handle:
-                prompt_text = handle.read()
-        except OSError as error:
-            return fail(f"cannot read --prompt-file {args.prompt_file!r}: {error.strerror}")
+            prompt_text = read_text_file(args.prompt_file, "--prompt-file")
+        except ValueError as error:
+            return fail(str(error))
         if not prompt_text.strip():
             return fail(f"--prompt-file {args.prompt_file!r} is empty")
     config = None
@@ -122,9 +150,9 @@ def _run(args: argparse.Namespace) -> int:
     needle = None
     if args.demo:
         try:
-            needle = needle_prompt(tokenizer, args.demo_tokens)
+            needle = needle_prompt(tokenizer, demo_tokens)
         except ValueError as error:
-            return fail(f"--demo-tokens {args.demo_tokens}: {error}")
+            return fail(f"--demo-tokens {demo_tokens}: {error}")
         text = needle.text
     else:
         from .models import chat_prompt
@@ -133,6 +161,12 @@ def _run(args: argparse.Namespace) -> int:
     input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     n_tokens = input_ids.shape[1]
     needed = n_tokens + args.max_new_tokens
+    try:  # before YaRN reloads the model and the prefill starts; a prompt of ~1M tokens died in the allocator
+        source = f"--prompt-file {args.prompt_file!r}" if args.prompt_file else "the --demo prompt"
+        check_cpu_prefill_fits(loaded.model, needed, sparse=n_tokens >= args.min_seq_len,
+                               what=f"{source} is {n_tokens:,} tokens, plus {args.max_new_tokens} to generate")
+    except PrefillMemoryError as error:
+        return fail(str(error))
     if needed > loaded.context_length:
         if args.no_rope_scaling:
             loaded.check_prompt_length(needed)
@@ -143,16 +177,19 @@ def _run(args: argparse.Namespace) -> int:
     progress = not args.json and not args.no_progress
 
     try:
-        state = enable(model, config, preset=args.preset, min_seq_len=args.min_seq_len)
+        state = enable(model, config, preset=preset, min_seq_len=args.min_seq_len)
     except ValueError as error:
         return fail(f"--config {args.config!r} does not fit model {args.model!r}: {error}")
     try:
         try:
             cache = make_kv_cache(args.kv, model, args.kv_capacity, **kv_options)
         except ValueError as error:
-            return fail(f"--kv {args.kv}: {error}")  # make_kv_cache names the bad capacity or option
+            return fail(f"--kv {args.kv}: {error}")  # what depends on the model (sliding-window layers)
+        kv_capacity = None if args.kv == "full" else cache.capacity
         sparse = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "sparse prefill", cache)
         sparse_layers = state.sparse_calls
+        del cache
+        sparse["kv_cache"] = cache_stats(sparse.pop("cache"))  # the dense run's cache then takes its memory
     finally:
         disable(model)
     dense = None
@@ -162,8 +199,9 @@ def _run(args: argparse.Namespace) -> int:
             # the compressing cache the prefill's queries.
             enable(model, min_seq_len=sys.maxsize)
         try:
-            cache = make_kv_cache(args.kv, model, args.kv_capacity, **kv_options)
-            dense = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "dense prefill", cache)
+            dense = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "dense prefill",
+                                    make_kv_cache(args.kv, model, args.kv_capacity, **kv_options))
+            dense["kv_cache"] = cache_stats(dense.pop("cache"))
         finally:
             if args.kv != "full":
                 disable(model)
@@ -178,15 +216,17 @@ def _run(args: argparse.Namespace) -> int:
         "config": args.config or state.describe(),
         "sparse_layers": sparse_layers,
         "threads": torch.get_num_threads(),
-        "kv": {"method": args.kv, "capacity": None if args.kv == "full" else cache.capacity},
+        "kv": {"method": args.kv, "capacity": kv_capacity},
         "sparse": {
             "answer": answer(sparse["tokens"]),
             "prefill_seconds": round(sparse["prefill_seconds"], 3),
             "prefill_tokens_per_second": round(n_tokens / sparse["prefill_seconds"], 1),
             "generated_tokens": len(sparse["tokens"]),
-            "kv_cache": cache_stats(sparse["cache"]),
+            "kv_cache": sparse["kv_cache"],
         },
     }
+    if sparse_layers and loaded.model.device.type == "cpu":
+        report["cpu_note"] = CPU_NOTE
     if sparse_layers == 0:
         report["note"] = (
             f"the prompt ({n_tokens} tokens) is shorter than --min-seq-len={args.min_seq_len} or the config is "
@@ -201,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
             "prefill_seconds": round(dense["prefill_seconds"], 3),
             "prefill_tokens_per_second": round(n_tokens / dense["prefill_seconds"], 1),
             "generated_tokens": len(dense["tokens"]),
-            "kv_cache": cache_stats(dense["cache"]),
+            "kv_cache": dense["kv_cache"],
         }
         if needle is not None:
             report["dense"]["needle_found"] = needle.answer in report["dense"]["answer"]
@@ -247,6 +287,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"next-token agreement: first token {'agrees' if agreement['first_token_agrees'] else 'differs'}, "
               f"{agreement['matching_prefix_tokens']}/{len(dense['tokens'])} greedy tokens agree before the first "
               f"difference, KL(dense || sparse) of the first token = {agreement['first_token_kl']:.2e}")
+    if "cpu_note" in report:
+        print(f"\nnote: {report['cpu_note']}")
     if needle is not None:
         found = ", ".join(f"{k}: {'found' if report[k]['needle_found'] else 'missed'}" for k in ("sparse", "dense") if k in report)
         print(f"needle {needle.answer!r}: {found}")
@@ -273,12 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", help="UTF-8 text used as the user message")
     source.add_argument("--demo", action="store_true",
                         help="built-in needle question over Genesis 37-43 (King James Version, public domain)")
-    run.add_argument("--demo-tokens", type=int, default=DEMO_TOKENS,
+    run.add_argument("--demo-tokens", type=int,
                      help=f"length of the --demo prompt in tokens (default {DEMO_TOKENS}; at most ~8.6K)")
     run.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
     run.add_argument("--config", help="pattern config JSON (default: the --preset on every head)")
-    run.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                     help="named operating point when no --config: default (accurate) or fast (docs/BENCHMARKS.md)")
+    run.add_argument("--preset", choices=sorted(PRESETS),
+                     help="named operating point instead of a --config: default (accurate; the default) or fast "
+                     "(docs/BENCHMARKS.md)")
     run.add_argument("--min-seq-len", type=int, default=2048, help="shorter prompts run dense (default 2048)")
     run.add_argument("--compare-dense", action="store_true", help="also run dense; report speedup and agreement")
     run.add_argument("--kv", default="full", metavar="METHOD",

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from .kinds import HeadIndex
 
-__all__ = ["masked_attention"]
+__all__ = ["CHUNK_SIZE", "masked_attention"]
+
+CHUNK_SIZE = 1024  # query rows per fused SDPA call: its temporaries are CHUNK_SIZE x seq per head
 
 
 def masked_attention(
@@ -26,7 +28,7 @@ def masked_attention(
     indices: Sequence[HeadIndex],
     *,
     scale: float,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
 ) -> torch.Tensor:
     """Attention of ``q`` [batch, q_heads, seq, dim] over each head's kept set; dtype of ``q``."""
     seq = q.shape[2]

@@ -102,7 +102,7 @@ class SparsePrefillState:
         return self.config.layer_at(layer_idx, seq_len)  # budgets scaled by the config's rule
 
     def describe(self) -> str:
-        """What runs, for reports: ``preset default (BlockCoverage(coverage=0.98, stride=16))`` or the config's source."""
+        """What runs, for reports: ``preset default (BlockCoverage(coverage=0.99, stride=16))`` or the config's source."""
         if self.config is None:
             return f"preset {self.preset.name} ({self.preset.pattern})"
         return f"config ({self.config.metadata.get('source', 'PatternConfig')})"
