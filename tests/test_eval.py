@@ -241,6 +241,87 @@ def test_eval_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["needle", "--kv", "snapkv", "--kv-kernel", "4"], "--kv snapkv: kernel must be an odd positive int"),
+        (["needle", "--kv", "full", "--kv-capacity", "-5"], "--kv-capacity applies to a compressing --kv"),
+        (["needle", "--kv", "pyramidkv", "--kv-capacity", "-5"], "capacity must be a positive int, got capacity=-5"),
+        # Silently overridden or ignored before: --smoke ran 1K, needle ran one sample, ppl has no depths.
+        (["needle", "--smoke", "--lengths", "2k"], "--smoke sets --lengths 1k, --samples 1 and --depths 0,0.5,1; drop "
+                                                   "--smoke to choose --lengths yourself"),
+        (["ruler", "--smoke", "--samples", "3", "--depths", "0.5"], "choose --samples and --depths yourself"),
+        (["needle", "--samples", "5"], "--samples applies to ruler and ppl, not needle"),
+        (["ppl", "--depths", "0.5"], "--depths applies to needle, not ppl"),
+        (["needle", "--tasks", "vt"], "--tasks applies to ruler, not needle"),
+        (["ppl", "--haystack", "kjv"], "--haystack applies to needle and ruler, not ppl"),
+        (["ruler", "--text", "austen"], "--text applies to ppl, not ruler"),
+        (["needle", "--preset", "fast", "--config", "patterns.json"], "--preset and --config both choose"),
+        (["needle", "--preset", "fast", "--method", "dense,a-shape"], "--preset chooses the sparse method's patterns"),
+        (["ruler", "--tasks", "qa_squad"], "unknown RULER task(s) qa_squad"),
+        (["needle", "--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu9'"),
+        (["needle", "--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),
+    ],
+)
+def test_eval_checks_options_before_loading_the_model(tmp_path, capsys, args, message):
+    """A model that does not exist: an option checked only after loading would report the model instead."""
+    base = ["eval", *args, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"), "--no-progress"]
+    if "--device" not in args:
+        base += ["--device", "cpu"]
+    assert cli.main(base) == 2
+    err = capsys.readouterr().err
+    assert message in err and "unknown model" not in err
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+@pytest.mark.parametrize("lengths", ["1kk", "1k5", "k", "2K,", "1.5k", "0x400"])
+def test_eval_lengths_are_parsed_strictly(tmp_path, capsys, lengths):
+    """'1kk' was read as 1024 and '1k5' as 15: digits with an optional single trailing k only."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "needle", "--lengths", lengths, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "expected comma-separated token counts, digits with an optional trailing k" in capsys.readouterr().err
+
+
+def test_eval_lengths_and_depths_parse():
+    from sparse_prefill.eval.command import _floats, _ints
+
+    assert _ints("2k,4K, 8192") == [2048, 4096, 8192]
+    assert _floats("0,0.5,1") == [0.0, 0.5, 1.0]
+    with pytest.raises(Exception, match=r"depths are fractions of the haystack in \[0, 1\], got '0.5,1.5'"):
+        _floats("0.5,1.5")
+
+
+def test_eval_refuses_a_config_directory_and_a_config_for_another_model_before_any_sample(tmp_path, capsys, monkeypatch):
+    """A directory was an IsADirectoryError traceback; a config of the wrong shape failed only after
+    the dense samples had run."""
+    from sparse_prefill import PatternConfig, VerticalSlash
+
+    def no_sample(*args, **kwargs):
+        raise AssertionError("a sample ran")
+
+    monkeypatch.setattr(runner, "_evaluate", no_sample)
+    common = ["eval", "needle", "--smoke", "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]
+    assert cli.main(common + ["--config", str(tmp_path)]) == 2
+    assert f"--config '{tmp_path}': pattern config '{tmp_path}' is a directory" in capsys.readouterr().err
+    config = tmp_path / "other-model.json"
+    PatternConfig.uniform(2, 4, VerticalSlash(64, 256)).save(config)
+    assert cli.main(common + ["--config", str(config)]) == 2
+    assert ("does not fit model 'default': pattern config is for 2 layers x 4 query heads, but the model has "
+            "30 layers x 9 query heads") in capsys.readouterr().err
+
+
+def test_eval_refuses_lengths_that_cannot_fit_in_memory(tmp_path, capsys, monkeypatch):
+    from sparse_prefill import long_prefill
+
+    monkeypatch.setattr(long_prefill, "_host_memory", lambda: (2**40, 2**30))
+    monkeypatch.setattr(runner, "_evaluate", lambda *a, **k: pytest.fail("a sample ran"))
+    args = ["eval", "ppl", "--lengths", "64k", "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--lengths 65536: a CPU prefill of 65,536 tokens needs at least" in err and "1.0 GiB available" in err
+
+
 def test_eval_refuses_an_output_directory_it_cannot_write(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -109,12 +109,12 @@ def eos_ids(loaded) -> tuple[int, ...]:
 # --- will a prefill fit in this machine's memory (CPU) -----------------------------------------------
 
 
-def cpu_prefill_bytes(model, n_tokens: int, *, sparse: bool = True) -> dict[str, int]:
+def cpu_prefill_bytes(model, n_tokens: int, *, sparse: bool = True, cache: bool = True) -> dict[str, int]:
     """What a CPU prefill of ``n_tokens`` through the model's own forward holds at its peak, beyond the weights.
 
     From the model's shapes, in the model's dtype (bytes per part, and ``"total"``):
 
-    - ``kv_cache``: every layer's K and V, ``2 x layers x kv_heads x n x head_dim``;
+    - ``kv_cache``: every layer's K and V, ``2 x layers x kv_heads x n x head_dim`` (0 with ``cache=False``);
     - ``hidden``: the residual stream and its normalised copy, ``2 x n x hidden``;
     - the larger of the two per-layer peaks, which never coexist: ``attention``, the sparse (masked)
       path's temporaries for one chunk of :data:`~sparse_prefill.masked_attention.CHUNK_SIZE` query
@@ -137,7 +137,7 @@ def cpu_prefill_bytes(model, n_tokens: int, *, sparse: bool = True) -> dict[str,
     e = next(model.parameters()).element_size()
     n = int(n_tokens)
     parts = {
-        "kv_cache": 2 * int(text.num_hidden_layers) * kv_heads * n * head_dim * e,
+        "kv_cache": 2 * int(text.num_hidden_layers) * kv_heads * n * head_dim * e if cache else 0,
         "hidden": 2 * n * int(text.hidden_size) * e,
         "attention": 3 * min(CHUNK_SIZE, n) * n * q_heads * e if sparse else 0,
         "mlp": 3 * n * int(getattr(text, "intermediate_size", 0) or 0) * e,
@@ -146,7 +146,7 @@ def cpu_prefill_bytes(model, n_tokens: int, *, sparse: bool = True) -> dict[str,
     return parts
 
 
-def check_cpu_prefill_fits(model, n_tokens: int, *, sparse: bool = True, what: str = "prompt") -> None:
+def check_cpu_prefill_fits(model, n_tokens: int, *, sparse: bool = True, cache: bool = True, what: str = "prompt") -> None:
     """Raise :class:`~sparse_prefill.long_prefill.PrefillMemoryError` when a CPU prefill of ``n_tokens``
     cannot fit in the memory this machine has available now (the model is already loaded), with the numbers.
 
@@ -157,7 +157,7 @@ def check_cpu_prefill_fits(model, n_tokens: int, *, sparse: bool = True, what: s
     _, available = _host_memory()
     if available is None:
         return
-    need = cpu_prefill_bytes(model, n_tokens, sparse=sparse)
+    need = cpu_prefill_bytes(model, n_tokens, sparse=sparse, cache=cache)
     if need["total"] <= available:
         return
     gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -18,20 +19,31 @@ __all__ = ["add_eval_command"]
 SMOKE = {"lengths": [1024], "samples": 1, "depths": [0.0, 0.5, 1.0]}
 
 
+_TOKEN_COUNT = re.compile(r"(\d+)(k?)", re.IGNORECASE)  # digits, optionally one trailing k (x 1024)
+
+
 def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part.lower().replace("k", "")) * (1024 if part.lower().endswith("k") else 1)
-                  for part in text.split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 2048,4096 or 2k,4k, got {text!r}")
+    values = []
+    for part in text.split(","):
+        # Strict: "1kk" was read as 1024 and "1k5" as 15.
+        match = _TOKEN_COUNT.fullmatch(part.strip())
+        if match is None:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated token counts, digits with an optional trailing k (x 1024) such as 2048,4096 "
+                f"or 2k,4k; got {part.strip()!r} in {text!r}"
+            )
+        values.append(int(match[1]) * (1024 if match[2] else 1))
     return values
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(part) for part in text.split(",") if part]
+        values = [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0,0.5,1, got {text!r}")
+    if not all(0.0 <= value <= 1.0 for value in values):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"depths are fractions of the haystack in [0, 1], got {text!r}")
+    return values
 
 
 def _names(text: str) -> list[str]:
@@ -49,18 +61,20 @@ def add_eval_command(commands) -> None:
     parser.add_argument("--method", type=_names, default=list(METHODS),
                         help=f"comma-separated, from {', '.join(METHODS)} (default: all three)")
     parser.add_argument("--config", help="sparse method's patterns: a config JSON (default: the --preset on every head)")
-    parser.add_argument("--preset", default="default",
-                        help="sparse method's preset when no --config: default or fast (results labelled 'sparse (fast)')")
-    parser.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192],
-                        help="prompt lengths in tokens, comma-separated; 'k' means 1024 (default 2k,4k,8k)")
-    parser.add_argument("--samples", type=int, help="samples per length (and task): ruler default 10, ppl default 4")
-    parser.add_argument("--depths", type=_floats, default=list(DEFAULT_DEPTHS),
-                        help="needle depths as fractions, comma-separated (default 0,0.1,...,1)")
-    parser.add_argument("--tasks", type=_names, default=list(RULER_TASKS), help=f"ruler tasks (default: {', '.join(RULER_TASKS)})")
-    parser.add_argument("--haystack", default="pg", help=f"needle/ruler filler text: {', '.join(TEXTS)} (default pg)")
-    parser.add_argument("--text", default="kjv", help=f"perplexity text: {', '.join(TEXTS)} (default kjv)")
+    parser.add_argument("--preset",
+                        help="sparse method's preset instead of a --config: default (the default) or fast (results "
+                        "labelled 'sparse (fast)')")
+    parser.add_argument("--lengths", type=_ints,
+                        help="prompt lengths in tokens, comma-separated; a trailing k means x 1024 (default 2k,4k,8k)")
+    parser.add_argument("--samples", type=int, help="ruler and ppl: samples per length (and task); ruler default 10, "
+                        "ppl default 4 (needle runs one prompt per length and --depths)")
+    parser.add_argument("--depths", type=_floats,
+                        help="needle: depths as fractions, comma-separated (default 0,0.1,...,1)")
+    parser.add_argument("--tasks", type=_names, help=f"ruler: tasks (default: {', '.join(RULER_TASKS)})")
+    parser.add_argument("--haystack", help=f"needle and ruler: filler text, {', '.join(TEXTS)} (default pg)")
+    parser.add_argument("--text", help=f"ppl: the text, {', '.join(TEXTS)} (default kjv)")
     parser.add_argument("--out", default="eval-results", help="results directory (default eval-results)")
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-rope-scaling", action="store_true",
                         help="refuse lengths beyond the model's context instead of applying YaRN")
@@ -70,16 +84,51 @@ def add_eval_command(commands) -> None:
     parser.add_argument("--kv-capacity", type=int, metavar="C", help="tokens kept per layer by --kv (default 1024)")
     parser.add_argument("--kv-kernel", type=int, metavar="K",
                         help="SnapKV/PyramidKV average-pool width, odd (default 5); labels get ' kK'")
-    parser.add_argument("--smoke", action="store_true", help="CI-sized: 1K tokens, one sample, three depths")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CI-sized: 1K tokens, one sample, three depths (sets --lengths, --samples and --depths)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=_handle)
+
+
+# Options that only some tasks read: given to another task they would be silently ignored.
+_APPLIES_TO = {"samples": ("ruler", "ppl"), "depths": ("needle",), "tasks": ("ruler",), "haystack": ("needle", "ruler"),
+               "text": ("ppl",)}
+_DEFAULTS = {"lengths": [2048, 4096, 8192], "depths": list(DEFAULT_DEPTHS), "tasks": list(RULER_TASKS), "haystack": "pg",
+             "text": "kjv", "preset": "default"}
+
+
+def _check_options(args: argparse.Namespace) -> str | None:
+    """Options that conflict or do not apply to the task: the error message, or None."""
+    from .runner import EVAL_TASKS
+
+    if args.smoke:
+        given = [f"--{name}" for name in SMOKE if getattr(args, name) is not None]
+        if given:
+            return (f"--smoke sets --lengths 1k, --samples 1 and --depths 0,0.5,1; drop --smoke to choose "
+                    f"{' and '.join(given)} yourself")
+    for name, tasks in _APPLIES_TO.items():
+        if getattr(args, name) is not None and args.task in EVAL_TASKS and args.task not in tasks:
+            return f"--{name} applies to {' and '.join(tasks)}, not {args.task}"
+    if args.preset is not None and args.config is not None:
+        return "--preset and --config both choose the sparse method's patterns: give one"
+    if args.preset is not None and "sparse" not in args.method:
+        return "--preset chooses the sparse method's patterns; add sparse to --method"
+    return None
 
 
 def _handle(args: argparse.Namespace) -> int:
     from .runner import EvalSpec, run_eval
 
+    problem = _check_options(args)
+    if problem is not None:
+        print(f"sparse-prefill eval: error: {problem}", file=sys.stderr)
+        return 2
+    for name, default in _DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.smoke:
-        args.lengths, args.samples, args.depths = SMOKE["lengths"], SMOKE["samples"], SMOKE["depths"]
+        args.lengths, args.depths = SMOKE["lengths"], SMOKE["depths"]
+        args.samples = SMOKE["samples"] if args.task != "needle" else None  # needle: one prompt per depth
     spec = EvalSpec(
         task=args.task, out=args.out, model=args.model, methods=args.method, config=args.config, preset=args.preset,
         lengths=args.lengths, samples=args.samples, depths=args.depths, ruler_tasks=args.tasks,

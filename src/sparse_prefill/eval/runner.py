@@ -64,6 +64,12 @@ class EvalSpec:
             raise ValueError(f"--lengths must be token counts >= 256, got {list(self.lengths)}")
         if self.samples is not None and (isinstance(self.samples, bool) or self.samples < 1):
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        if self.samples is not None and self.task == "needle":
+            raise ValueError("--samples applies to ruler and ppl; needle runs one prompt per length and depth (--depths)")
+        unknown_tasks = [t for t in self.ruler_tasks if t not in RULER_TASKS]
+        if self.task == "ruler" and (unknown_tasks or not self.ruler_tasks):
+            raise ValueError(f"unknown RULER task(s) {', '.join(unknown_tasks) or '(none given)'}; "
+                             f"expected some of {', '.join(RULER_TASKS)}")
         for name, value in (("--haystack", self.haystack), ("--text", self.text)):
             if value not in TEXTS:
                 raise ValueError(f"{name} {value!r} is not a known text; expected one of {', '.join(TEXTS)}")
@@ -79,6 +85,16 @@ class EvalSpec:
             raise ValueError(f"--kv {self.kv!r} is not a KV cache method; expected one of {', '.join(KV_METHODS)}")
         if self.kv != "full" and self.task == "ppl":
             raise ValueError("--kv compresses the cache that decoding reads: it applies to needle and ruler, not ppl")
+        if self.kv == "full" and self.kv_capacity is not None:
+            raise ValueError(f"--kv-capacity applies to a compressing --kv (snapkv, pyramidkv, streamingllm); --kv full "
+                             f"keeps every token, got --kv-capacity {self.kv_capacity}")
+        from ..kv_cache import check_kv_options
+
+        try:  # capacities and options need no model: checked before one loads
+            check_kv_options(self.kv, self.kv_capacity, **self.kv_options())
+        except ValueError as error:
+            raise ValueError(f"--kv {self.kv}: {error}") from None
+        _device(self.device)
 
     def kv_options(self) -> dict[str, int]:
         return {} if self.kv_kernel is None else {"kernel": self.kv_kernel}
@@ -107,21 +123,38 @@ def _kv_suffix(spec: EvalSpec) -> str:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is visible")
-    return torch.device(name)
+    return device
 
 
 def run_eval(spec: EvalSpec) -> dict[str, Any]:
     """Run what ``spec`` asks for that ``spec.out`` does not hold yet; write the report; return its summary."""
     spec.check()
-    out = check_writable(spec.out)
     device = _device(spec.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # None: the preset on every head; anything else: a PatternConfig file.
-    config = PatternConfig.load(spec.config) if spec.config is not None else None
+    config = None
+    if spec.config is not None:
+        try:
+            config = PatternConfig.load(spec.config)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"--config {spec.config!r}: {error}") from None
+    out = check_writable(spec.out)
     base = load_model(spec.model, dtype=dtype, device=device)
-    if spec.kv != "full" or spec.kv_kernel is not None:  # bad capacities and options fail here, before any sample runs
+    # What needs the model is checked once it is loaded, before any sample runs.
+    if config is not None:
+        try:
+            config.check_model(*_model_shape(base.model))
+        except ValueError as error:
+            raise ValueError(f"--config {spec.config!r} does not fit model {spec.model!r}: {error}") from None
+    if spec.kv != "full":  # models with sliding-window layers are refused here
         from ..kv_cache import make_kv_cache
 
         make_kv_cache(spec.kv, base.model.config, spec.kv_capacity, **spec.kv_options())
@@ -131,6 +164,11 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
             f"--lengths {too_long} exceed the model's context of {base.native_context} tokens and RoPE scaling "
             "is off (--no-rope-scaling); drop those lengths or allow scaling"
         )
+    if device.type == "cpu":  # the longest prompt and its answer, on the memory this machine has now
+        from ..generation import check_cpu_prefill_fits
+
+        check_cpu_prefill_fits(base.model, max(spec.lengths), sparse=any(m != "dense" for m in spec.methods),
+                               cache=spec.task != "ppl", what=f"--lengths {max(spec.lengths)}")
     store = ResultStore(out / f"{spec.task}.jsonl")
     items = _items(spec, base.tokenizer)
     todo = [(item, method) for item in items for method in spec.methods
@@ -161,6 +199,12 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
         apply_method(loaded.model, "dense", length)
     bar.close()
     return write_report(spec.task, list(store), out)
+
+
+def _model_shape(model: Any) -> tuple[int, int]:
+    """(layers, query heads) of a transformers model, as a PatternConfig states them."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers), int(config.num_attention_heads)
 
 
 def _items(spec: EvalSpec, tokenizer: Any) -> list[Any]:
