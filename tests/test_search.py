@@ -349,6 +349,46 @@ def test_search_command_reports_bad_input(tmp_path, capsys):
     assert "cannot read --text" in capsys.readouterr().err
 
 
+def test_search_command_checks_out_text_and_device_before_loading_the_model(tmp_path, capsys):
+    """`--out /tmp` failed after the whole search had run, and wrote /tmp.parts at the filesystem root;
+    a binary --text was a UnicodeDecodeError traceback; --device tpu9 did not name --device."""
+    from sparse_prefill import cli
+
+    def run(*extra: str) -> str:
+        assert cli.main(["search", "--model", str(tmp_path / "no-such-model"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "unknown model" not in err
+        return err
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert f"--out '{folder}' is a directory; give the config file to write, e.g. '{folder}/patterns.json'" in run(
+        "--out", str(folder))
+    assert not (tmp_path / "results.parts").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert f"--out: cannot write in '{blocker}'" in run("--out", str(blocker / "x.json"))
+    assert f"--work-dir: cannot write in '{blocker}'" in run("--out", str(tmp_path / "x.json"), "--work-dir", str(blocker))
+    binary = tmp_path / "corpus.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    assert f"--text '{binary}' is not UTF-8 text (byte 0x80 at offset 0)" in run("--out", str(tmp_path / "x.json"),
+                                                                                   "--text", str(binary))
+    assert "--device must be cpu, cuda or cuda:N, got 'tpu9'" in run("--out", str(tmp_path / "x.json"), "--device", "tpu9")
+    assert "--scaling-limit applies to --scaling proportional" in run("--out", str(tmp_path / "x.json"), "--scaling",
+                                                                      "fixed", "--scaling-limit", "9000")
+
+
+def test_search_refuses_a_directory_as_out_before_running(tiny, tmp_path, monkeypatch):
+    from sparse_prefill.search import run
+
+    monkeypatch.setattr(run, "score_grid", lambda *a, **k: pytest.fail("the search ran"))
+    with pytest.raises(ValueError, match=f"out '{tmp_path}' is a directory"):
+        run.search(tiny, tmp_path, samples=1, length=256, text=CORPUS, progress=False, plot=False)
+    with pytest.raises(ValueError, match="scaling_limit applies to scaling='proportional'"):
+        run.search(tiny, tmp_path / "x.json", samples=1, length=256, text=CORPUS, scaling="fixed", scaling_limit=9000,
+                   progress=False, plot=False)
+
+
 def test_search_command_writes_config_and_summary(tiny, tmp_path, capsys):
     from sparse_prefill import cli
 

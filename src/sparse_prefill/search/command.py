@@ -46,25 +46,34 @@ def add_search_command(commands) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .run import search
+    from ..checks import read_text_file
+    from .run import check_device, check_out, search
 
     def fail(message: str) -> int:
         print(f"sparse-prefill search: error: {message}", file=sys.stderr)
         return 2
 
-    text = text_name = None
-    if args.text is not None:
-        try:
-            with open(args.text, encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as error:
-            return fail(f"cannot read --text {args.text!r}: {error.strerror}")
-        text_name = args.text
-    # Checked here too so that bad flags fail before the model loads.
+    # Checked here too, in the command's own names, so that bad flags fail before the model loads.
     if args.samples < 1:
         return fail(f"--samples must be >= 1, got {args.samples}")
     if args.length < 256 or args.length % 64:
         return fail(f"--length must be a multiple of 64 and at least 256, got {args.length}")
+    if args.scaling_limit is not None and args.scaling != "proportional":
+        return fail("--scaling-limit applies to --scaling proportional")
+    if args.scaling_limit is not None and args.scaling_limit < 1:
+        return fail(f"--scaling-limit must be >= 1, got {args.scaling_limit}")
+    try:
+        check_device(args.device, "--device")
+        check_out(args.out, args.work_dir, ("--out", "--work-dir"))
+    except ValueError as error:
+        return fail(str(error))
+    text = text_name = None
+    if args.text is not None:
+        try:
+            text = read_text_file(args.text, "--text")
+        except ValueError as error:
+            return fail(str(error))
+        text_name = args.text
     try:
         result = search(
             args.model, args.out, samples=args.samples, length=args.length, budget_flops=args.budget_flops,

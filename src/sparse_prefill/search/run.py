@@ -118,6 +118,45 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def check_device(device: str | torch.device | None, name: str = "device") -> torch.device:
+    """``device`` as a torch.device (None: CUDA when available), or ``ValueError`` naming ``name``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be cpu, cuda or cuda:N, got {str(device)!r}") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be cpu, cuda or cuda:N, got {str(device)!r}")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {str(device)!r}: no CUDA GPU is visible")
+    return chosen
+
+
+def check_out(out: str | os.PathLike, work_dir: str | os.PathLike | None = None,
+              names: tuple[str, str] = ("out", "work_dir")) -> tuple[Path, Path]:
+    """``out`` as a file path and the work directory, both proven writable; ``ValueError`` naming ``names``.
+
+    Checked before the search runs: a directory as ``out`` (``--out /tmp``) failed only when the
+    config was written after the whole search, and its work directory ``/tmp.parts`` landed at the
+    filesystem root.
+    """
+    out = Path(out)
+    if out.is_dir() or out.name in ("", ".", ".."):
+        raise ValueError(f"{names[0]} {os.fspath(out)!r} is a directory; give the config file to write, e.g. "
+                         f"{os.path.join(os.fspath(out), 'patterns.json')!r}")
+    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".parts")
+    for name, folder in ((names[0], out.parent), (names[1], work)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            raise ValueError(f"{name}: cannot write in {os.fspath(folder)!r}: {error.strerror or error}") from None
+    return out, work
+
+
 def search(
     model: Any = "default",
     out: str | os.PathLike = "patterns.json",
@@ -199,7 +238,12 @@ def search(
         raise ValueError(f"scaling must be one of {SCALING_RULES}, got scaling={scaling!r}")
     if scaling_limit == "uniform":
         scaling_limit = 8 * default_pattern(2**31).slash if scaling == "proportional" else None
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if scaling_limit is not None:  # checked now, not by the PatternConfig written after the whole search
+        if scaling != "proportional":
+            raise ValueError(f"scaling_limit applies to scaling='proportional', got scaling={scaling!r}")
+        _check_int("scaling_limit", scaling_limit, 1)
+    device = check_device(device)
+    out, work = check_out(out, work_dir)
 
     if isinstance(model, LoadedModel):
         loaded = model
@@ -224,9 +268,6 @@ def search(
     candidates = grid.patterns()
     uniform_index = candidates.index(VerticalSlash(uniform.vertical, BLOCK * -(-uniform.slash // BLOCK), grid.last_q))
 
-    out = Path(out)
-    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".parts")
-    work.mkdir(parents=True, exist_ok=True)
     fingerprint = {
         "format": WORK_FORMAT, "model": Path(loaded.source).name, "length": length, "seed": seed, "grid": grid.to_dict(),
         "text": hashlib.sha256(text.encode()).hexdigest()[:16],
@@ -349,7 +390,6 @@ def search(
     }
     config = PatternConfig(tuple(layer_patterns), metadata, reference_length=length, scaling=scaling,
                            scaling_limit=scaling_limit)
-    out.parent.mkdir(parents=True, exist_ok=True)
     config.save(out)
     plot_path = None
     if plot:
