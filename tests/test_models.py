@@ -120,6 +120,8 @@ def test_bad_arguments():
         models.load_model("default", rope_scaling_for=0)
     with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
         models.load_model("default", dtype=torch.int8)
+    with pytest.raises(ValueError, match="device must be a torch device such as 'cpu', 'cuda' or 'cuda:0', got device='tpu9'"):
+        models.load_model("default", device="tpu9")
 
 
 def test_run_refuses_empty_prompt_file(tmp_path, capsys):

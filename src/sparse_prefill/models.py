@@ -217,8 +217,12 @@ def load_model(
         raise ValueError(f"rope_scaling_for must be a positive int or None, got rope_scaling_for={rope_scaling_for!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got dtype={dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):  # torch says only "Invalid device string: 'tpu9'"
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:0', got device={device!r}") from None
     directory, gguf_file = resolve_model(name_or_path)
-    key = (str(directory), gguf_file, dtype, str(torch.device(device)), rope_scaling_for, attn_implementation)
+    key = (str(directory), gguf_file, dtype, str(device), rope_scaling_for, attn_implementation)
     if cache and key in _CACHE:
         return _CACHE[key]
     if gguf_file is not None:

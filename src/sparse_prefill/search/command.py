@@ -58,6 +58,8 @@ def _search(args: argparse.Namespace) -> int:
         return fail(f"--samples must be >= 1, got {args.samples}")
     if args.length < 256 or args.length % 64:
         return fail(f"--length must be a multiple of 64 and at least 256, got {args.length}")
+    if args.layers is not None and min(args.layers) < 0:
+        return fail(f"--layers are layer numbers from 0, got {' '.join(map(str, args.layers))}")
     if args.scaling_limit is not None and args.scaling != "proportional":
         return fail("--scaling-limit applies to --scaling proportional")
     if args.scaling_limit is not None and args.scaling_limit < 1:
