@@ -354,6 +354,8 @@ def test_run_demo_on_smollm2_json(smollm2, capsys):
     assert cli.main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert 800 - 80 <= report["prompt_tokens"] <= 800 + 5 and report["sparse_layers"] == 30
+    assert report["config"] == f"preset default ({PRESETS['default'].pattern})"  # what enable(model) runs
+    assert report["cpu_note"] == cli.CPU_NOTE
     assert report["dense"]["needle_found"]
     assert report["sparse"]["prefill_seconds"] > 0 and report["speedup"] > 0
     assert isinstance(report["agreement"]["first_token_agrees"], bool)
