@@ -367,13 +367,13 @@ def test_search_command_checks_out_text_and_device_before_loading_the_model(tmp_
     assert not (tmp_path / "results.parts").exists()
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert f"--out: cannot write in '{blocker}'" in run("--out", str(blocker / "x.json"))
-    assert f"--work-dir: cannot write in '{blocker}'" in run("--out", str(tmp_path / "x.json"), "--work-dir", str(blocker))
+    assert f"--out '{blocker}' is not a writable directory" in run("--out", str(blocker / "x.json"))
+    assert f"--work-dir '{blocker}' is not a writable directory" in run("--out", str(tmp_path / "x.json"), "--work-dir", str(blocker))
     binary = tmp_path / "corpus.bin"
     binary.write_bytes(bytes(range(128, 256)))
     assert f"--text '{binary}' is not UTF-8 text (byte 0x80 at offset 0)" in run("--out", str(tmp_path / "x.json"),
                                                                                    "--text", str(binary))
-    assert "--device must be cpu, cuda or cuda:N, got 'tpu9'" in run("--out", str(tmp_path / "x.json"), "--device", "tpu9")
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'tpu9'" in run("--out", str(tmp_path / "x.json"), "--device", "tpu9")
     assert "--layers are layer numbers from 0, got 3 -1" in run("--out", str(tmp_path / "x.json"), "--layers", "3", "-1")
     assert "--scaling-limit applies to --scaling proportional" in run("--out", str(tmp_path / "x.json"), "--scaling",
                                                                       "fixed", "--scaling-limit", "9000")

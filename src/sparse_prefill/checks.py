@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -114,3 +115,31 @@ def read_text_file(path: str | os.PathLike, option: str) -> str:
     if "\x00" in text:
         raise ValueError(f"{option} {os.fspath(path)!r} holds NUL bytes: it looks like a binary file, not text")
     return text
+
+
+def check_device(device: str | torch.device | None, name: str = "device") -> torch.device:
+    """``device`` as a torch.device (None or ``"auto"``: CUDA when available), or ``ValueError`` naming ``name``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be auto, cpu, cuda or cuda:N, got {str(device)!r}") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be auto, cpu, cuda or cuda:N, got {str(device)!r}")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {str(device)!r}: no CUDA GPU is visible")
+    return chosen
+
+
+def check_writable_directory(directory: str | os.PathLike, name: str) -> Path:
+    """Create ``directory`` if needed and prove a file can be written there, or ``ValueError`` naming ``name``."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{name} {os.fspath(path)!r} is not a writable directory: {error.strerror or error}") from None
+    return path

@@ -20,7 +20,8 @@ from .report import write_report
 from .ruler import TASKS as RULER_TASKS
 from .ruler import ruler_samples
 from .scoring import string_match_all
-from .store import ResultStore, check_writable
+from ..checks import check_device, check_writable_directory
+from .store import ResultStore
 from .texts import TEXTS
 
 __all__ = ["EVAL_TASKS", "EvalSpec", "run_eval"]
@@ -94,7 +95,7 @@ class EvalSpec:
             check_kv_options(self.kv, self.kv_capacity, **self.kv_options())
         except ValueError as error:
             raise ValueError(f"--kv {self.kv}: {error}") from None
-        _device(self.device)
+        check_device(self.device, "--device")
 
     def kv_options(self) -> dict[str, int]:
         return {} if self.kv_kernel is None else {"kernel": self.kv_kernel}
@@ -120,24 +121,10 @@ def _kv_suffix(spec: EvalSpec) -> str:
     return f" + {spec.kv} {spec.kv_capacity or DEFAULT_CAPACITY}{kernel}"
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible")
-    return device
-
-
 def run_eval(spec: EvalSpec) -> dict[str, Any]:
     """Run what ``spec`` asks for that ``spec.out`` does not hold yet; write the report; return its summary."""
     spec.check()
-    device = _device(spec.device)
+    device = check_device(spec.device, "--device")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # None: the preset on every head; anything else: a PatternConfig file.
     config = None
@@ -146,7 +133,7 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
             config = PatternConfig.load(spec.config)
         except (ValueError, TypeError) as error:
             raise ValueError(f"--config {spec.config!r}: {error}") from None
-    out = check_writable(spec.out)
+    out = check_writable_directory(spec.out, "--out")
     base = load_model(spec.model, dtype=dtype, device=device)
     # What needs the model is checked once it is loaded, before any sample runs.
     if config is not None:

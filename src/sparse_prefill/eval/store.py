@@ -7,20 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["ResultStore", "check_writable"]
-
-
-def check_writable(directory: str | os.PathLike) -> Path:
-    """Create ``directory`` if needed and prove a file can be written there, or raise ``ValueError``."""
-    path = Path(directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"--out {str(directory)!r} is not a writable directory: {error.strerror or error}") from None
-    return path
+__all__ = ["ResultStore"]
 
 
 class ResultStore:

@@ -47,7 +47,8 @@ def add_search_command(commands) -> None:
 
 def _search(args: argparse.Namespace) -> int:
     from ..checks import read_text_file
-    from .run import check_device, check_out, search
+    from ..checks import check_device
+    from .run import check_out, search
 
     def fail(message: str) -> int:
         print(f"sparse-prefill search: error: {message}", file=sys.stderr)

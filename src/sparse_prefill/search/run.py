@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..checks import check_device, check_writable_directory
 from ..configs import model_signature
 from ..patterns import SCALING_RULES, Pattern, PatternConfig, VerticalSlash
 from .allocate import allocate
@@ -118,21 +119,6 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def check_device(device: str | torch.device | None, name: str = "device") -> torch.device:
-    """``device`` as a torch.device (None: CUDA when available), or ``ValueError`` naming ``name``."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{name} must be cpu, cuda or cuda:N, got {str(device)!r}") from None
-    if chosen.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} must be cpu, cuda or cuda:N, got {str(device)!r}")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name} {str(device)!r}: no CUDA GPU is visible")
-    return chosen
-
-
 def check_out(out: str | os.PathLike, work_dir: str | os.PathLike | None = None,
               names: tuple[str, str] = ("out", "work_dir")) -> tuple[Path, Path]:
     """``out`` as a file path and the work directory, both proven writable; ``ValueError`` naming ``names``.
@@ -146,14 +132,8 @@ def check_out(out: str | os.PathLike, work_dir: str | os.PathLike | None = None,
         raise ValueError(f"{names[0]} {os.fspath(out)!r} is a directory; give the config file to write, e.g. "
                          f"{os.path.join(os.fspath(out), 'patterns.json')!r}")
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".parts")
-    for name, folder in ((names[0], out.parent), (names[1], work)):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as error:
-            raise ValueError(f"{name}: cannot write in {os.fspath(folder)!r}: {error.strerror or error}") from None
+    check_writable_directory(out.parent, names[0])
+    check_writable_directory(work, names[1])
     return out, work
 
 
