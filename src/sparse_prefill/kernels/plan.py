@@ -79,17 +79,17 @@ class PlanWriter:
         self.diagonal_flag = torch.zeros(batch, q_heads, self.n_blocks + 1, dtype=torch.bool, device=device)
         self.window = torch.full((batch, q_heads), NO_WINDOW, dtype=torch.int32, device=device)
         self.sink = torch.zeros(batch, q_heads, dtype=torch.int32, device=device)
-        self._blocks: dict[int, torch.Tensor] = {}
-        self._columns: dict[int, torch.Tensor] = {}
+        # One entry per kind that has them: (heads, tensor for all of them), written in one go each.
+        self._blocks: list[tuple[list[int], torch.Tensor]] = []
+        self._columns: list[tuple[list[int], torch.Tensor]] = []
 
-    def set_blocks(self, head: int, blocks: torch.Tensor) -> None:
-        """blocks: long [batch, n_blocks, k] ascending, padded with -1."""
-        self._blocks[head] = blocks
+    def set_blocks(self, heads: list[int], blocks: torch.Tensor) -> None:
+        """blocks: [batch, len(heads), n_blocks, k] key blocks ascending, padded with -1."""
+        self._blocks.append((heads, blocks))
 
     def set_columns(self, heads: list[int], columns: torch.Tensor) -> None:
-        """columns: long [batch, len(heads), n], ascending and distinct."""
-        for j, head in enumerate(heads):
-            self._columns[head] = columns[:, j]
+        """columns: [batch, len(heads), n] ascending and distinct, padded with seq (or more)."""
+        self._columns.append((heads, columns))
 
     def finish(self, indices: list[HeadIndex]) -> SparsePlan:
         batch, q_heads, seq, nb, device = self.batch, self.q_heads, self.seq, self.n_blocks, self.device
@@ -99,21 +99,17 @@ class PlanWriter:
         diagonals = torch.where(self.diagonal_flag, arange, nb).sort(dim=2).values[:, :, :nb]
         diagonal_limit = self.diagonal_flag[:, :, :nb].to(torch.int32).cumsum(dim=2)
 
-        max_blocks = max([b.shape[2] for b in self._blocks.values()] + [1])
+        max_blocks = max([listed.shape[3] for _, listed in self._blocks] + [1])
         blocks = torch.zeros(batch, q_heads, nb, max_blocks, **int32)
         block_count = torch.zeros(batch, q_heads, nb, **int32)
-        if self._blocks:
-            # All listed heads in a few operations, whatever their number (padding: -1).
-            heads = sorted(self._blocks)
-            listed = torch.stack([torch.nn.functional.pad(self._blocks[h], (0, max_blocks - self._blocks[h].shape[2]), value=-1)
-                                  for h in heads], dim=1)  # [batch, len(heads), nb, max_blocks]
-            blocks[:, heads] = listed.clamp(min=0).to(torch.int32)
+        for heads, listed in self._blocks:
+            blocks[:, heads, :, : listed.shape[3]] = listed.clamp(min=0).to(torch.int32)
             block_count[:, heads] = (listed >= 0).sum(dim=3).to(torch.int32)
 
-        max_columns = max([c.shape[1] for c in self._columns.values()] + [1])
+        max_columns = max([listed.shape[2] for _, listed in self._columns] + [1])
         columns = torch.full((batch, q_heads, max_columns), seq, **int32)
-        for head, listed in self._columns.items():
-            columns[:, head, : listed.shape[1]] = listed.to(torch.int32)
+        for heads, listed in self._columns:
+            columns[:, heads, : listed.shape[2]] = listed.clamp(max=seq).to(torch.int32)
         starts = (torch.arange(nb, device=device) * BLOCK).to(torch.int32)
         column_before = torch.searchsorted(columns.view(-1, max_columns), starts.expand(batch * q_heads, -1).contiguous())
 
@@ -130,9 +126,9 @@ class PlanWriter:
             columns=columns.reshape(bh, max_columns).contiguous(),
             column_before=column_before.to(torch.int32).reshape(bh, nb).contiguous(),
             indices=indices,
-            uses_diagonals=len(self._blocks) < q_heads,  # every head without a block list walks diagonals
+            uses_diagonals=sum(len(heads) for heads, _ in self._blocks) < q_heads,  # the others walk diagonals
             uses_blocks=bool(self._blocks),
-            uses_columns=any(c.shape[1] for c in self._columns.values()),
+            uses_columns=any(listed.shape[2] for _, listed in self._columns),
         )
 
 

@@ -59,12 +59,17 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
 
 
 def add_to_plan(writer, heads: list[int], indices: list[AShapeIndex]) -> None:
-    for head, index in zip(heads, indices):
-        writer.diagonal_flag[:, head, : min(index.last_diagonal(), writer.n_blocks - 1) + 1] = True
-        # Tiles the window's edge cuts through get the element mask (i - j < local or j < sink).
-        writer.window[:, head] = index.local
-        writer.sink[:, head] = index.sink
-        writer.set_columns([head], torch.arange(index.sink, device=writer.device).expand(writer.batch, 1, -1))
+    device = writer.device
+    last = torch.tensor([index.last_diagonal() for index in indices], device=device)
+    local = torch.tensor([index.local for index in indices], dtype=torch.int32, device=device)
+    sink = torch.tensor([index.sink for index in indices], dtype=torch.int32, device=device)
+    writer.diagonal_flag[:, heads] |= (torch.arange(writer.n_blocks + 1, device=device)[None, :] <= last[:, None])
+    # Tiles the window's edge cuts through get the element mask (i - j < local or j < sink).
+    writer.window[:, heads] = local
+    writer.sink[:, heads] = sink
+    positions = torch.arange(max(index.sink for index in indices), device=device)
+    sink_columns = torch.where(positions[None, :] < sink[:, None], positions[None, :], writer.seq)  # past seq: dropped
+    writer.set_columns(heads, sink_columns.expand(writer.batch, -1, -1))
 
 
 def computed_pairs(index: AShapeIndex, seq: int) -> tuple[torch.Tensor, torch.Tensor]:

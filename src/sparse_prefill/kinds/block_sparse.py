@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import BLOCK, causal, check_positive_int, float_dtype, n_blocks, scaled_count
+from .common import BLOCK, causal, check_positive_int, float_dtype, n_blocks, scaled_count, stack_padded
 
 
 @dataclass(frozen=True)
@@ -70,21 +70,16 @@ def mean_pool_blocks(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-2)
 
 
-def pooled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """[..., n_blocks, n_blocks] pooled scores, ``q``/``k`` [..., seq, dim]; future key blocks -inf."""
-    scores = torch.matmul(mean_pool_blocks(q), mean_pool_blocks(k).transpose(-1, -2)) * scale
+def pooled_scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor, scale: float) -> torch.Tensor:
+    """[..., n_blocks, n_blocks] scores of block-mean queries against block-mean keys (from
+    :func:`mean_pool_blocks`): future key blocks -inf, the diagonal block +inf (always kept, ranked first)."""
+    scores = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * scale
     nb = scores.shape[-1]
-    future = torch.ones(nb, nb, dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill(future, float("-inf"))
-
-
-def ranked_blocks(scores: torch.Tensor) -> torch.Tensor:
-    """Key blocks of every query block by descending pooled score, the diagonal block first."""
-    nb = scores.shape[-1]
+    future = torch.ones(nb, nb, dtype=torch.bool, device=scores.device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
     diagonal = torch.arange(nb, device=scores.device)
-    scores = scores.clone()
     scores[..., diagonal, diagonal] = float("inf")
-    return scores.sort(dim=-1, descending=True).indices
+    return scores
 
 
 def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[BlockSparse], scale: float) -> list[BlockSparseIndex]:
@@ -92,25 +87,33 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
     batch, q_heads, seq, _ = q.shape
     group = q_heads // k.shape[1]
     nb = n_blocks(seq)
-    diagonal = torch.arange(nb, device=q.device)
-    indices = []
-    for head, pattern in zip(heads, patterns):
-        # [batch, nb, nb] floats per head (1 GB at 1M tokens): one head at a time.
-        scores = pooled_scores(q[:, head], k[:, head // group], scale)
-        scores[:, diagonal, diagonal] = float("inf")
-        top = scores.topk(min(pattern.top_k, nb), dim=2)
-        # Query block b has only b + 1 causal key blocks: the rest of its top-k are -inf, dropped as -1.
-        chosen = torch.where(top.values > float("-inf"), top.indices, nb).sort(dim=2).values
-        indices.append(BlockSparseIndex(blocks=torch.where(chosen == nb, -1, chosen)))
-    return indices
+    top_ks = [min(p.top_k, nb) for p in patterns]
+    k_max = max(top_ks)
+    rank = torch.arange(k_max, device=q.device)
+    ids = torch.tensor(heads, device=q.device)
+    head_top_k = torch.tensor(top_ks, device=q.device)
+    # Pool first, then pick heads: only the pooled [blocks, dim] rows are ever copied.
+    pooled_q = mean_pool_blocks(q)[:, ids]  # [batch, n, nb, dim]
+    pooled_k = mean_pool_blocks(k)[:, ids // group]
+    # Scores are [nb, nb] floats per head (1 GiB at 1M tokens): as many heads at a time as fit ~1 GiB.
+    step = max(1, 2**28 // (batch * nb * nb))
+    chosen = []
+    for first in range(0, len(heads), step):
+        part = slice(first, first + step)
+        top = pooled_scores(pooled_q[:, part], pooled_k[:, part], scale).topk(k_max, dim=-1)
+        # Query block b has only b + 1 causal key blocks: the rest of its top-k are -inf, dropped.
+        keep = (top.values > float("-inf")) & (rank < head_top_k[part][None, :, None, None])
+        chosen.append(torch.where(keep, top.indices, nb).sort(dim=-1).values)
+    blocks = torch.cat(chosen, dim=1)
+    blocks = torch.where(blocks == nb, -1, blocks)
+    return [BlockSparseIndex(blocks=blocks[:, j, :, : top_ks[j]]) for j in range(len(heads))]
 
 
 # --- the GPU kernel's share and cost -------------------------------------------------------------------
 
 
 def add_to_plan(writer, heads: list[int], indices: list[BlockSparseIndex]) -> None:
-    for head, index in zip(heads, indices):
-        writer.set_blocks(head, index.blocks)
+    writer.set_blocks(heads, stack_padded([index.blocks for index in indices], -1))
 
 
 def computed_pairs(index: BlockSparseIndex, seq: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,3 +55,13 @@ def float_dtype(x: torch.Tensor) -> torch.dtype:
 def on_triton(x: torch.Tensor) -> bool:
     """Whether the Triton kernels take this tensor (CUDA, half precision) rather than PyTorch."""
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def stack_padded(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Stack ``[batch, ..., n_i]`` tensors along a new dim 1, padding the last dimension with ``value``.
+
+    One head's index per tensor: the GPU plan takes all heads of a kind as one tensor.
+    """
+    width = max(t.shape[-1] for t in tensors)
+    return torch.stack([t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value)
+                        for t in tensors], dim=1)

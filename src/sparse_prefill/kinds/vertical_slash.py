@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import BLOCK, LOG2E, check_positive_int, flags, float_dtype, n_blocks, on_triton, scaled_count
+from .common import BLOCK, LOG2E, check_positive_int, flags, float_dtype, n_blocks, on_triton, scaled_count, stack_padded
 
 # Vertical-Slash always keeps the first SINK_COLUMNS key columns (attention sinks: most models put
 # heavy mass on the first tokens) and block diagonals 0 and 1, so that every query sees at least its
@@ -123,8 +123,9 @@ def last_query_statistics(q: torch.Tensor, k: torch.Tensor, heads: list[int], la
     """
     batch, q_heads, seq, _ = q.shape
     group = q_heads // k.shape[1]
-    own = torch.tensor([min(n, seq) for n in last_q], device=q.device)
-    n_last = int(own.max())
+    own_rows = [min(n, seq) for n in last_q]
+    n_last = max(own_rows)  # from the Python list: no host synchronisation
+    own = torch.tensor(own_rows, device=q.device)
     row_used = (torch.arange(n_last, device=q.device)[None, :] >= n_last - own[:, None]).repeat(batch, 1)
     ids = torch.tensor(heads, device=q.device)
     if on_triton(q):
@@ -217,9 +218,11 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
 
 
 def add_to_plan(writer, heads: list[int], indices: list[VerticalSlashIndex]) -> None:
-    for head, index in zip(heads, indices):
-        writer.diagonal_flag[:, head].scatter_(1, index.diagonals, True)
-        writer.set_columns([head], index.columns[:, None, :])
+    # Padding repeats diagonal 0 (always kept) and puts columns past the sequence (dropped).
+    diagonals = stack_padded([index.diagonals for index in indices], 0)  # [batch, len(heads), S]
+    flags = torch.zeros(writer.batch, len(heads), writer.n_blocks + 1, dtype=torch.bool, device=writer.device)
+    writer.diagonal_flag[:, heads] |= flags.scatter_(2, diagonals, True)
+    writer.set_columns(heads, stack_padded([index.columns for index in indices], writer.seq))
 
 
 def column_tiles(columns: torch.Tensor, seq: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from ..kinds import AShapeIndex, HeadIndex, VerticalSlashIndex, a_shape, estimate_layer
-from ..kinds.block_sparse import pooled_scores, ranked_blocks
+from ..kinds.block_sparse import mean_pool_blocks, pooled_scores
 from ..kinds.vertical_slash import (FORCED_DIAGONALS, SINK_COLUMNS, column_tiles, diagonal_scores,
                                     last_query_statistics, ranked_with_forced)
 from ..patterns import AShape, BlockSparse, Dense, Pattern, VerticalSlash
@@ -122,7 +122,8 @@ def score_grid(q: torch.Tensor, k: torch.Tensor, scale: float, grid: CandidateGr
     del stats
 
     # Block-Sparse: key blocks of each query block ranked by pooled score, the diagonal block first.
-    block_rank = ranked_blocks(pooled_scores(q, keys_full, scale))  # [heads, q blocks, rank]
+    pooled = pooled_scores(mean_pool_blocks(q), mean_pool_blocks(keys_full), scale)  # diagonal +inf: ranked first
+    block_rank = pooled.sort(dim=2, descending=True).indices  # [heads, q blocks, rank]
     blocks = torch.arange(nb, device=device)
     del keys_full
 
