@@ -53,9 +53,12 @@ class BlockSparseIndex:
 
     def kept_mask(self, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
         keys = torch.arange(n_keys, device=rows.device)
-        tiles = self.block_mask()  # [batch, q blocks, k blocks]
-        kept = tiles[:, rows // BLOCK][:, :, keys // BLOCK]
-        return kept & causal(rows, n_keys)
+        # Only the rows' own lists: [batch, rows, k blocks], not the n_blocks^2 tile mask (1M tokens: 268 MB a call).
+        listed = self.blocks[:, rows // BLOCK]  # [batch, rows, k]
+        nb = self.blocks.shape[1]
+        tiles = torch.zeros(listed.shape[0], len(rows), nb + 1, dtype=torch.bool, device=rows.device)
+        tiles.scatter_(2, torch.where(listed < 0, nb, listed).long(), True)  # padding lands in the spare column
+        return tiles[:, :, keys // BLOCK] & causal(rows, n_keys)
 
 
 def mean_pool_blocks(x: torch.Tensor) -> torch.Tensor:
