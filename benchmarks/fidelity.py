@@ -28,7 +28,7 @@ import time
 import torch
 
 import sparse_prefill
-from sparse_prefill.kinds.vertical_slash import minference_budget as default_pattern
+from sparse_prefill.kinds.vertical_slash import minference_budget
 from sparse_prefill.models import load_model
 
 # (book reference for `bible`, label): eight books of different genres.
@@ -88,7 +88,7 @@ def main() -> int:
 
     loaded = load_model("default", rope_scaling_for=args.tokens + CONTINUATION)
     model, tokenizer = loaded.model, loaded.tokenizer
-    pattern = default_pattern(args.tokens)
+    pattern = minference_budget(args.tokens)
     rows = []
     for reference, label in BOOKS[: args.prompts]:
         ids = tokenizer(book_text(reference), add_special_tokens=False, return_tensors="pt").input_ids

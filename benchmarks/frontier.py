@@ -56,6 +56,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_prefill import AShape, BlockCoverage, BlockSparse, Dense, VerticalSlash
 from sparse_prefill.presets import PRESETS
+from sparse_prefill.search.stats import causal_pairs
 from timing import cuda_ms  # benchmarks/timing.py
 
 # Budgets per method, every head of a layer gets the same pattern. Vertical-Slash budgets are
@@ -102,25 +103,6 @@ ROW_KEYS = (
     "dense_flash2_ms", "dense_extrapolated", "computed_fraction", "recall", "rel_l2", "rel_l2_last",
     "rel_l2_random", "speedup_vs_cudnn", "kernel_tflops", "cudnn_tflops", "index_share_of_cudnn",
 )
-
-
-def causal_pairs(seq: int) -> int:
-    return seq * (seq + 1) // 2
-
-
-def budget_label(pattern) -> str:
-    """A short label for a pattern's budget: "1000,6096", "k64", "64+8192", "0.98/s16", "dense"."""
-    if isinstance(pattern, VerticalSlash):
-        return f"{pattern.vertical},{pattern.slash}"
-    if isinstance(pattern, BlockSparse):
-        return f"k{pattern.top_k}"
-    if isinstance(pattern, AShape):
-        return f"{pattern.sink}+{pattern.local}"
-    if isinstance(pattern, BlockCoverage):
-        return f"{pattern.coverage:g}/s{pattern.stride}"
-    if isinstance(pattern, Dense):
-        return "dense"
-    return repr(pattern)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +304,7 @@ def measure_layer(layer: dict, q, k, v, methods: list, sweeps: dict, settings: d
     jobs = [(m, p) for m in methods if m in sweeps for p in sweeps[m]]
     jobs += [(m, PRESETS[m].pattern_for(seq, on_cuda=True)) for m in methods if m in PRESET_METHODS]
     for method, pattern in jobs:
-        budget = budget_label(pattern)
+        budget = pattern.label()
         # Printed before the work, so a run killed mid-budget shows which one it was in.
         print(f"{layer['workload']:7s} {seq:>8d} L{layer['layer']:<2d} {method:14s} {budget:12s}", end=" ", flush=True)
         if isinstance(pattern, Dense):  # a preset below its crossover runs dense cuDNN, not our kernel
@@ -633,7 +615,7 @@ def main(argv=None) -> None:
                         "source": "sparse_prefill.synthetic.planted_qkv defaults"},
         },
         "lengths": lengths,
-        "sweeps": {m: [budget_label(p) for p in sweeps[m]] for m in args.methods if m in sweeps},
+        "sweeps": {m: [p.label() for p in sweeps[m]] for m in args.methods if m in sweeps},
         "presets": {m: repr(PRESETS[m].pattern) + f", dense below {PRESETS[m].min_seq_len_cuda} tokens"
                     for m in args.methods if m in PRESET_METHODS},
         "error_rows": (f"last {settings['sample_last']} rows + {settings['sample_random']} uniform random earlier rows "

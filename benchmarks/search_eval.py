@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from timing import cuda_ms  # benchmarks/timing.py
-from sparse_prefill.kinds.vertical_slash import minference_budget as default_pattern
+from sparse_prefill.kinds.vertical_slash import minference_budget
 from sparse_prefill.kernels import build_plan, run_plan
 from sparse_prefill.models import load_model
 from sparse_prefill.patterns import PatternConfig
@@ -167,7 +167,7 @@ def main() -> None:
         print(f"search: {result.summary} in {time.time() - started:.0f} s", flush=True)
     else:
         config = PatternConfig.load(args.config)
-    uniform = PatternConfig.uniform(n_layers, n_heads, default_pattern(args.length))
+    uniform = PatternConfig.uniform(n_layers, n_heads, minference_budget(args.length))
     configs = ({"uniform": uniform, **extra} if extra else
                {"uniform": uniform, "searched": config})
     for i in range(args.heldout):
@@ -183,10 +183,10 @@ def main() -> None:
     for seq in args.lengths:
         loaded = load_model(args.model, dtype=torch.bfloat16 if timing else torch.float32, device=device,
                             rope_scaling_for=seq if seq > reference else None, cache=False)
-        uniform_8k = PatternConfig.uniform(n_layers, n_heads, default_pattern(reference))
+        uniform_8k = PatternConfig.uniform(n_layers, n_heads, minference_budget(reference))
         searched = config.layers if config is not None else None
-        long_configs = {"uniform": PatternConfig.uniform(n_layers, n_heads, default_pattern(seq)), **extra} if extra else {
-            "uniform": PatternConfig.uniform(n_layers, n_heads, default_pattern(seq)),
+        long_configs = {"uniform": PatternConfig.uniform(n_layers, n_heads, minference_budget(seq)), **extra} if extra else {
+            "uniform": PatternConfig.uniform(n_layers, n_heads, minference_budget(seq)),
             "uniform_fixed": uniform_8k,
             "uniform_proportional": PatternConfig(uniform_8k.layers, reference_length=reference, scaling="proportional"),
             "searched": config,

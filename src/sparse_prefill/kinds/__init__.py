@@ -4,7 +4,7 @@ Every kind is one unit (``dense``, ``a_shape``, ``vertical_slash``, ``block_spar
 ``block_coverage``) and every path calls it: the CPU reference and masked path, the GPU plan, the
 pattern search and KV-cache scoring. A unit module defines
 
-- its pattern dataclass (the budget; ``to_dict``, ``scaled``) and, unless it reuses another kind's,
+- its pattern dataclass (the budget; ``to_dict``, ``scaled``, ``label``) and, unless it reuses another kind's,
   its index dataclass (the kept set of one head: ``kept_mask(rows, n_keys)``);
 - ``estimate(q, k, heads, patterns, scale)``: the indices of all of a layer's heads of this kind at
   once, on the CPU or the GPU;

@@ -33,6 +33,10 @@ class AShape:
         """The window scales with the prompt; the sinks are the first tokens of any prompt and do not."""
         return AShape(self.sink, scaled_count(self.local, factor))
 
+    def label(self) -> str:
+        """The budget in a few characters, for tables and plots: ``sink+local``."""
+        return f"{self.sink}+{self.local}"
+
 
 @dataclass(frozen=True)
 class AShapeIndex:

@@ -69,6 +69,10 @@ class BlockCoverage:
         """The budget is a share of each row's mass: it follows the prompt by itself."""
         return self
 
+    def label(self) -> str:
+        """The budget in a few characters, for tables and plots: ``coverage/s<stride>``."""
+        return f"{self.coverage:g}/s{self.stride}"
+
 
 def antidiagonal_groups(x: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
     """[..., seq, dim] -> [..., n_blocks * 64 / stride, stride, dim], zero-padded to whole 64-blocks.

@@ -31,6 +31,10 @@ class BlockSparse:
     def scaled(self, factor: float) -> "BlockSparse":
         return BlockSparse(scaled_count(self.top_k, factor))
 
+    def label(self) -> str:
+        """The budget in a few characters, for tables and plots: ``k<top_k>``."""
+        return f"k{self.top_k}"
+
 
 @dataclass(frozen=True)
 class BlockSparseIndex:

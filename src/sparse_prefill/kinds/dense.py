@@ -22,6 +22,10 @@ class Dense:
     def scaled(self, factor: float) -> "Dense":
         return self
 
+    def label(self) -> str:
+        """The budget in a few characters, for tables and plots."""
+        return "dense"
+
 
 @dataclass(frozen=True)
 class DenseIndex:

@@ -50,6 +50,10 @@ class VerticalSlash:
     def scaled(self, factor: float) -> "VerticalSlash":
         return VerticalSlash(scaled_count(self.vertical, factor), scaled_count(self.slash, factor), self.last_q)
 
+    def label(self) -> str:
+        """The budget in a few characters, for tables and plots: ``vertical,slash``."""
+        return f"{self.vertical},{self.slash}"
+
 
 def minference_budget(seq_len: int) -> VerticalSlash:
     """MInference's published budget, (1000, 6096) from 128K tokens on, scaled down for shorter prompts.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..patterns import AShape, BlockCoverage, BlockSparse, PatternConfig, VerticalSlash
+from ..patterns import PatternConfig
 
 __all__ = ["plot_config", "short_name"]
 
@@ -13,16 +13,8 @@ _COLOURS = ["#444444", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"]
 
 
 def short_name(pattern) -> str:
-    """A cell label: ``D``, ``V256/16`` (columns / block diagonals), ``B8``, ``A4+1024``, ``C0.98``."""
-    if isinstance(pattern, VerticalSlash):
-        return f"V{pattern.vertical}/{-(-pattern.slash // 64)}"
-    if isinstance(pattern, BlockSparse):
-        return f"B{pattern.top_k}"
-    if isinstance(pattern, AShape):
-        return f"A{pattern.sink}+{pattern.local}"
-    if isinstance(pattern, BlockCoverage):
-        return f"C{pattern.coverage:g}"
-    return pattern.kind[0].upper()
+    """A cell label: the kind's letter and its budget (``D``, ``V1000,6096``, ``B8``, ``A4+1024``, ``C0.99/s16``)."""
+    return pattern.kind[0].upper() + ("" if pattern.kind == "dense" else pattern.label())
 
 
 def plot_config(config: PatternConfig, path: str | Path) -> Path:
@@ -48,7 +40,7 @@ def plot_config(config: PatternConfig, path: str | Path) -> Path:
             left.text(h, row, short_name(config[l, h]), ha="center", va="center", fontsize=5.5, color="white")
             right.text(h, row, f"{recall[row][h]:.2f}", ha="center", va="center", fontsize=5.5,
                        color="white" if recall[row][h] < 0.9 else "black")
-    for ax, title in ((left, "pattern (V columns/diagonals, B top-k, A sink+local, D dense)"),
+    for ax, title in ((left, "pattern (V columns,slash keys, B top-k, A sink+local, C coverage/stride, D dense)"),
                       (right, "recall (dense attention mass kept)")):
         ax.set_xticks(range(config.n_heads))
         ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=6)

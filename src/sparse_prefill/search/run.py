@@ -199,7 +199,7 @@ def search(
     device : str or torch.device, optional
         Where the model runs; CUDA when available, else the CPU.
     """
-    from ..kinds.vertical_slash import minference_budget as default_pattern
+    from ..kinds.vertical_slash import minference_budget
     from ..models import LoadedModel, load_model
 
     samples = _check_int("samples", samples, 1)
@@ -217,7 +217,7 @@ def search(
     if scaling not in SCALING_RULES:
         raise ValueError(f"scaling must be one of {SCALING_RULES}, got scaling={scaling!r}")
     if scaling_limit == "uniform":
-        scaling_limit = 8 * default_pattern(2**31).slash if scaling == "proportional" else None
+        scaling_limit = 8 * minference_budget(2**31).slash if scaling == "proportional" else None
     if scaling_limit is not None:  # checked now, not by the PatternConfig written after the whole search
         if scaling != "proportional":
             raise ValueError(f"scaling_limit applies to scaling='proportional', got scaling={scaling!r}")
@@ -243,7 +243,7 @@ def search(
         text, text_name = default_corpus()
     text_name = text_name or "given text"
 
-    uniform = default_pattern(length)
+    uniform = minference_budget(length)
     grid = (grid or CandidateGrid()).with_vertical_slash(uniform.vertical, uniform.slash)
     candidates = grid.patterns()
     uniform_index = candidates.index(VerticalSlash(uniform.vertical, BLOCK * -(-uniform.slash // BLOCK), grid.last_q))
