@@ -67,7 +67,7 @@ SWEEPS = {
     "block_sparse": [BlockSparse(top_k) for top_k in (16, 32, 64, 128, 256)],
     "a_shape": [AShape(64, local) for local in (2048, 8192, 32768)],
     "block_coverage": [BlockCoverage(c, stride=16) for c in (0.8, 0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.995)]
-    + [BlockCoverage(c, stride=32) for c in (0.95, 0.98, 0.99)] + [BlockCoverage(0.98, stride=8)],
+    + [BlockCoverage(c, stride=32) for c in (0.9, 0.95, 0.98, 0.985, 0.99, 0.995)] + [BlockCoverage(0.98, stride=8)],
 }
 # The CPU dry run: sizes the Triton interpreter gets through in seconds (seq 256-320 is 4-5 blocks).
 TINY_SWEEPS = {

@@ -5,7 +5,7 @@ quantities without ever holding the ``(seq / stride)^2`` scores:
 
 1. ``_antidiagonal_block_lse``: query groups against key groups, walked as ``stride`` products of
    ``head_dim`` (one per antidiagonal step), reduced on the fly, for both estimates (the mean
-   logit, and the sum of exponentials), to one log-sum-exp per (query group, 64-key block), plus
+   logit, and the largest logit), to one log-sum-exp per (query group, 64-key block), plus
    each query group's log-sum-exp over all its key groups (online, as in flash attention). Base 2.
 2. ``_tile_mass``: per (query block, key block), the sum over the block's query groups of
    ``exp2(block_lse - row_lse)``, averaged over the two estimates: the tile's estimated mass.
@@ -33,7 +33,23 @@ def _score_configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter ignores warps and stages: one config
         return [triton.Config({"GROUPS_M": 64, "GROUPS_N": 64}, num_warps=4, num_stages=1)]
     shapes = [(64, 64, 4), (128, 64, 8), (64, 128, 4), (128, 128, 8)]
-    return [triton.Config({"GROUPS_M": m, "GROUPS_N": n}, num_warps=w, num_stages=s) for m, n, w in shapes for s in (2, 3)]
+    return [triton.Config({"GROUPS_M": m, "GROUPS_N": n}, num_warps=w, num_stages=s) for m, n, w in shapes for s in (2, 3, 4)]
+
+
+@triton.jit
+def _store_block_lse(scores, row_m, row_l, block_lse, lse_at, store_mask,
+                     GROUPS_M: tl.constexpr, BLOCKS_N: tl.constexpr, PER_BLOCK: tl.constexpr):
+    """Store one log-sum-exp per (query group, 64-key block) of ``scores`` (base 2, -inf where
+    masked) and fold the chunk into each row's running log-sum-exp (row_m, row_l)."""
+    blocks = tl.reshape(scores, [GROUPS_M, BLOCKS_N, PER_BLOCK])
+    b_max = tl.max(blocks, axis=2)
+    b_safe = tl.where(b_max == float("-inf"), 0.0, b_max)
+    b_sum = tl.sum(tl.math.exp2(blocks - b_safe[:, :, None]), axis=2)
+    tl.store(block_lse + lse_at, b_safe + tl.log2(b_sum), mask=store_mask)
+    new_m = tl.maximum(row_m, tl.max(b_max, 1))
+    safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+    row_l = row_l * tl.math.exp2(row_m - safe_m) + tl.sum(b_sum * tl.math.exp2(b_safe - safe_m[:, None]), 1)
+    return new_m, row_l
 
 
 @triton.autotune(configs=_score_configs(), key=["STRIDE", "HEAD_DIM_PADDED"])
@@ -46,7 +62,7 @@ def _antidiagonal_block_lse(
     GROUPS_M: tl.constexpr, GROUPS_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """block_lse [2, rows, n_groups, n_blocks] and row_lse [2, rows, n_groups], base 2: [0] of the
-    mean antidiagonal logit, [1] of the sum of the antidiagonal's exponentials."""
+    mean antidiagonal logit, [1] of the largest antidiagonal logit."""
     # The last query groups have the most key groups (causal): start them first to shorten the tail.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -63,19 +79,17 @@ def _antidiagonal_block_lse(
     estimate_stride = (tl.num_programs(1) * n_groups).to(tl.int64)  # between the two estimates
     mean_m = tl.full([GROUPS_M], float("-inf"), dtype=tl.float32)
     mean_l = tl.zeros([GROUPS_M], dtype=tl.float32)
-    sum_m = tl.full([GROUPS_M], float("-inf"), dtype=tl.float32)
-    sum_l = tl.zeros([GROUPS_M], dtype=tl.float32)
+    peak_m = tl.full([GROUPS_M], float("-inf"), dtype=tl.float32)
+    peak_l = tl.zeros([GROUPS_M], dtype=tl.float32)
     last_group = tl.minimum(pid * GROUPS_M + GROUPS_M, n_groups)  # causal: key groups < this
     out_rows = bh.to(tl.int64) * n_groups + rows
     for start in range(0, last_group, GROUPS_N):
         cols = start + tl.arange(0, GROUPS_N)  # key groups
-        causal = cols[None, :] <= rows[:, None]
         logit_sum = tl.zeros([GROUPS_M, GROUPS_N], dtype=tl.float32)
-        # Sum of exponentials per (query group, key block), against a running maximum per row.
-        run_max = tl.full([GROUPS_M], float("-inf"), dtype=tl.float32)
-        run_acc = tl.zeros([GROUPS_M, BLOCKS_N], dtype=tl.float32)
-        # A loop, not an unrolled one: unrolled, every step's tiles got their own shared-memory
-        # buffers (and pipeline stages), 16 x 3 x 16 KB at stride 16, past the H200's 227 KB.
+        logit_max = tl.full([GROUPS_M, GROUPS_N], float("-inf"), dtype=tl.float32)
+        # Two element-wise operations per product and no reduction inside this loop: the products
+        # are the only work that scales with the stride (the sum of exponentials, reduced per step,
+        # cost 2.8x as much).
         for t in range(STRIDE):
             # Query a*S + t meets key b*S + S-1-t: one antidiagonal of the (a, b) group tile.
             q_pos = rows * STRIDE + t
@@ -86,36 +100,19 @@ def _antidiagonal_block_lse(
                         mask=(k_pos < seq)[:, None] & dim_ok[None, :], other=0.0)
             logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             logit_sum += logits
-            logits = tl.where(causal, logits * log2_scale, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(logits, 1))
-            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-            exps = tl.reshape(tl.math.exp2(logits - safe[:, None]), [GROUPS_M, BLOCKS_N, PER_BLOCK])
-            run_acc = run_acc * tl.math.exp2(run_max - safe)[:, None] + tl.sum(exps, axis=2)
-            run_max = new_max
+            logit_max = tl.maximum(logit_max, logits)
+        causal = cols[None, :] <= rows[:, None]
         key_blocks = start // PER_BLOCK + tl.arange(0, BLOCKS_N)
         store_mask = (rows < n_groups)[:, None] & (key_blocks < n_blocks)[None, :]
         lse_at = out_rows[:, None] * n_blocks + key_blocks[None, :]
-        # Estimate 0: the mean logit along the antidiagonal; one log-sum-exp per 64-key block.
         mean = tl.where(causal, logit_sum * (log2_scale / STRIDE), float("-inf"))
-        blocks = tl.reshape(mean, [GROUPS_M, BLOCKS_N, PER_BLOCK])
-        b_max = tl.max(blocks, axis=2)
-        b_safe = tl.where(b_max == float("-inf"), 0.0, b_max)
-        b_sum = tl.sum(tl.math.exp2(blocks - b_safe[:, :, None]), axis=2)
-        tl.store(block_lse + lse_at, b_safe + tl.log2(b_sum), mask=store_mask)
-        chunk_max = tl.max(b_max, 1)
-        new_m = tl.maximum(mean_m, chunk_max)
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-        mean_l = mean_l * tl.math.exp2(mean_m - safe_m) + tl.sum(b_sum * tl.math.exp2(b_safe - safe_m[:, None]), 1)
-        mean_m = new_m
-        # Estimate 1: the sum of the antidiagonal's exponentials, per 64-key block.
-        safe = tl.where(run_max == float("-inf"), 0.0, run_max)
-        tl.store(block_lse + estimate_stride * n_blocks + lse_at, safe[:, None] + tl.log2(run_acc), mask=store_mask)
-        new_m = tl.maximum(sum_m, run_max)
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-        sum_l = sum_l * tl.math.exp2(sum_m - safe_m) + tl.sum(run_acc, 1) * tl.math.exp2(run_max - safe_m)
-        sum_m = new_m
+        mean_m, mean_l = _store_block_lse(mean, mean_m, mean_l, block_lse, lse_at, store_mask,
+                                          GROUPS_M, BLOCKS_N, PER_BLOCK)
+        peak = tl.where(causal, logit_max * log2_scale, float("-inf"))
+        peak_m, peak_l = _store_block_lse(peak, peak_m, peak_l, block_lse + estimate_stride * n_blocks, lse_at,
+                                          store_mask, GROUPS_M, BLOCKS_N, PER_BLOCK)
     tl.store(row_lse + out_rows, mean_m + tl.log2(mean_l), mask=rows < n_groups)
-    tl.store(row_lse + estimate_stride + out_rows, sum_m + tl.log2(sum_l), mask=rows < n_groups)
+    tl.store(row_lse + estimate_stride + out_rows, peak_m + tl.log2(peak_l), mask=rows < n_groups)
 
 
 @triton.jit

@@ -39,7 +39,8 @@ class SparsePlan:
     diagonal_limit : int32 [bh, n_blocks]  per query block m: how many diagonals are <= m
     diagonal_flag : int8 [bh, n_blocks + 1]  1 where d is a diagonal (last entry always 0)
     window, sink : int32 [bh]  A-shape element mask on diagonal tiles d >= window // 64 (NO_WINDOW: none)
-    blocks : int32 [bh, n_blocks, max_blocks]  listed key blocks ascending (the diagonal last)
+    blocks : int32 [bh, n_blocks, max_blocks]  listed key blocks ascending (the diagonal last); entries past
+        block_count are padding (never read)
     block_count : int32 [bh, n_blocks]
     columns : int32 [bh, max_columns]  gathered key columns ascending, padded with seq
     column_before : int32 [bh, n_blocks]  per query block m: how many columns are < 64 m
@@ -100,11 +101,17 @@ class PlanWriter:
         diagonal_limit = self.diagonal_flag[:, :, :nb].to(torch.int32).cumsum(dim=2)
 
         max_blocks = max([listed.shape[3] for _, listed in self._blocks] + [1])
-        blocks = torch.zeros(batch, q_heads, nb, max_blocks, **int32)
-        block_count = torch.zeros(batch, q_heads, nb, **int32)
-        for heads, listed in self._blocks:
-            blocks[:, heads, :, : listed.shape[3]] = listed.clamp(min=0).to(torch.int32)
-            block_count[:, heads] = (listed >= 0).sum(dim=3).to(torch.int32)
+        if len(self._blocks) == 1 and self._blocks[0][0] == list(range(q_heads)):
+            # Every head lists blocks (a Block-Coverage layer): take the lists as they are. The kernel
+            # reads a row's first block_count entries only, so the -1 padding stays unread.
+            blocks = self._blocks[0][1].to(torch.int32)
+            block_count = (blocks >= 0).sum(dim=3, dtype=torch.int32)
+        else:
+            blocks = torch.zeros(batch, q_heads, nb, max_blocks, **int32)
+            block_count = torch.zeros(batch, q_heads, nb, **int32)
+            for heads, listed in self._blocks:
+                blocks[:, heads, :, : listed.shape[3]] = listed.clamp(min=0).to(torch.int32)
+                block_count[:, heads] = (listed >= 0).sum(dim=3).to(torch.int32)
 
         max_columns = max([listed.shape[2] for _, listed in self._columns] + [1])
         columns = torch.full((batch, q_heads, max_columns), seq, **int32)

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import BLOCK, check_positive_int, n_blocks, scaled_count
+from .common import BLOCK, check_positive_int, device_values, n_blocks, scaled_count
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,9 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
 
 def add_to_plan(writer, heads: list[int], indices: list[AShapeIndex]) -> None:
     device = writer.device
-    last = torch.tensor([index.last_diagonal() for index in indices], device=device)
-    local = torch.tensor([index.local for index in indices], dtype=torch.int32, device=device)
-    sink = torch.tensor([index.sink for index in indices], dtype=torch.int32, device=device)
+    last = device_values([index.last_diagonal() for index in indices], device)
+    local = device_values([index.local for index in indices], device, torch.int32)
+    sink = device_values([index.sink for index in indices], device, torch.int32)
     writer.diagonal_flag[:, heads] |= (torch.arange(writer.n_blocks + 1, device=device)[None, :] <= last[:, None])
     # Tiles the window's edge cuts through get the element mask (i - j < local or j < sink).
     writer.window[:, heads] = local

@@ -11,11 +11,11 @@ over each query group's causal key groups taken for each:
 - the mean logit (XAttention's score): smooth, but it dilutes a single heavy key ``stride`` times
   and overrates the neighbourhood of the diagonal (on SmolLM2's layer 8 at 32K it chose tiles
   holding 73% of the mass for a target of 98%);
-- the log of the sum of the exponentials: a sample of the tile's own softmax numerator, which
-  keeps a heavy key's weight, but is noisier on smooth rows.
+- the largest logit along the antidiagonal: it keeps a heavy key's or a heavy diagonal's weight
+  (the one product that crosses it), but is noisier on smooth rows.
 
-Their mean, summed per tile, estimates the tile's attention mass (on the captured SmolLM2 layers it
-beat both alone: docs/BENCHMARKS.md). Each query block then keeps block 0 (attention sinks), its
+Their mean, summed per tile, estimates the tile's attention mass (on the captured SmolLM2 layers the
+mix beat either alone: docs/BENCHMARKS.md). Each query block then keeps block 0 (attention sinks), its
 diagonal block, and its heaviest other blocks down to the threshold at which the kept mass
 reaches ``coverage`` of the row.
 
@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from .block_sparse import BlockSparseIndex
-from .common import BLOCK, check_fraction, check_positive_int, float_dtype, n_blocks, on_triton
+from .common import BLOCK, check_fraction, check_positive_int, device_values, float_dtype, n_blocks, on_triton
 
 STRIDES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -105,8 +105,8 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, stride: int, scale: float, chunk
         Entry ``[h, m, c]``: the sum, over the query groups of block ``m`` that hold a real query,
         of their estimated mass on the key groups of block ``c`` (0 for ``c > m``): the mean of two
         softmaxes over a query group's causal key groups ``b <= a``, one of the mean logit along
-        the antidiagonal, ``scale / S * sum_t q[a*S+t] . k[b*S+S-1-t]``, one of the log of the sum
-        of its exponentials, ``log sum_t exp(scale * q[a*S+t] . k[b*S+S-1-t])``.
+        the antidiagonal, ``scale / S * sum_t q[a*S+t] . k[b*S+S-1-t]``, one of the largest,
+        ``scale * max_t q[a*S+t] . k[b*S+S-1-t]``.
     """
     dtype = float_dtype(q)
     heads, seq, _ = q.shape
@@ -124,8 +124,8 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, stride: int, scale: float, chunk
             logits = torch.einsum("atd,btd->tab", q_groups[head, rows], k_groups[head]) * scale  # [S, rows, groups]
             future = group_ids[None, :] > rows[:, None]
             mean = logits.mean(dim=0).masked_fill(future, float("-inf"))
-            summed = logits.logsumexp(dim=0).masked_fill(future, float("-inf"))
-            probs = (mean.softmax(dim=-1) + summed.softmax(dim=-1)) / 2
+            peak = logits.amax(dim=0).masked_fill(future, float("-inf"))
+            probs = (mean.softmax(dim=-1) + peak.softmax(dim=-1)) / 2
             probs = probs * (rows * stride < seq)[:, None]  # groups of padding only hold no query: 0
             per_tile = probs.view(len(rows), nb, per_block).sum(dim=2)
             first = start // per_block
@@ -184,13 +184,18 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
     indices: list[BlockSparseIndex | None] = [None] * len(heads)
     for stride in sorted({p.stride for p in patterns}):
         same_stride = [j for j, p in enumerate(patterns) if p.stride == stride]
-        # The GPU pass holds two floats per (query group, key block) and head: about 1 GiB of them
-        # at a time (every head at once at 128K; one head at a time at 1M tokens).
-        step = max(1, 2**27 // (batch * (n_blocks(seq) * BLOCK // stride) * n_blocks(seq))) if on_triton(q) else len(heads)
+        step = len(same_stride)
+        if on_triton(q):
+            # The GPU pass holds two floats per (query group, key block) and head: up to 2 GiB of
+            # them at a time (all 9 heads of SmolLM2 at 128K; one head at a time at 1M tokens), in
+            # even shares (8 heads then 1 left the GPU idle through the second launch).
+            per_head = 8 * batch * (n_blocks(seq) * BLOCK // stride) * n_blocks(seq)
+            shares = -(-len(same_stride) // max(1, 2**31 // per_head))
+            step = -(-len(same_stride) // shares)
         for first in range(0, len(same_stride), step):
             mine = same_stride[first : first + step]
-            ids = torch.tensor([heads[j] for j in mine], device=q.device)
-            coverage = torch.tensor([patterns[j].coverage for j in mine], dtype=float_dtype(q), device=q.device).repeat(batch)
+            ids = device_values([heads[j] for j in mine], q.device)
+            coverage = device_values([patterns[j].coverage for j in mine] * batch, q.device, float_dtype(q))
             if on_triton(q):
                 from ..kernels.coverage import antidiagonal_tile_mass, coverage_block_lists  # lazy: no Triton on import
 

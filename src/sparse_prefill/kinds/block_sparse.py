@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import BLOCK, causal, check_positive_int, float_dtype, n_blocks, scaled_count, stack_padded
+from .common import BLOCK, causal, check_positive_int, device_values, float_dtype, n_blocks, scaled_count, stack_padded
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
     top_ks = [min(p.top_k, nb) for p in patterns]
     k_max = max(top_ks)
     rank = torch.arange(k_max, device=q.device)
-    ids = torch.tensor(heads, device=q.device)
-    head_top_k = torch.tensor(top_ks, device=q.device)
+    ids = device_values(heads, q.device)
+    head_top_k = device_values(top_ks, q.device)
     # Pool first, then pick heads: only the pooled [blocks, dim] rows are ever copied.
     pooled_q = mean_pool_blocks(q)[:, ids]  # [batch, n, nb, dim]
     pooled_k = mean_pool_blocks(k)[:, ids // group]

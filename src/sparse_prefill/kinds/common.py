@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from functools import lru_cache
+from typing import Any, Sequence
 
 import torch
 
@@ -65,3 +66,18 @@ def stack_padded(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     width = max(t.shape[-1] for t in tensors)
     return torch.stack([t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value)
                         for t in tensors], dim=1)
+
+
+def device_values(values: Sequence, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small constant tensor (head ids, budgets) on ``device``, made once per distinct value list.
+
+    Read-only: it is shared. A copy from pageable host memory to a GPU waits for the GPU to finish
+    its queue; every layer asking for the same ids would stall the host there, so each distinct list
+    crosses once and stays.
+    """
+    return _device_values(tuple(values), torch.device(device), dtype)
+
+
+@lru_cache(maxsize=512)
+def _device_values(values: tuple, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)

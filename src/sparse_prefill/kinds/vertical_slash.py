@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import BLOCK, LOG2E, check_positive_int, flags, float_dtype, n_blocks, on_triton, scaled_count, stack_padded
+from .common import BLOCK, check_positive_int, device_values, flags, float_dtype, LOG2E, n_blocks, on_triton, scaled_count, stack_padded
 
 # Vertical-Slash always keeps the first SINK_COLUMNS key columns (attention sinks: most models put
 # heavy mass on the first tokens) and block diagonals 0 and 1, so that every query sees at least its
@@ -129,9 +129,9 @@ def last_query_statistics(q: torch.Tensor, k: torch.Tensor, heads: list[int], la
     group = q_heads // k.shape[1]
     own_rows = [min(n, seq) for n in last_q]
     n_last = max(own_rows)  # from the Python list: no host synchronisation
-    own = torch.tensor(own_rows, device=q.device)
+    own = device_values(own_rows, q.device)
     row_used = (torch.arange(n_last, device=q.device)[None, :] >= n_last - own[:, None]).repeat(batch, 1)
-    ids = torch.tensor(heads, device=q.device)
+    ids = device_values(heads, q.device)
     if on_triton(q):
         from ..kernels.last_query import last_query_scores  # lazy: importing the package never imports Triton
 
@@ -168,7 +168,7 @@ def top_per_head(scores: torch.Tensor, counts: list[int], batch: int, forced: in
     """
     count = max(counts)
     ranked = ranked_with_forced(scores, count, forced)
-    per_row = torch.tensor(counts, device=scores.device).repeat(batch)[:, None]  # [batch*n_heads, 1]
+    per_row = device_values(counts * batch, scores.device)[:, None]  # [batch*n_heads, 1]
     rank = torch.arange(count, device=scores.device)[None, :]
     big = scores.shape[1]
     chosen = torch.where(rank < per_row, ranked, big).sort(dim=1).values
@@ -187,7 +187,7 @@ def diagonal_scores(stats: LastQueryStatistics, q: torch.Tensor, k: torch.Tensor
     group = q_heads // k.shape[1]
     n_last = stats.n_last
     dtype = stats.block_sums.dtype
-    ids = torch.tensor(heads, device=q.device)
+    ids = device_values(heads, q.device)
     positions = torch.arange(seq - n_last, seq, device=q.device)
     q_rows = q[:, ids, seq - n_last :].flatten(0, 1).to(dtype)  # [rows, n_last, dim]
     kv_rows = (torch.arange(batch, device=q.device)[:, None] * k.shape[1] + (ids // group)[None, :]).flatten()
@@ -210,7 +210,7 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
     verticals = [min(p.vertical, seq) for p in patterns]
     n_diagonals = [min(-(-p.slash // BLOCK), n_blocks(seq)) for p in patterns]
     columns = top_per_head(stats.column_scores, verticals, batch, SINK_COLUMNS)  # [batch * n, max V]
-    counts = torch.tensor(verticals, device=q.device).repeat(batch)
+    counts = device_values(verticals * batch, q.device)
     scores = diagonal_scores(stats, q, k, heads, columns, counts, scale)
     diagonals = top_per_head(scores, n_diagonals, batch, FORCED_DIAGONALS)
     columns, diagonals = columns.view(batch, len(heads), -1), diagonals.view(batch, len(heads), -1)
