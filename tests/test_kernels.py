@@ -165,7 +165,7 @@ def test_antidiagonal_tile_mass_matches_pytorch(seq, stride):
 
 @given(n_blocks=st.integers(1, 40), coverage=st.floats(0.05, 1.0), ties=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage, ties, seed):
-    """Bisection on the float bits finds exactly the sort-based threshold, ties and all.
+    """The search on the float bits finds exactly the sort-based threshold, ties and all.
 
     Masses are multiples of 2^-12 and coverages multiples of 1/64, so that every sum and the target
     (coverage x total - forced) are exact in float32 whatever the order of the additions and whether
@@ -181,4 +181,8 @@ def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage,
     cover = torch.tensor([round(coverage * 64) / 64, 1.0, 0.5], device=DEVICE)
     got = coverage_block_lists(mass, cover).long()
     want = blocks_at_threshold(mass, coverage_threshold(mass, cover))
-    assert torch.equal(got, want)
+    # The GPU's lists may be wider (room for every block, so the host need not read the counts):
+    # the same lists, then only padding.
+    assert got.shape[2] >= want.shape[2]
+    assert torch.equal(got[:, :, : want.shape[2]], want)
+    assert bool((got[:, :, want.shape[2] :] == -1).all())
