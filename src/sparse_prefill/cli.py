@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     # machine without the model, and never after a minute of loading and prefill.
     if args.max_new_tokens < 1:
         return fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.min_seq_len < 1:
+    if args.min_seq_len is not None and args.min_seq_len < 1:
         return fail(f"--min-seq-len must be >= 1, got {args.min_seq_len}")
     if args.demo_tokens is not None and not args.demo:
         return fail("--demo-tokens sets the length of the --demo prompt; with --prompt-file the file sets the length")
@@ -147,6 +147,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, ImportError) as error:
         return fail(str(error))
     tokenizer = loaded.tokenizer
+    # Unless given, the preset's measured crossover with dense attention on the model's device
+    # (64K tokens on a GPU): a fixed CLI default used to override it with 2048.
+    min_seq_len = args.min_seq_len or PRESETS[preset].min_seq_len(loaded.model.device.type == "cuda")
     needle = None
     if args.demo:
         try:
@@ -163,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     needed = n_tokens + args.max_new_tokens
     try:  # before YaRN reloads the model and the prefill starts; a prompt of ~1M tokens died in the allocator
         source = f"--prompt-file {args.prompt_file!r}" if args.prompt_file else "the --demo prompt"
-        check_cpu_prefill_fits(loaded.model, needed, sparse=n_tokens >= args.min_seq_len,
+        check_cpu_prefill_fits(loaded.model, needed, sparse=n_tokens >= min_seq_len,
                                what=f"{source} is {n_tokens:,} tokens, plus {args.max_new_tokens} to generate")
     except PrefillMemoryError as error:
         return fail(str(error))
@@ -177,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
     progress = not args.json and not args.no_progress
 
     try:
-        state = enable(model, config, preset=preset, min_seq_len=args.min_seq_len)
+        state = enable(model, config, preset=preset, min_seq_len=min_seq_len)
     except ValueError as error:
         return fail(f"--config {args.config!r} does not fit model {args.model!r}: {error}")
     try:
@@ -229,8 +232,8 @@ def _run(args: argparse.Namespace) -> int:
         report["cpu_note"] = CPU_NOTE
     if sparse_layers == 0:
         report["note"] = (
-            f"the prompt ({n_tokens} tokens) is shorter than --min-seq-len={args.min_seq_len} or the config is "
-            "all Dense: every layer ran dense"
+            f"the prompt ({n_tokens} tokens) is shorter than the sparse threshold ({min_seq_len} tokens, "
+            "--min-seq-len) or the config is all Dense: every layer ran dense"
         )
     if needle is not None:
         report["needle"] = {"answer": needle.answer, "depth": needle.depth}
@@ -322,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", choices=sorted(PRESETS),
                      help="named operating point instead of a --config: default (accurate; the default) or fast "
                      "(docs/BENCHMARKS.md)")
-    run.add_argument("--min-seq-len", type=int, default=2048, help="shorter prompts run dense (default 2048)")
+    run.add_argument("--min-seq-len", type=int,
+                     help="shorter prompts run dense (default: the preset's crossover with dense attention, "
+                     "64K tokens on a GPU, 2K on the CPU)")
     run.add_argument("--compare-dense", action="store_true", help="also run dense; report speedup and agreement")
     run.add_argument("--kv", default="full", metavar="METHOD",
                      help="KV cache kept for decoding: full (default), snapkv, pyramidkv or streamingllm "

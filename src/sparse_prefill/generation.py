@@ -18,6 +18,19 @@ def _logits_kwarg(model) -> str:
     return "logits_to_keep" if "logits_to_keep" in parameters else "num_logits_to_keep"
 
 
+def _cache_kwarg(model) -> str:
+    # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40);
+    # earlier 5.x releases know only past_key_values.
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output):
+    """The KV cache a forward returned, under either name."""
+    return output.cache if "cache" in output else output.past_key_values
+
+
 def _layer_progress(model, description: str, enabled: bool):
     """A tqdm bar advanced by each decoder layer's attention during one prefill; a no-op without tqdm."""
     import contextlib
@@ -58,8 +71,8 @@ def prefill(model, input_ids: torch.Tensor, progress: bool = False, label: str =
     """
     start = time.perf_counter()
     with _layer_progress(model, label, progress):
-        output = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **{_logits_kwarg(model): 1})
-    return output.logits[:, -1], output.past_key_values, time.perf_counter() - start
+        output = model(input_ids=input_ids, use_cache=True, **{_cache_kwarg(model): cache, _logits_kwarg(model): 1})
+    return output.logits[:, -1], _returned_cache(output), time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -83,11 +96,11 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
         step = torch.tensor([[token]], device=input_ids.device)
         output = model(
             input_ids=step,
-            past_key_values=cache,
             use_cache=True,
             cache_position=torch.tensor([position], device=input_ids.device),
+            **{_cache_kwarg(model): cache},
         )
-        logits, cache = output.logits[:, -1], output.past_key_values
+        logits, cache = output.logits[:, -1], _returned_cache(output)
         position += 1
     return {
         "tokens": tokens,
