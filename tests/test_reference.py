@@ -110,8 +110,8 @@ def brute_block_coverage(q, k, pattern, scale):
     """Block-Coverage's kept tiles for one head (q, k: [seq, dim]) from its definition, in plain Python.
 
     Query group ``a`` meets key group ``b`` in the products ``x_t = scale * q[a*S + t] . k[b*S + S-1-t]``
-    (positions past the sequence read zero vectors). Two scores, the mean ``sum_t x_t / S`` and
-    ``log sum_t exp(x_t)``, each get a softmax over the query group's key groups ``b <= a``; the
+    (positions past the sequence read zero vectors). Two scores, the mean ``sum_t x_t / S`` and the
+    largest ``max_t x_t``, each get a softmax over the query group's key groups ``b <= a``; the
     estimated mass is the mean of the two. A tile's mass sums its query groups (those holding a real
     query) and key groups.
     """
@@ -134,15 +134,14 @@ def brute_block_coverage(q, k, pattern, scale):
     for a in range(n * per_block):
         if a * stride >= seq:
             continue
-        mean, log_sum = [], []
+        mean, peak = [], []
         for b in range(a + 1):
             products = [scale * sum(x * y for x, y in zip(row(qs, a * stride + t), row(ks, b * stride + stride - 1 - t)))
                         for t in range(stride)]
             mean.append(sum(products) / stride)
-            top = max(products)
-            log_sum.append(top + math.log(sum(math.exp(x - top) for x in products)))
-        for b, (p_mean, p_sum) in enumerate(zip(softmax(mean), softmax(log_sum))):
-            mass[a // per_block][b // per_block] += (p_mean + p_sum) / 2
+            peak.append(max(products))
+        for b, (p_mean, p_peak) in enumerate(zip(softmax(mean), softmax(peak))):
+            mass[a // per_block][b // per_block] += (p_mean + p_peak) / 2
     return brute_coverage_selection(mass, pattern.coverage), mass
 
 
@@ -462,7 +461,7 @@ def test_32k_tokens_9_heads_memory_is_bounded_by_chunks():
         (lambda q, k, v: (q, k.half(), v), TypeError, "share one dtype"),
         (lambda q, k, v: (q.int(), k, v), TypeError, "q must be float16, bfloat16, float32 or float64"),
         (lambda q, k, v: (q, k, v[:, :, :5]), ValueError, "k and v must have the same shape"),
-        (lambda q, k, v: (q[:, :, :5], k, v), ValueError, "as many keys as queries"),
+        (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5]), ValueError, "q_len <= kv_len is needed, got q seq=10, k seq=5"),
         (lambda q, k, v: (q[:, :3], k, v), ValueError, "multiple of the number of KV heads, got q_heads=3, kv_heads=2"),
         (lambda q, k, v: (q[..., :8], k, v), ValueError, "same head_dim, got q head_dim=8, k head_dim=16"),
         (lambda q, k, v: (q, k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1)) if False else (q[:1], k, v),
