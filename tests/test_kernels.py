@@ -127,15 +127,33 @@ def test_real_sizes_on_gpu(seq):
         assert error <= 1e-2, (head, error)
 
 
-@pytest.mark.parametrize("seq, last_q", [(1, 64), (50, 64), (64, 16), (200, 64), (333, 100)])
-def test_fused_last_query_statistics_match_pytorch(seq, last_q):
-    """Column sums and per-row 64-key block sums of the last-query attention, without the N x last_q matrix."""
+@pytest.mark.parametrize("q_len", [1, 63, 64, 65, 199, 200, 137])
+def test_chunks_match_reference(q_len):
+    """Queries that are the last q_len of 200 positions: every kind (GQA), output and log-sum-exp."""
+    q, k, v = fresh_qkv(2, 8, 2, 200, 64, LOW_PRECISION)
+    q = q[:, :, 200 - q_len :]
+    patterns = [MIXED[(h + q_len) % len(MIXED)] for h in range(8)]
+    out, plan, lse = triton_sparse_attention(q, k, v, patterns, return_plan=True, return_lse=True)
+    assert plan.q_start == 200 - q_len
+    ref, _, ref_lse = attention_with_index(q, k, v, plan.indices, scale=64**-0.5, return_lse=True)
+    for head in range(8):
+        error = ((out[:, head].double() - ref[:, head].double()).norm() / ref[:, head].double().norm()).item()
+        assert error <= 1e-2, f"head {head} ({patterns[head]}): {error}"
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("seq, last_q, q_len", [(1, 64, 1), (50, 64, 50), (64, 16, 64), (200, 64, 200), (333, 100, 333),
+                                                (200, 64, 30), (333, 100, 170)])
+def test_fused_last_query_statistics_match_pytorch(seq, last_q, q_len):
+    """Column sums and per-row 64-key block sums of the last-query attention, without the N x last_q
+    matrix; ``q_len < seq``: the queries are a chunk, and a head uses at most its q_len queries."""
     from sparse_prefill.kernels.last_query import last_query_scores
     from sparse_prefill.kinds.vertical_slash import last_query_statistics
 
     q, k, _ = fresh_qkv(2, 4, 2, seq, 64, torch.float32)
+    q = q[:, :, seq - q_len :]
     heads = [3, 0, 1]
-    last = [min(last_q, seq), min(last_q, seq) // 2 + 1, 1]
+    last = [min(last_q, q_len), min(last_q, q_len) // 2 + 1, 1]
     n_rows = max(last)
     own = torch.tensor(last * 2, dtype=torch.int32, device=DEVICE)
     columns, blocks, row_max, row_sum = last_query_scores(q, k, torch.tensor(heads), own, n_rows, 0.125)
@@ -147,24 +165,28 @@ def test_fused_last_query_statistics_match_pytorch(seq, last_q):
     torch.testing.assert_close(row_sum[used], want.row_sum[used], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("seq, stride", [(1, 16), (64, 16), (200, 16), (300, 8), (130, 64), (257, 4), (700, 32)])
-def test_antidiagonal_tile_mass_matches_pytorch(seq, stride):
-    """The Triton tile masses equal the PyTorch definition (float32, selected heads, GQA, padding)."""
+@pytest.mark.parametrize("seq, stride, first_block", [(1, 16, 0), (64, 16, 0), (200, 16, 0), (300, 8, 0), (130, 64, 0),
+                                                     (257, 4, 0), (700, 32, 0), (300, 8, 2), (700, 16, 10), (257, 4, 4)])
+def test_antidiagonal_tile_mass_matches_pytorch(seq, stride, first_block):
+    """The Triton tile masses equal the PyTorch definition (float32, selected heads, GQA, padding),
+    also for the query blocks of a chunk (``first_block`` > 0: the queries from position 64 first_block)."""
     from sparse_prefill.kernels.coverage import antidiagonal_tile_mass
     from sparse_prefill.kinds.block_coverage import tile_mass
 
     q, k, _ = fresh_qkv(2, 4, 2, seq, 64, torch.float32)
+    q = q[:, :, first_block * 64 :]
     heads = torch.tensor([0, 3, 2])
-    got = antidiagonal_tile_mass(q, k, heads, stride, 0.125)  # [batch * 3, n_blocks, n_blocks]
-    n_blocks = got.shape[1]
-    causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=DEVICE).tril()
+    got = antidiagonal_tile_mass(q, k, heads, stride, 0.125, first_block)  # [batch * 3, n_rows, n_blocks]
+    n_rows, n_blocks = got.shape[1:]
+    causal = torch.arange(n_blocks, device=DEVICE)[None, :] <= first_block + torch.arange(n_rows, device=DEVICE)[:, None]
     for b in range(2):
-        want = tile_mass(q[b, heads], k[b, heads // 2], stride, 0.125)
+        want = tile_mass(q[b, heads], k[b, heads // 2], stride, 0.125, first_block=first_block)
         torch.testing.assert_close(got[3 * b : 3 * b + 3] * causal, want, rtol=1e-4, atol=1e-5)
 
 
-@given(n_blocks=st.integers(1, 40), coverage=st.floats(0.05, 1.0), ties=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage, ties, seed):
+@given(n_blocks=st.integers(1, 40), coverage=st.floats(0.05, 1.0), ties=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       chunk=st.floats(0.0, 1.0))
+def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage, ties, seed, chunk):
     """The search on the float bits finds exactly the sort-based threshold, ties and all.
 
     Masses are multiples of 2^-12 and coverages multiples of 1/64, so that every sum and the target
@@ -177,10 +199,11 @@ def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage,
     g = torch.Generator().manual_seed(seed)
     mass = torch.rand(3, n_blocks, n_blocks, generator=g) ** 4
     steps = 8 if ties else 4096  # coarse values: many equal masses in a row
-    mass = ((mass * steps).round() / steps).tril().to(DEVICE).contiguous()
+    first = int(chunk * (n_blocks - 1))  # the rows of a chunk's query blocks first .. n_blocks - 1
+    mass = ((mass * steps).round() / steps).tril()[:, first:].to(DEVICE).contiguous()
     cover = torch.tensor([round(coverage * 64) / 64, 1.0, 0.5], device=DEVICE)
-    got = coverage_block_lists(mass, cover).long()
-    want = blocks_at_threshold(mass, coverage_threshold(mass, cover))
+    got = coverage_block_lists(mass, cover, first).long()
+    want = blocks_at_threshold(mass, coverage_threshold(mass, cover, first), first)
     # The GPU's lists may be wider (room for every block, so the host need not read the counts):
     # the same lists, then only padding.
     assert got.shape[2] >= want.shape[2]

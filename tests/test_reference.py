@@ -451,6 +451,76 @@ def test_32k_tokens_9_heads_memory_is_bounded_by_chunks():
     assert max(seen) <= 256 * 2048 * 2
 
 
+# --- queries that are the last part of the keys ------------------------------------------------
+
+
+@pytest.mark.parametrize("q_len", [1, 63, 64, 65, 128, 199, 200, 137])
+def test_a_chunk_keeps_what_the_whole_prompt_keeps(q_len):
+    """Dense, A-shape, Block-Sparse and Block-Coverage keep, on a chunk's whole query blocks, exactly
+    what one pass over the whole prompt keeps there; a partial first block keeps every causal key."""
+    seq = 200
+    q, k, v = random_qkv(2, 4, 2, seq, 16)
+    q = 3 * q
+    patterns = [Dense(), AShape(3, 50), BlockSparse(2), BlockCoverage(0.7, stride=8)]
+    whole = reference_attention(q, k, v, patterns, return_indices=True).indices
+    chunk = reference_attention(q[:, :, seq - q_len :], k, v, patterns, return_indices=True).indices
+    q_start = seq - q_len
+    rows = torch.arange(q_start, seq)
+    in_whole_block = rows >= -(-q_start // BLOCK) * BLOCK
+    causal = torch.arange(seq)[None, :] <= rows[:, None]
+    for head in range(4):
+        got, want = chunk[head].kept_mask(rows, seq), whole[head].kept_mask(rows, seq)
+        assert torch.equal(got[:, in_whole_block], want[:, in_whole_block]), patterns[head]
+        if head >= 2:  # block lists: the partial block's rows are dense
+            assert bool(got[:, ~in_whole_block].eq(causal[~in_whole_block]).all()), patterns[head]
+
+
+@pytest.mark.parametrize("q_len, last_q", [(200, 64), (100, 64), (30, 64), (1, 16)])
+def test_a_chunks_vertical_slash_index_comes_from_its_own_last_queries(q_len, last_q):
+    """The chunk's last queries are the prompt's last queries: the same index as the whole prompt's
+    with last_q cut to the chunk (docs/semantics.md)."""
+    seq = 200
+    q, k, v = random_qkv(1, 2, 1, seq, 16)
+    pattern = VerticalSlash(12, 128, last_q=last_q)
+    chunk = reference_attention(q[:, :, seq - q_len :], k, v, pattern, return_indices=True).indices
+    whole = reference_attention(q, k, v, VerticalSlash(12, 128, last_q=min(last_q, q_len)), return_indices=True).indices
+    for got, want in zip(chunk, whole):
+        assert torch.equal(got.columns, want.columns) and torch.equal(got.diagonals, want.diagonals)
+
+
+@pytest.mark.parametrize("q_len", [1, 64, 70, 150])
+def test_log_sum_exp_merges_two_halves_of_the_keys(q_len):
+    """The attention over all keys equals the merge, by log-sum-exp, of the attention over the keys
+    before the chunk (every one of them visible to every query) and over the chunk's own keys (causal)."""
+    seq = 200
+    q, k, v = random_qkv(2, 4, 2, seq, 16, dtype=torch.float64)
+    q = q[:, :, seq - q_len :]
+    q_start = seq - q_len
+    out, lse = sparse_attention(q, k, v, Dense(), return_lse=True)
+    own_out, own_lse = sparse_attention(q, k[:, :, q_start:], v[:, :, q_start:], Dense(), return_lse=True)
+    before = torch.einsum("bhqd,bhkd->bhqk", q, k[:, :, :q_start].repeat_interleave(2, dim=1)) * 16**-0.5
+    before_lse = before.logsumexp(dim=-1)
+    before_out = torch.einsum("bhqk,bhkd->bhqd", before.softmax(dim=-1), v[:, :, :q_start].repeat_interleave(2, dim=1))
+    merged_lse = torch.logaddexp(before_lse, own_lse)
+    merged = (before_out * (before_lse - merged_lse).exp()[..., None] + own_out * (own_lse - merged_lse).exp()[..., None])
+    torch.testing.assert_close(lse, merged_lse.to(lse.dtype))
+    torch.testing.assert_close(out, merged)
+
+
+def test_lse_is_the_log_sum_exp_of_the_kept_logits():
+    q, k, v = random_qkv(1, 4, 2, 150, 16)
+    patterns = [Dense(), AShape(2, 30), VerticalSlash(8, 64), BlockCoverage(0.8)]
+    out, lse = sparse_attention(q[:, :, 40:], k, v, patterns, return_lse=True)
+    indices = estimate_layer(q[:, :, 40:], k, patterns, 16**-0.5)
+    rows = torch.arange(40, 150)
+    for head, index in enumerate(indices):
+        logits = q[0, head, 40:] @ k[0, head // 2].T * 16**-0.5
+        want = logits.masked_fill(~index.kept_mask(rows, 150)[0], float("-inf")).logsumexp(dim=-1)
+        torch.testing.assert_close(lse[0, head], want)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        sparse_attention(q, k, v, Dense(), return_lse=1)
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 

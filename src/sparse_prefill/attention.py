@@ -21,31 +21,42 @@ def sparse_attention(
     patterns: Pattern | Sequence[Pattern],
     *,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal prefill attention where each query head attends only to its pattern's kept set.
 
     Parameters
     ----------
-    q : Tensor [batch, q_heads, seq, head_dim]
-    k, v : Tensor [batch, kv_heads, seq, head_dim]
-        Same dtype and device as ``q``; ``q_heads`` a multiple of ``kv_heads`` (GQA, never repeated).
+    q : Tensor [batch, q_heads, q_len, head_dim]
+        The queries of the last ``q_len`` positions: the whole prompt (``q_len == kv_len``), or a
+        chunk prefilled on top of the earlier keys (docs/semantics.md says what each pattern keeps
+        then).
+    k, v : Tensor [batch, kv_heads, kv_len, head_dim]
+        Same dtype and device as ``q``; ``q_heads`` a multiple of ``kv_heads`` (GQA, never repeated);
+        ``kv_len >= q_len``.
     patterns : Pattern or sequence of q_heads Patterns
     scale : float, optional
         Softmax scale, ``1/sqrt(head_dim)`` when None.
+    return_lse : bool
+        Also return each row's natural log-sum-exp over its kept logits, float32
+        [batch, q_heads, q_len]: attentions of the same queries over disjoint keys merge exactly
+        with it (docs/semantics.md).
 
     Returns
     -------
-    Tensor [batch, q_heads, seq, head_dim], dtype of ``q``.
+    Tensor [batch, q_heads, q_len, head_dim], dtype of ``q``; with ``return_lse``, ``(out, lse)``.
 
     CUDA tensors in float16/bfloat16 run the Triton kernels; anything else runs PyTorch's SDPA with
     each head's kept set as a mask: the same kept sets (docs/semantics.md), at dense cost.
 
     Inference only: the output carries no gradient on either path, whatever ``requires_grad`` says.
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}")
     if isinstance(q, torch.Tensor) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from .kernels import triton_sparse_attention  # lazy: importing the package never imports Triton
 
-        return triton_sparse_attention(q, k, v, patterns, scale=scale)
+        return triton_sparse_attention(q, k, v, patterns, scale=scale, return_lse=return_lse)
     shape = check_qkv(q, k, v)
     head_patterns = check_layer_patterns(patterns, shape.q_heads)
     scale = check_scale(scale, shape.head_dim)
@@ -56,4 +67,4 @@ def sparse_attention(
     # matches the GPU path, whose Triton kernel writes a fresh tensor that has no backward either.
     with torch.no_grad():
         indices = estimate_layer(q, k, head_patterns, scale)
-        return masked_attention(q, k, v, indices, scale=scale)
+        return masked_attention(q, k, v, indices, scale=scale, return_lse=return_lse)

@@ -22,8 +22,14 @@ class AttentionShape:
     batch: int
     q_heads: int
     kv_heads: int
-    seq_len: int
+    q_len: int
+    kv_len: int
     head_dim: int
+
+    @property
+    def q_start(self) -> int:
+        """Position of the first query: the queries are the last ``q_len`` of the ``kv_len`` positions."""
+        return self.kv_len - self.q_len
 
     @property
     def group(self) -> int:
@@ -32,7 +38,11 @@ class AttentionShape:
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, check_finite: bool = True) -> AttentionShape:
-    """Validate ``q`` [batch, q_heads, seq, dim] and ``k``/``v`` [batch, kv_heads, seq, dim]."""
+    """Validate ``q`` [batch, q_heads, q_len, dim] and ``k``/``v`` [batch, kv_heads, kv_len, dim], ``q_len <= kv_len``.
+
+    The queries are the last ``q_len`` positions of the ``kv_len`` keys (a whole prompt when equal;
+    a chunk on top of the earlier keys otherwise).
+    """
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -48,17 +58,18 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, check_finite
         raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
-    batch, q_heads, seq_len, head_dim = q.shape
-    k_batch, kv_heads, k_len, k_dim = k.shape
+    batch, q_heads, q_len, head_dim = q.shape
+    k_batch, kv_heads, kv_len, k_dim = k.shape
     if k_batch != batch:
         raise ValueError(f"q and k must have the same batch size, got q batch={batch}, k batch={k_batch}")
-    if k_len != seq_len:
+    if q_len > kv_len:
         raise ValueError(
-            f"prefill attention needs as many keys as queries, got q seq={seq_len}, k seq={k_len}"
+            f"the queries are the last positions of the keys, so q_len <= kv_len is needed, got q seq={q_len}, "
+            f"k seq={kv_len}"
         )
     if k_dim != head_dim:
         raise ValueError(f"q and k must have the same head_dim, got q head_dim={head_dim}, k head_dim={k_dim}")
-    if min(batch, q_heads, kv_heads, seq_len, head_dim) == 0:
+    if min(batch, q_heads, kv_heads, q_len, head_dim) == 0:
         raise ValueError(f"q and k must have no empty dimension, got q={tuple(q.shape)}, k={tuple(k.shape)}")
     if q_heads % kv_heads:
         raise ValueError(
@@ -73,7 +84,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, check_finite
                 why = ("sparse index estimation needs finite inputs" if name != "v" else
                        "every query that keeps such a key would get a NaN output row")
                 raise ValueError(f"{name} contains NaN or Inf; {why}")
-    return AttentionShape(batch, q_heads, kv_heads, seq_len, head_dim)
+    return AttentionShape(batch, q_heads, kv_heads, q_len, kv_len, head_dim)
 
 
 def check_layer_patterns(patterns: Pattern | Sequence[Pattern], q_heads: int) -> tuple[Pattern, ...]:

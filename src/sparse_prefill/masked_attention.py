@@ -29,16 +29,26 @@ def masked_attention(
     *,
     scale: float,
     chunk_size: int = CHUNK_SIZE,
-) -> torch.Tensor:
-    """Attention of ``q`` [batch, q_heads, seq, dim] over each head's kept set; dtype of ``q``."""
-    seq = q.shape[2]
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` [batch, q_heads, q_len, dim] (the last ``q_len`` positions of ``k``/``v``)
+    over each head's kept set; dtype of ``q``. With ``return_lse``, also the float32 natural
+    log-sum-exp of each row's kept logits [batch, q_heads, q_len]."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    q_start = kv_len - q_len
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    for start in range(0, seq, chunk_size):
-        end = min(start + chunk_size, seq)
-        rows = torch.arange(start, end, device=q.device)
-        # Keys beyond the last row are never kept (causal), so the chunk only sees its prefix.
-        mask = torch.stack([index.kept_mask(rows, end) for index in indices], dim=1)  # [batch, heads, rows, end]
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if return_lse else None
+    group = q.shape[1] // k.shape[1]
+    for start in range(0, q_len, chunk_size):
+        end = min(start + chunk_size, q_len)
+        rows = torch.arange(q_start + start, q_start + end, device=q.device)  # positions
+        visible = q_start + end  # keys beyond the last row are never kept (causal): the chunk sees its prefix
+        mask = torch.stack([index.kept_mask(rows, visible) for index in indices], dim=1)  # [batch, heads, rows, keys]
         out[:, :, start:end] = F.scaled_dot_product_attention(
-            q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=mask, scale=scale, enable_gqa=True
+            q[:, :, start:end], k[:, :, :visible], v[:, :, :visible], attn_mask=mask, scale=scale, enable_gqa=True
         )
-    return out
+        if lse is not None:  # SDPA does not return it: the kept logits once more, in float32
+            keys = k[:, :, :visible].float().repeat_interleave(group, dim=1)
+            logits = torch.matmul(q[:, :, start:end].float(), keys.transpose(-1, -2)) * scale
+            lse[:, :, start:end] = logits.masked_fill(~mask, float("-inf")).logsumexp(dim=-1)
+    return (out, lse) if lse is not None else out

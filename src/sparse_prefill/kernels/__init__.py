@@ -26,8 +26,12 @@ def triton_sparse_attention(
     *,
     scale: float | None = None,
     return_plan: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, SparsePlan]:
-    """Plan (estimate every head's index) then run the sparse forward; float16/bfloat16 only."""
+    return_lse: bool = False,
+):
+    """Plan (estimate every head's index) then run the sparse forward; float16/bfloat16 only.
+
+    Returns ``out``, then the plan if ``return_plan``, then the log-sum-exp if ``return_lse``.
+    """
     shape = check_qkv(q, k, v)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"the Triton kernels take float16 or bfloat16, got dtype={q.dtype}")
@@ -36,5 +40,7 @@ def triton_sparse_attention(
     head_patterns = check_layer_patterns(patterns, shape.q_heads)
     scale = check_scale(scale, shape.head_dim)
     plan = build_plan(q, k, head_patterns, scale)
-    out = run_plan(q, k, v, plan, scale)
-    return (out, plan) if return_plan else out
+    lse = torch.empty(shape.batch, shape.q_heads, shape.q_len, dtype=torch.float32, device=q.device) if return_lse else None
+    out = run_plan(q, k, v, plan, scale, lse=lse)
+    extras = ((plan,) if return_plan else ()) + ((lse,) if return_lse else ())
+    return (out, *extras) if extras else out

@@ -61,12 +61,13 @@ def _store_block_lse(scores, row_m, row_l, block_lse, lse_at, store_mask,
 def _antidiagonal_block_lse(
     Q, K, heads, block_lse, row_lse,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    seq, n_groups, n_blocks, n_selected, group, log2_scale,
+    seq, q_len, first_group, n_groups, n_blocks, n_selected, group, log2_scale,
     STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     GROUPS_M: tl.constexpr, GROUPS_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """block_lse [2, rows, n_groups, n_blocks] and row_lse [2, rows, n_groups], base 2: [0] of the
-    mean antidiagonal logit, [1] of the largest antidiagonal logit."""
+    mean antidiagonal logit, [1] of the largest antidiagonal logit. Query group ``a`` of ``Q``
+    (``q_len`` rows) is the sequence's group ``first_group + a``; keys run over ``seq``."""
     # The last query groups have the most key groups (causal): start them first to shorten the tail.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -85,7 +86,7 @@ def _antidiagonal_block_lse(
     mean_l = tl.zeros([GROUPS_M], dtype=tl.float32)
     peak_m = tl.full([GROUPS_M], float("-inf"), dtype=tl.float32)
     peak_l = tl.zeros([GROUPS_M], dtype=tl.float32)
-    last_group = tl.minimum(pid * GROUPS_M + GROUPS_M, n_groups)  # causal: key groups < this
+    last_group = first_group + tl.minimum(pid * GROUPS_M + GROUPS_M, n_groups)  # causal: key groups < this
     out_rows = bh.to(tl.int64) * n_groups + rows
     for start in range(0, last_group, GROUPS_N):
         cols = start + tl.arange(0, GROUPS_N)  # key groups
@@ -98,13 +99,13 @@ def _antidiagonal_block_lse(
             q_pos = rows * STRIDE + t
             k_pos = cols * STRIDE + (STRIDE - 1 - t)
             q = tl.load(q_base + q_pos[:, None].to(tl.int64) * stride_qs + dims[None, :],
-                        mask=(q_pos < seq)[:, None] & dim_ok[None, :], other=0.0)
+                        mask=(q_pos < q_len)[:, None] & dim_ok[None, :], other=0.0)
             k = tl.load(k_base + k_pos[:, None].to(tl.int64) * stride_ks + dims[None, :],
                         mask=(k_pos < seq)[:, None] & dim_ok[None, :], other=0.0)
             logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             logit_sum += logits
             logit_max = tl.maximum(logit_max, logits)
-        causal = cols[None, :] <= rows[:, None]
+        causal = cols[None, :] <= first_group + rows[:, None]
         key_blocks = start // PER_BLOCK + tl.arange(0, BLOCKS_N)
         store_mask = (rows < n_groups)[:, None] & (key_blocks < n_blocks)[None, :]
         lse_at = out_rows[:, None] * n_blocks + key_blocks[None, :]
@@ -120,26 +121,27 @@ def _antidiagonal_block_lse(
 
 @triton.jit
 def _tile_mass(
-    block_lse, row_lse, mass, seq, n_groups, n_blocks, estimate_stride,
+    block_lse, row_lse, mass, seq, first_block, n_groups, n_rows, n_blocks, estimate_stride,
     STRIDE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """mass[row, m, c]: the mean of the two estimates' softmax mass of tile (m, c), summed over the
-    query groups of block m."""
-    m = tl.program_id(0)
+    """mass[row, r, c]: the mean of the two estimates' softmax mass of tile (m, c), summed over the
+    query groups of block m = first_block + r."""
+    r = tl.program_id(0)
+    m = first_block + r
     bh = tl.program_id(1).to(tl.int64)
     PER_BLOCK: tl.constexpr = 64 // STRIDE
     for start in range(0, m + 1, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for r in tl.static_range(PER_BLOCK):
-            a = m * PER_BLOCK + r
+        for g in tl.static_range(PER_BLOCK):
+            a = r * PER_BLOCK + g
             for e in tl.static_range(2):
                 row = e * estimate_stride + bh * n_groups + a
                 lse = tl.load(block_lse + row * n_blocks + c, mask=c <= m, other=float("-inf"))
                 share = tl.math.exp2(lse - tl.load(row_lse + row))
                 # A group of padding only (past the sequence) holds no query: it adds nothing.
-                acc += tl.where(a * STRIDE < seq, 0.5 * share, 0.0)
-        tl.store(mass + (bh * n_blocks + m) * n_blocks + c, acc, mask=c < n_blocks)
+                acc += tl.where((m * PER_BLOCK + g) * STRIDE < seq, 0.5 * share, 0.0)
+        tl.store(mass + (bh * n_rows + r) * n_blocks + c, acc, mask=c < n_blocks)
 
 
 @triton.jit
@@ -155,12 +157,13 @@ def _free_sum_above(row, m, threshold, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _coverage_threshold(
-    mass, coverage, thresholds, counts, n_blocks,
+    mass, coverage, thresholds, counts, first_block, n_rows, n_blocks,
     BLOCK_C: tl.constexpr,
 ):
-    m = tl.program_id(0)
+    r = tl.program_id(0)
+    m = first_block + r  # the query block: its causal key blocks are 0 .. m
     bh = tl.program_id(1)
-    row = mass + (bh.to(tl.int64) * n_blocks + m) * n_blocks
+    row = mass + (bh.to(tl.int64) * n_rows + r) * n_blocks
     total = tl.zeros([], dtype=tl.float32)
     forced = tl.zeros([], dtype=tl.float32)
     for start in range(0, m + 1, BLOCK_C):
@@ -188,17 +191,18 @@ def _coverage_threshold(
         x = tl.load(row + c, mask=c <= m, other=0.0)
         keep = (c <= m) & ((c == 0) | (c == m) | (x >= threshold))
         kept += tl.sum(keep.to(tl.int32))
-    tl.store(thresholds + bh.to(tl.int64) * n_blocks + m, threshold)
-    tl.store(counts + bh.to(tl.int64) * n_blocks + m, kept)
+    tl.store(thresholds + bh.to(tl.int64) * n_rows + r, threshold)
+    tl.store(counts + bh.to(tl.int64) * n_rows + r, kept)
 
 
 @triton.jit
-def _write_blocks(mass, thresholds, blocks, n_blocks, max_kept, BLOCK_C: tl.constexpr):
-    m = tl.program_id(0)
+def _write_blocks(mass, thresholds, blocks, first_block, n_rows, n_blocks, max_kept, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0)
+    m = first_block + r
     bh = tl.program_id(1).to(tl.int64)
-    row = mass + (bh * n_blocks + m) * n_blocks
-    threshold = tl.load(thresholds + bh * n_blocks + m)
-    out = blocks + (bh * n_blocks + m) * max_kept
+    row = mass + (bh * n_rows + r) * n_blocks
+    threshold = tl.load(thresholds + bh * n_rows + r)
+    out = blocks + (bh * n_rows + r) * max_kept
     written = tl.zeros([], dtype=tl.int32)
     for start in range(0, m + 1, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
@@ -212,49 +216,55 @@ def _write_blocks(mass, thresholds, blocks, n_blocks, max_kept, BLOCK_C: tl.cons
         tl.store(out + slot, -1, mask=slot < max_kept)
 
 
-def antidiagonal_tile_mass(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, stride: int, scale: float) -> torch.Tensor:
+def antidiagonal_tile_mass(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, stride: int, scale: float,
+                           first_block: int = 0) -> torch.Tensor:
     """Tile masses of the query heads ``heads`` (long [n]), as :func:`~sparse_prefill.kinds.block_coverage.tile_mass`.
 
-    q : [batch, q_heads, seq, head_dim]; k : [batch, kv_heads, seq, head_dim], last dimension contiguous.
-    Returns float32 [batch * n, n_blocks, n_blocks]; entries above the diagonal are unspecified.
+    q : [batch, q_heads, q_len, head_dim], the queries of query blocks ``first_block ..`` (positions
+    ``64 * first_block`` on); k : [batch, kv_heads, seq, head_dim]; last dimensions contiguous.
+    Returns float32 [batch * n, n_rows, n_blocks], row ``r`` for query block ``first_block + r``;
+    entries above the diagonal are unspecified.
     """
-    batch, q_heads, seq, head_dim = q.shape
+    batch, q_heads, q_len, head_dim = q.shape
+    seq = k.shape[2]
     n = heads.numel()
     n_blocks = -(-seq // BLOCK)
-    n_groups = n_blocks * BLOCK // stride
+    n_rows = n_blocks - first_block
+    n_groups = n_rows * BLOCK // stride  # query groups
     block_lse = torch.empty(2, batch * n, n_groups, n_blocks, dtype=torch.float32, device=q.device)
     row_lse = torch.empty(2, batch * n, n_groups, dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(n_groups, meta["GROUPS_M"]), batch * n)  # noqa: E731
     _antidiagonal_block_lse[grid](
         q, k, heads.to(device=q.device, dtype=torch.int32), block_lse, row_lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        seq, n_groups, n_blocks, n, q_heads // k.shape[1], scale * LOG2E,
+        seq, q_len, first_block * BLOCK // stride, n_groups, n_blocks, n, q_heads // k.shape[1], scale * LOG2E,
         STRIDE=stride, HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    mass = torch.empty(batch * n, n_blocks, n_blocks, dtype=torch.float32, device=q.device)
-    _tile_mass[(n_blocks, batch * n)](block_lse, row_lse, mass, seq, n_groups, n_blocks, batch * n * n_groups, STRIDE=stride,
-                                      BLOCK_C=_chunk(n_blocks))
+    mass = torch.empty(batch * n, n_rows, n_blocks, dtype=torch.float32, device=q.device)
+    _tile_mass[(n_rows, batch * n)](block_lse, row_lse, mass, seq, first_block, n_groups, n_rows, n_blocks,
+                                    batch * n * n_groups, STRIDE=stride, BLOCK_C=_chunk(n_blocks))
     return mass
 
 
-def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
-    """The Block-Coverage rule on the GPU: kept blocks [rows, n_blocks, max_kept], ascending, -1 padded.
+def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor, first_block: int = 0) -> torch.Tensor:
+    """The Block-Coverage rule on the GPU: kept blocks [rows, n_rows, max_kept], ascending, -1 padded.
 
-    mass : float32 [rows, n_blocks, n_blocks] (contiguous); coverage : float32 [rows] per row of ``mass``.
+    mass : float32 [rows, n_rows, n_blocks] (contiguous), row ``r`` for query block ``first_block + r``;
+    coverage : float32 [rows] per row of ``mass``.
     """
-    rows, n_blocks, _ = mass.shape
-    thresholds = torch.empty(rows, n_blocks, dtype=torch.float32, device=mass.device)
-    counts = torch.empty(rows, n_blocks, dtype=torch.int32, device=mass.device)
+    rows, n_rows, n_blocks = mass.shape
+    thresholds = torch.empty(rows, n_rows, dtype=torch.float32, device=mass.device)
+    counts = torch.empty(rows, n_rows, dtype=torch.int32, device=mass.device)
     chunk = _chunk(n_blocks)
-    _coverage_threshold[(n_blocks, rows)](mass, coverage.float().contiguous(), thresholds, counts, n_blocks,
-                                          BLOCK_C=chunk)
-    if rows * n_blocks * n_blocks * 4 <= WIDE_LISTS_BYTES:
+    _coverage_threshold[(n_rows, rows)](mass, coverage.float().contiguous(), thresholds, counts, first_block, n_rows,
+                                        n_blocks, BLOCK_C=chunk)
+    if rows * n_rows * n_blocks * 4 <= WIDE_LISTS_BYTES:
         max_kept = n_blocks  # room for every block: no need to wait for the counts
     else:
         max_kept = int(counts.max())  # one host synchronisation: the lists' width
-    blocks = torch.empty(rows, n_blocks, max_kept, dtype=torch.int32, device=mass.device)
-    _write_blocks[(n_blocks, rows)](mass, thresholds, blocks, n_blocks, max_kept, BLOCK_C=chunk)
+    blocks = torch.empty(rows, n_rows, max_kept, dtype=torch.int32, device=mass.device)
+    _write_blocks[(n_rows, rows)](mass, thresholds, blocks, first_block, n_rows, n_blocks, max_kept, BLOCK_C=chunk)
     return blocks
 
 

@@ -29,7 +29,7 @@ TILE = 64  # keys per tile: the block-diagonal unit
 def _row_statistics(
     Q, K, heads, row_max, row_sum,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    seq, n_selected, group, n_rows, tiles_per_chunk, n_chunks, qk_scale,
+    seq, q_start, n_selected, group, n_rows, tiles_per_chunk, n_chunks, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -39,11 +39,11 @@ def _row_statistics(
     head = tl.load(heads + bh % n_selected)
     rows = tl.arange(0, BLOCK_Q)
     positions = seq - n_rows + rows  # row r is the query at this position
-    row_ok = (rows < n_rows) & (positions >= 0)
+    row_ok = (rows < n_rows) & (positions >= q_start)
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dim_ok = dims < HEAD_DIM
     q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                + positions[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                + (positions - q_start)[:, None].to(tl.int64) * stride_qs + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     k_base = K + batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
@@ -68,7 +68,7 @@ def _row_statistics(
 def _column_and_block_sums(
     Q, K, heads, row_max, row_sum, own_rows, column_scores, block_sums,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    seq, n_selected, group, n_rows, n_tiles, qk_scale,
+    seq, q_start, n_selected, group, n_rows, n_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -79,11 +79,11 @@ def _column_and_block_sums(
     rows = tl.arange(0, BLOCK_Q)
     positions = seq - n_rows + rows
     # A head with a smaller last_q uses only its own last rows.
-    row_ok = (rows < n_rows) & (positions >= 0) & (rows >= n_rows - tl.load(own_rows + bh))
+    row_ok = (rows < n_rows) & (positions >= q_start) & (rows >= n_rows - tl.load(own_rows + bh))
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dim_ok = dims < HEAD_DIM
     q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                + positions[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                + (positions - q_start)[:, None].to(tl.int64) * stride_qs + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     keys = tile * TILE + tl.arange(0, TILE)
     key_ok = keys < seq
@@ -107,7 +107,7 @@ def last_query_scores(
 
     Parameters
     ----------
-    q : [batch, q_heads, seq, head_dim]; k : [batch, kv_heads, seq, head_dim]
+    q : [batch, q_heads, q_len, head_dim], the last q_len positions; k : [batch, kv_heads, seq, head_dim]
     heads : long [n]
         The query heads to score; ``bh`` below runs over ``batch * n`` (batch-major).
     own_rows : int32 [batch * n]
@@ -121,7 +121,8 @@ def last_query_scores(
     block_sums : float32 [batch * n, n_rows, n_tiles]; row ``r`` is the query at position ``seq - n_rows + r``
     row_max, row_sum : float32 [batch * n, n_rows]  base-2 softmax statistics of each row
     """
-    batch, q_heads, seq, head_dim = q.shape
+    batch, q_heads, _, head_dim = q.shape
+    seq = k.shape[2]  # keys; q holds the last q.shape[2] positions
     n = heads.numel()
     bh = batch * n
     block_q = max(16, triton.next_power_of_2(n_rows))
@@ -139,7 +140,7 @@ def last_query_scores(
     partial_max = torch.empty(bh, block_q, n_chunks, dtype=torch.float32, device=q.device)
     partial_sum = torch.empty_like(partial_max)
     _row_statistics[(n_chunks, bh)](
-        q, k, heads, partial_max, partial_sum, *strides, seq, n, group, n_rows, tiles_per_chunk, n_chunks,
+        q, k, heads, partial_max, partial_sum, *strides, seq, seq - q.shape[2], n, group, n_rows, tiles_per_chunk, n_chunks,
         scale * LOG2E, **common,
     )
     row_max = partial_max.amax(dim=2)
@@ -149,6 +150,6 @@ def last_query_scores(
     block_sums = torch.empty(bh, block_q, n_tiles, dtype=torch.float32, device=q.device)
     _column_and_block_sums[(n_tiles, bh)](
         q, k, heads, row_max.contiguous(), row_sum.contiguous(), own_rows, column_scores, block_sums, *strides,
-        seq, n, group, n_rows, n_tiles, scale * LOG2E, **common,
+        seq, seq - q.shape[2], n, group, n_rows, n_tiles, scale * LOG2E, **common,
     )
     return column_scores, block_sums[:, :n_rows], row_max[:, :n_rows], row_sum[:, :n_rows]

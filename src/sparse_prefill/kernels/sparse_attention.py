@@ -55,10 +55,10 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS", "RETURN_LSE"])
 @triton.jit
 def _sparse_attention_fwd(
-    Q, K, V, Out,
+    Q, K, V, Out, Lse,
     diagonals, diagonal_limit, diagonal_flag, window, sink,
     blocks, block_count,
     columns, column_before,
@@ -66,10 +66,13 @@ def _sparse_attention_fwd(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
-    seq, q_heads, group, n_blocks, max_blocks, max_columns, qk_scale,
+    seq, q_start, q_len, q_heads, group, n_blocks, max_blocks, max_columns, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USES_DIAGONALS: tl.constexpr, USES_BLOCKS: tl.constexpr, USES_COLUMNS: tl.constexpr,
+    USES_DIAGONALS: tl.constexpr, USES_BLOCKS: tl.constexpr, USES_COLUMNS: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
+    # Positions: the keys are 0 .. seq - 1, the queries q_start .. seq - 1 (row r of Q is position
+    # q_start + r). Query block m covers positions 64 m .. 64 m + 63; a chunk's first block may hold
+    # fewer queries (rows before q_start are loaded as zeros and never stored).
     # Last query blocks first: they have the most tiles, and starting them early shortens the tail.
     m = n_blocks - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -78,12 +81,13 @@ def _sparse_attention_fwd(
     kv_head = head // group
     bh64 = bh.to(tl.int64)
 
-    rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = m * BLOCK_M + tl.arange(0, BLOCK_M)  # positions
+    row_ok = (rows >= q_start) & (rows < seq)
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dim_ok = dims < HEAD_DIM
     q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
-                mask=(rows < seq)[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(q_base + (rows - q_start)[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
@@ -129,8 +133,9 @@ def _sparse_attention_fwd(
 
     # 2. Block lists (Block-Sparse, Block-Coverage): ascending, so the diagonal block comes last.
     if USES_BLOCKS:
-        n_listed = tl.load(block_count + bh64 * n_blocks + m)
-        list_base = blocks + (bh64 * n_blocks + m) * max_blocks
+        list_row = bh64 * (n_blocks - q_start // BLOCK_M) + m - q_start // BLOCK_M  # lists start at the first block
+        n_listed = tl.load(block_count + list_row)
+        list_base = blocks + list_row * max_blocks
         for t in range(0, n_listed - 1):
             keys = tl.load(list_base + t) * BLOCK_N + offs_n
             k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=dim_ok[None, :], other=0.0)
@@ -161,18 +166,23 @@ def _sparse_attention_fwd(
 
     out = acc / l_i[:, None]
     o_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-    tl.store(o_base + rows[:, None].to(tl.int64) * stride_os + dims[None, :], out.to(Out.dtype.element_ty),
-             mask=(rows < seq)[:, None] & dim_ok[None, :])
+    tl.store(o_base + (rows - q_start)[:, None].to(tl.int64) * stride_os + dims[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+    if RETURN_LSE:  # natural log-sum-exp of the row's kept logits: m_i and l_i are base 2
+        tl.store(Lse + bh64 * q_len + rows - q_start, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)  # x ln 2
 
 
 def run_plan(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, scale: float, out: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, scale: float, out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the sparse forward. q [batch, q_heads, seq, dim], k/v [batch, kv_heads, seq, dim] -> out like q.
+    """Launch the sparse forward. q [batch, q_heads, q_len, dim] (positions ``plan.q_start ..``),
+    k/v [batch, kv_heads, seq, dim] -> out like q.
 
-    The last dimension of q, k, v must be contiguous.
+    ``lse``: float32 [batch, q_heads, q_len] to receive each row's natural log-sum-exp (contiguous),
+    or None. The last dimension of q, k, v must be contiguous.
     """
-    batch, q_heads, seq, head_dim = q.shape
+    batch, q_heads, q_len, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q)
     for name, tensor in (("q", q), ("k", k), ("v", v), ("out", out)):
@@ -180,11 +190,17 @@ def run_plan(
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got stride {tensor.stride()}")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"the sparse kernel supports head_dim <= {MAX_HEAD_DIM}, got head_dim={head_dim}")
+    if k.shape[2] != plan.seq or k.shape[2] - q_len != plan.q_start:
+        raise ValueError(f"the plan is for queries {plan.q_start}..{plan.seq - 1} of {plan.seq} keys, got "
+                         f"q_len={q_len} and {k.shape[2]} keys")
+    if lse is not None and (lse.shape != (batch, q_heads, q_len) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        raise ValueError(f"lse must be a contiguous float32 tensor of shape {(batch, q_heads, q_len)}, "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
     head_dim_padded = max(16, triton.next_power_of_2(head_dim))
     n_blocks = plan.diagonal_limit.shape[1]
-    grid = (n_blocks, batch * q_heads)
+    grid = (n_blocks - plan.first_block, batch * q_heads)
     _sparse_attention_fwd[grid](
-        q, k, v, out,
+        q, k, v, out, out if lse is None else lse,  # Lse is never touched unless RETURN_LSE
         plan.diagonals, plan.diagonal_limit, plan.diagonal_flag, plan.window, plan.sink,
         plan.blocks, plan.block_count,
         plan.columns, plan.column_before,
@@ -192,8 +208,10 @@ def run_plan(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        seq, q_heads, q_heads // k.shape[1], n_blocks, plan.blocks.shape[2], plan.columns.shape[1], scale * LOG2E,
+        plan.seq, plan.q_start, q_len, q_heads, q_heads // k.shape[1], n_blocks, plan.blocks.shape[2],
+        plan.columns.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=BLOCK, BLOCK_N=BLOCK,
         USES_DIAGONALS=plan.uses_diagonals, USES_BLOCKS=plan.uses_blocks, USES_COLUMNS=plan.uses_columns,
+        RETURN_LSE=lse is not None,
     )
     return out

@@ -58,7 +58,7 @@ class AShapeIndex:
 
 
 def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[AShape], scale: float) -> list[AShapeIndex]:
-    seq = q.shape[2]
+    seq = k.shape[2]  # positions, for a chunk too: the window counts back from each query's position
     return [AShapeIndex(q.shape[0], sink=min(p.sink, seq), local=min(p.local, seq)) for p in patterns]
 
 

@@ -37,8 +37,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from .block_sparse import BlockSparseIndex
-from .common import BLOCK, check_fraction, check_positive_int, device_values, float_dtype, n_blocks, on_triton
+from .block_sparse import BlockSparseIndex, stack_rows
+from .common import (BLOCK, check_fraction, check_positive_int, device_values, float_dtype, n_blocks, on_triton,
+                     partial_block_list, query_start)
 
 STRIDES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -89,75 +90,86 @@ def antidiagonal_groups(x: torch.Tensor, stride: int, reverse: bool) -> torch.Te
     return grouped.flip(-2) if reverse else grouped
 
 
-def tile_mass(q: torch.Tensor, k: torch.Tensor, stride: int, scale: float, chunk_groups: int = 512) -> torch.Tensor:
+def tile_mass(q: torch.Tensor, k: torch.Tensor, stride: int, scale: float, chunk_groups: int = 512,
+              first_block: int = 0) -> torch.Tensor:
     """Estimated attention mass of every (query block, key block) tile, in PyTorch.
 
     Parameters
     ----------
-    q, k : [heads, seq, head_dim]
-        One query head and its KV head per row of the first dimension (GQA: the caller indexes K).
+    q : [heads, q_len, head_dim]
+        The queries of query blocks ``first_block ..`` (positions ``64 * first_block`` on), one query
+        head per row of the first dimension.
+    k : [heads, kv_len, head_dim]
+        Every key, the query head's KV head per row (GQA: the caller indexes K).
     stride : int
         Tokens per antidiagonal group; a power of two that divides 64.
     scale : float
         The attention's softmax scale.
+    first_block : int
+        The query block of ``q``'s first row (0 for a whole prompt).
 
     Returns
     -------
-    float32 (float64 for float64 inputs) [heads, n_blocks, n_blocks]
-        Entry ``[h, m, c]``: the sum, over the query groups of block ``m`` that hold a real query,
-        of their estimated mass on the key groups of block ``c`` (0 for ``c > m``): the mean of two
-        softmaxes over a query group's causal key groups ``b <= a``, one of the mean logit along
-        the antidiagonal, ``scale / S * sum_t q[a*S+t] . k[b*S+S-1-t]``, one of the largest,
+    float32 (float64 for float64 inputs) [heads, n_rows, n_blocks]
+        Entry ``[h, r, c]`` for query block ``m = first_block + r``: the sum, over the query groups
+        of block ``m`` that hold a real query, of their estimated mass on the key groups of block
+        ``c`` (0 for ``c > m``): the mean of two softmaxes over a query group's causal key groups
+        ``b <= a``, one of the mean logit along the antidiagonal,
+        ``scale / S * sum_t q[a*S+t] . k[b*S+S-1-t]``, one of the largest,
         ``scale * max_t q[a*S+t] . k[b*S+S-1-t]``.
     """
     dtype = float_dtype(q)
-    heads, seq, _ = q.shape
-    nb = n_blocks(seq)
+    heads, kv_len, _ = k.shape
+    nb = n_blocks(kv_len)
     per_block = BLOCK // stride
     q_groups = antidiagonal_groups(q.to(dtype), stride, reverse=False)  # [heads, groups, stride, dim]
     k_groups = antidiagonal_groups(k.to(dtype), stride, reverse=True)
-    n_groups = q_groups.shape[1]
-    mass = torch.zeros(heads, nb, nb, dtype=dtype, device=q.device)
-    group_ids = torch.arange(n_groups, device=q.device)
+    n_rows = nb - first_block
+    q_groups = q_groups[:, : n_rows * per_block]
+    first_group = first_block * per_block
+    mass = torch.zeros(heads, n_rows, nb, dtype=dtype, device=q.device)
+    key_groups = torch.arange(k_groups.shape[1], device=q.device)
     chunk_groups = max(per_block, chunk_groups // per_block * per_block)  # whole query blocks per chunk
     for head in range(heads):  # one head's [stride, rows, groups] logits at a time
-        for start in range(0, n_groups, chunk_groups):
-            rows = group_ids[start : start + chunk_groups]
+        for start in range(0, n_rows * per_block, chunk_groups):
+            rows = torch.arange(start, min(start + chunk_groups, n_rows * per_block), device=q.device)
             logits = torch.einsum("atd,btd->tab", q_groups[head, rows], k_groups[head]) * scale  # [S, rows, groups]
-            future = group_ids[None, :] > rows[:, None]
+            future = key_groups[None, :] > (first_group + rows)[:, None]
             mean = logits.mean(dim=0).masked_fill(future, float("-inf"))
             peak = logits.amax(dim=0).masked_fill(future, float("-inf"))
             probs = (mean.softmax(dim=-1) + peak.softmax(dim=-1)) / 2
-            probs = probs * (rows * stride < seq)[:, None]  # groups of padding only hold no query: 0
+            probs = probs * ((first_group + rows) * stride < kv_len)[:, None]  # groups of padding only hold no query: 0
             per_tile = probs.view(len(rows), nb, per_block).sum(dim=2)
             first = start // per_block
             mass[head, first : first + len(rows) // per_block] = per_tile.view(-1, per_block, nb).sum(dim=1)
     return mass
 
 
-def coverage_threshold(mass: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+def coverage_threshold(mass: torch.Tensor, coverage: torch.Tensor, first_block: int = 0) -> torch.Tensor:
     """Each query block's threshold: the free blocks whose mass is at or above it are kept.
 
     Parameters
     ----------
-    mass : float [heads, n_blocks, n_blocks]
-        Estimated mass per tile (entries above the diagonal are ignored).
+    mass : float [heads, n_rows, n_blocks]
+        Estimated mass per tile, row ``r`` for query block ``first_block + r`` (entries above the
+        diagonal are ignored).
     coverage : float [heads]
         Each head's share of a row's mass to keep, in (0, 1].
 
     Returns
     -------
-    float [heads, n_blocks]: the largest ``t`` such that the forced blocks (block 0 and the
+    float [heads, n_rows]: the largest ``t`` such that the forced blocks (block 0 and the
     diagonal) plus the free blocks ``0 < c < m`` with ``mass >= t`` hold at least ``coverage`` of
     the row's total; ``inf`` when the forced blocks alone do; 0 (every free block) when rounding
     leaves the target out of reach. Otherwise it is one of the row's free masses.
     """
-    nb = mass.shape[1]
-    m = torch.arange(nb, device=mass.device)
-    free = (m[None, :] > 0) & (m[None, :] < m[:, None])  # [query block, key block]
-    causal = m[None, :] <= m[:, None]
+    n_rows, nb = mass.shape[1:]
+    m = first_block + torch.arange(n_rows, device=mass.device)
+    c = torch.arange(nb, device=mass.device)
+    free = (c[None, :] > 0) & (c[None, :] < m[:, None])  # [query block, key block]
+    causal = c[None, :] <= m[:, None]
     total = (mass * causal).sum(dim=2)
-    needed = coverage.to(mass.dtype)[:, None] * total - (mass * (causal & ~free)).sum(dim=2)  # [heads, n_blocks]
+    needed = coverage.to(mass.dtype)[:, None] * total - (mass * (causal & ~free)).sum(dim=2)  # [heads, n_rows]
     ranked = torch.where(free, mass, float("-inf")).sort(dim=2, descending=True).values
     reached = torch.where(ranked > float("-inf"), ranked, 0.0).cumsum(dim=2) >= needed[:, :, None]
     # The first rank whose running sum reaches what the row needs sets the threshold.
@@ -166,47 +178,61 @@ def coverage_threshold(mass: torch.Tensor, coverage: torch.Tensor) -> torch.Tens
     return torch.where(needed <= 0, float("inf"), threshold)
 
 
-def blocks_at_threshold(mass: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Kept key blocks [heads, n_blocks, max_kept], ascending, padded with -1: block 0, the diagonal,
-    and the free blocks whose mass is at least the row's ``threshold`` [heads, n_blocks]."""
-    nb = mass.shape[1]
-    m = torch.arange(nb, device=mass.device)
-    causal = m[None, :] <= m[:, None]
-    forced = (m[None, :] == 0) | (m[None, :] == m[:, None])
+def blocks_at_threshold(mass: torch.Tensor, threshold: torch.Tensor, first_block: int = 0) -> torch.Tensor:
+    """Kept key blocks [heads, n_rows, max_kept], ascending, padded with -1: block 0, the diagonal,
+    and the free blocks whose mass is at least the row's ``threshold`` [heads, n_rows]; row ``r``
+    is query block ``first_block + r``."""
+    n_rows, nb = mass.shape[1:]
+    m = first_block + torch.arange(n_rows, device=mass.device)
+    c = torch.arange(nb, device=mass.device)
+    causal = c[None, :] <= m[:, None]
+    forced = (c[None, :] == 0) | (c[None, :] == m[:, None])
     keep = causal & (forced | (mass >= threshold[:, :, None]))
-    max_kept = int(keep.sum(dim=2).max())
-    ranked = torch.where(keep, m, nb).sort(dim=2).values[:, :, :max_kept]
+    max_kept = int(keep.sum(dim=2).max()) if n_rows else 1
+    ranked = torch.where(keep, c, nb).sort(dim=2).values[:, :, :max_kept]
     return torch.where(ranked == nb, -1, ranked)
 
 
 def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[BlockCoverage], scale: float) -> list[BlockSparseIndex]:
-    """Every Block-Coverage head of a layer (docs/semantics.md)."""
-    batch, q_heads, seq, _ = q.shape
+    """Every Block-Coverage head of a layer (docs/semantics.md); a chunk's whole query blocks as in a
+    whole prompt, a partial first one with every causal key block."""
+    batch, q_heads, _, _ = q.shape
+    kv_len = k.shape[2]
     group = q_heads // k.shape[1]
+    q_start = query_start(q, k)
+    first_block, whole = q_start // BLOCK, -(-q_start // BLOCK)
+    q_whole = q[:, :, whole * BLOCK - q_start :]  # the chunk's whole query blocks
+    n_rows = n_blocks(kv_len) - whole
+    partial = partial_block_list(first_block, q_start, 0, (batch,), q.device)
     indices: list[BlockSparseIndex | None] = [None] * len(heads)
     for stride in sorted({p.stride for p in patterns}):
         same_stride = [j for j, p in enumerate(patterns) if p.stride == stride]
         step = len(same_stride)
-        if on_triton(q):
+        if on_triton(q) and n_rows:
             # The GPU pass holds two floats per (query group, key block) and head: up to 2 GiB of
             # them at a time (all 9 heads of SmolLM2 at 128K; one head at a time at 1M tokens), in
             # even shares (8 heads then 1 left the GPU idle through the second launch).
-            per_head = 8 * batch * (n_blocks(seq) * BLOCK // stride) * n_blocks(seq)
+            per_head = 8 * batch * (n_rows * BLOCK // stride) * n_blocks(kv_len)
             shares = -(-len(same_stride) // max(1, 2**31 // per_head))
             step = -(-len(same_stride) // shares)
         for first in range(0, len(same_stride), step):
             mine = same_stride[first : first + step]
             ids = device_values([heads[j] for j in mine], q.device)
             coverage = device_values([patterns[j].coverage for j in mine] * batch, q.device, float_dtype(q))
-            if on_triton(q):
+            if not n_rows:  # a chunk inside one query block: only its partial block
+                blocks = torch.empty(batch * len(mine), 0, 1, dtype=torch.long, device=q.device)
+            elif on_triton(q):
                 from ..kernels.coverage import antidiagonal_tile_mass, coverage_block_lists  # lazy: no Triton on import
 
-                blocks = coverage_block_lists(antidiagonal_tile_mass(q, k, ids, stride, scale), coverage)
+                mass = antidiagonal_tile_mass(q_whole, k, ids, stride, scale, whole)
+                blocks = coverage_block_lists(mass, coverage, whole)
             else:
-                mass = tile_mass(q[:, ids].flatten(0, 1), k[:, ids // group].flatten(0, 1), stride, scale)
-                blocks = blocks_at_threshold(mass, coverage_threshold(mass, coverage))
+                mass = tile_mass(q_whole[:, ids].flatten(0, 1), k[:, ids // group].flatten(0, 1), stride, scale,
+                                 first_block=whole)
+                blocks = blocks_at_threshold(mass, coverage_threshold(mass, coverage, whole), whole)
             blocks = blocks.view(batch, len(mine), *blocks.shape[1:])
+            if partial is not None:
+                blocks = torch.stack([stack_rows(partial, blocks[:, j]) for j in range(len(mine))], dim=1)
             for position, j in enumerate(mine):
-                indices[j] = BlockSparseIndex(blocks=blocks[:, position])
+                indices[j] = BlockSparseIndex(blocks=blocks[:, position], first_block=first_block)
     return indices  # type: ignore[return-value]
-

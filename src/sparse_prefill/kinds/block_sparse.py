@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import BLOCK, causal, check_positive_int, device_values, float_dtype, n_blocks, scaled_count, stack_padded
+from .common import (BLOCK, causal, check_positive_int, device_values, float_dtype, n_blocks, partial_block_list,
+                     query_start, scaled_count, stack_padded)
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,21 @@ class BlockSparse:
 class BlockSparseIndex:
     """Chosen key blocks per query block.
 
-    ``blocks`` [batch, n_blocks, k] (int32 or int64) holds key-block numbers, ascending, padded
-    with -1 at the end where a query block keeps fewer than ``k``. Key ``j <= i`` is kept when block ``j // 64`` is
-    listed for query block ``i // 64``. The diagonal block is always listed (last).
+    ``blocks`` [batch, n_rows, k] (int32 or int64) holds key-block numbers, ascending, padded with
+    -1 at the end where a query block keeps fewer than ``k``; row ``r`` lists query block
+    ``first_block + r`` (0 for a whole prompt; a chunk's first query block otherwise, see
+    docs/semantics.md). Key ``j <= i`` is kept when block ``j // 64`` is listed for query block
+    ``i // 64``. The diagonal block is always listed (last).
     """
 
     blocks: torch.Tensor
+    first_block: int = 0
 
     def block_mask(self) -> torch.Tensor:
-        """Bool [batch, n_blocks, n_blocks]: which (query block, key block) tiles are kept."""
-        batch, nb, _ = self.blocks.shape
-        mask = torch.zeros(batch, nb, nb + 1, dtype=torch.bool, device=self.blocks.device)
+        """Bool [batch, n_rows, n_blocks]: which (query block, key block) tiles are kept."""
+        batch, rows, _ = self.blocks.shape
+        nb = self.first_block + rows
+        mask = torch.zeros(batch, rows, nb + 1, dtype=torch.bool, device=self.blocks.device)
         # Padding (-1) lands in the spare last column and is dropped.
         mask.scatter_(2, torch.where(self.blocks < 0, nb, self.blocks).long(), True)
         return mask[:, :, :nb]
@@ -58,8 +63,8 @@ class BlockSparseIndex:
     def kept_mask(self, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
         keys = torch.arange(n_keys, device=rows.device)
         # Only the rows' own lists: [batch, rows, k blocks], not the n_blocks^2 tile mask (1M tokens: 268 MB a call).
-        listed = self.blocks[:, rows // BLOCK]  # [batch, rows, k]
-        nb = self.blocks.shape[1]
+        listed = self.blocks[:, rows // BLOCK - self.first_block]  # [batch, rows, k]
+        nb = n_blocks(n_keys)
         tiles = torch.zeros(listed.shape[0], len(rows), nb + 1, dtype=torch.bool, device=rows.device)
         tiles.scatter_(2, torch.where(listed < 0, nb, listed).long(), True)  # padding lands in the spare column
         return tiles[:, :, keys // BLOCK] & causal(rows, n_keys)
@@ -77,43 +82,58 @@ def mean_pool_blocks(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-2)
 
 
-def pooled_scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor, scale: float) -> torch.Tensor:
-    """[..., n_blocks, n_blocks] scores of block-mean queries against block-mean keys (from
-    :func:`mean_pool_blocks`): future key blocks -inf, the diagonal block +inf (always kept, ranked first)."""
+def pooled_scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor, scale: float, first_block: int = 0) -> torch.Tensor:
+    """[..., rows, n_blocks] scores of block-mean queries (query blocks ``first_block ..``) against
+    block-mean keys (from :func:`mean_pool_blocks`): future key blocks -inf, the diagonal block +inf
+    (always kept, ranked first)."""
     scores = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * scale
-    nb = scores.shape[-1]
-    future = torch.ones(nb, nb, dtype=torch.bool, device=scores.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
-    diagonal = torch.arange(nb, device=scores.device)
-    scores[..., diagonal, diagonal] = float("inf")
-    return scores
+    rows, nb = scores.shape[-2:]
+    query_block = first_block + torch.arange(rows, device=scores.device)
+    key_block = torch.arange(nb, device=scores.device)
+    scores = scores.masked_fill(key_block[None, :] > query_block[:, None], float("-inf"))
+    return scores.masked_fill(key_block[None, :] == query_block[:, None], float("inf"))
 
 
 def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[BlockSparse], scale: float) -> list[BlockSparseIndex]:
     """MInference's Block-Sparse estimator for every Block-Sparse head of a layer (docs/semantics.md)."""
-    batch, q_heads, seq, _ = q.shape
+    batch, q_heads, _, _ = q.shape
     group = q_heads // k.shape[1]
-    nb = n_blocks(seq)
+    q_start = query_start(q, k)
+    nb = n_blocks(k.shape[2])
+    # A chunk's whole query blocks are estimated as in a whole prompt; a partial first one keeps every
+    # causal key block (docs/semantics.md).
+    first_block, whole = q_start // BLOCK, -(-q_start // BLOCK)
     top_ks = [min(p.top_k, nb) for p in patterns]
     k_max = max(top_ks)
     rank = torch.arange(k_max, device=q.device)
     ids = device_values(heads, q.device)
     head_top_k = device_values(top_ks, q.device)
     # Pool first, then pick heads: only the pooled [blocks, dim] rows are ever copied.
-    pooled_q = mean_pool_blocks(q)[:, ids]  # [batch, n, nb, dim]
+    pooled_q = mean_pool_blocks(q[:, :, whole * BLOCK - q_start :])[:, ids]  # [batch, n, whole blocks, dim]
     pooled_k = mean_pool_blocks(k)[:, ids // group]
-    # Scores are [nb, nb] floats per head (1 GiB at 1M tokens): as many heads at a time as fit ~1 GiB.
-    step = max(1, 2**28 // (batch * nb * nb))
+    # Scores are [rows, nb] floats per head (1 GiB at 1M tokens): as many heads at a time as fit ~1 GiB.
+    step = max(1, 2**28 // (batch * max(1, nb - whole) * nb))
     chosen = []
     for first in range(0, len(heads), step):
         part = slice(first, first + step)
-        top = pooled_scores(pooled_q[:, part], pooled_k[:, part], scale).topk(k_max, dim=-1)
+        top = pooled_scores(pooled_q[:, part], pooled_k[:, part], scale, whole).topk(k_max, dim=-1)
         # Query block b has only b + 1 causal key blocks: the rest of its top-k are -inf, dropped.
         keep = (top.values > float("-inf")) & (rank < head_top_k[part][None, :, None, None])
         chosen.append(torch.where(keep, top.indices, nb).sort(dim=-1).values)
     blocks = torch.cat(chosen, dim=1)
     blocks = torch.where(blocks == nb, -1, blocks)
-    return [BlockSparseIndex(blocks=blocks[:, j, :, : top_ks[j]]) for j in range(len(heads))]
+    lists = [blocks[:, j, :, : top_ks[j]] for j in range(len(heads))]
+    partial = partial_block_list(first_block, q_start, 0, (batch,), q.device)
+    if partial is not None:
+        lists = [stack_rows(partial, listed) for listed in lists]
+    return [BlockSparseIndex(blocks=listed, first_block=first_block) for listed in lists]
+
+
+def stack_rows(first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, a] on top of [batch, rows, b]: one [batch, 1 + rows, max(a, b)] list, padded with -1."""
+    width = max(first.shape[-1], rest.shape[-1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=-1)  # noqa: E731
+    return torch.cat([pad(first.to(rest.dtype)), pad(rest)], dim=1)
 
 
 # --- the GPU kernel's share and cost -------------------------------------------------------------------

@@ -48,6 +48,21 @@ def n_blocks(seq: int) -> int:
     return -(-seq // BLOCK)
 
 
+def query_start(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Position of ``q``'s first row: the queries are the last ``q_len`` of the ``kv_len`` positions."""
+    return k.shape[-2] - q.shape[-2]
+
+
+def partial_block_list(first_block: int, q_start: int, width: int, batch_rows: tuple, device) -> torch.Tensor | None:
+    """The list of a chunk's partial first query block (``q_start`` not a multiple of 64): every causal
+    key block ``0 .. first_block``, padded with -1 to ``width``; None when the first block is whole."""
+    if q_start % BLOCK == 0:
+        return None
+    listed = torch.arange(max(width, first_block + 1), device=device)
+    listed = torch.where(listed <= first_block, listed, -1)
+    return listed.expand(*batch_rows, 1, -1)
+
+
 def float_dtype(x: torch.Tensor) -> torch.dtype:
     """The estimators' arithmetic: float64 for float64 inputs, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

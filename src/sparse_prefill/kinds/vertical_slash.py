@@ -121,13 +121,14 @@ class LastQueryStatistics:
 def last_query_statistics(q: torch.Tensor, k: torch.Tensor, heads: list[int], last_q: list[int], scale: float) -> LastQueryStatistics:
     """Attention statistics of the last ``last_q[i]`` queries of query head ``heads[i]`` over all keys.
 
-    ``q`` [batch, q_heads, seq, head_dim], ``k`` [batch, kv_heads, seq, head_dim] (GQA: never
-    repeated). float32 (float64 for float64 inputs); on CUDA half precision a fused Triton pass
+    ``q`` [batch, q_heads, q_len, head_dim] (the last ``q_len`` positions), ``k`` [batch, kv_heads,
+    seq, head_dim] (GQA: never repeated); a head uses at most ``q_len`` queries. float32 (float64 for float64 inputs); on CUDA half precision a fused Triton pass
     (:mod:`sparse_prefill.kernels.last_query`) computes the same without the ``n_last x seq`` matrix.
     """
-    batch, q_heads, seq, _ = q.shape
+    batch, q_heads, q_len, _ = q.shape
+    seq = k.shape[2]  # keys; the queries are the last q_len positions
     group = q_heads // k.shape[1]
-    own_rows = [min(n, seq) for n in last_q]
+    own_rows = [min(n, q_len) for n in last_q]  # a chunk's own queries only
     n_last = max(own_rows)  # from the Python list: no host synchronisation
     own = device_values(own_rows, q.device)
     row_used = (torch.arange(n_last, device=q.device)[None, :] >= n_last - own[:, None]).repeat(batch, 1)
@@ -140,7 +141,7 @@ def last_query_statistics(q: torch.Tensor, k: torch.Tensor, heads: list[int], la
         return LastQueryStatistics(column_scores, block_sums, row_max, row_sum, row_used)
     dtype = float_dtype(q)
     positions = torch.arange(seq - n_last, seq, device=q.device)
-    logits = torch.matmul(q[:, ids, seq - n_last :].to(dtype), k[:, ids // group].to(dtype).transpose(-1, -2))
+    logits = torch.matmul(q[:, ids, q_len - n_last :].to(dtype), k[:, ids // group].to(dtype).transpose(-1, -2))
     logits = (logits * (scale * LOG2E)).masked_fill(torch.arange(seq, device=q.device) > positions[:, None], float("-inf"))
     row_max = logits.amax(dim=-1)  # finite: key 0 is causal for every row
     probs = torch.exp2(logits - row_max[..., None])
@@ -183,13 +184,14 @@ def diagonal_scores(stats: LastQueryStatistics, q: torch.Tensor, k: torch.Tensor
     attention is recomputed for those keys only and taken out of the row-block sums; block diagonal
     ``d`` of the row at position ``i`` is its sum over key block ``i // 64 - d``.
     """
-    batch, q_heads, seq, dim = q.shape
+    batch, q_heads, q_len, dim = q.shape
+    seq = k.shape[2]
     group = q_heads // k.shape[1]
     n_last = stats.n_last
     dtype = stats.block_sums.dtype
     ids = device_values(heads, q.device)
     positions = torch.arange(seq - n_last, seq, device=q.device)
-    q_rows = q[:, ids, seq - n_last :].flatten(0, 1).to(dtype)  # [rows, n_last, dim]
+    q_rows = q[:, ids, q_len - n_last :].flatten(0, 1).to(dtype)  # [rows, n_last, dim]
     kv_rows = (torch.arange(batch, device=q.device)[:, None] * k.shape[1] + (ids // group)[None, :]).flatten()
     k_cols = k.reshape(-1, dim)[kv_rows[:, None] * seq + columns].to(dtype)  # [rows, V, dim]
     logits = torch.einsum("hrd,hvd->hrv", q_rows, k_cols) * (scale * LOG2E)
@@ -205,7 +207,7 @@ def diagonal_scores(stats: LastQueryStatistics, q: torch.Tensor, k: torch.Tensor
 
 def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[VerticalSlash], scale: float) -> list[VerticalSlashIndex]:
     """Every Vertical-Slash head of a layer at once (docs/semantics.md); budgets are clamped to the sequence."""
-    batch, _, seq, _ = q.shape
+    batch, seq = q.shape[0], k.shape[2]  # budgets are clamped to the positions, for a chunk too
     stats = last_query_statistics(q, k, heads, [p.last_q for p in patterns], scale)
     verticals = [min(p.vertical, seq) for p in patterns]
     n_diagonals = [min(-(-p.slash // BLOCK), n_blocks(seq)) for p in patterns]
