@@ -108,23 +108,29 @@ def test_kernel_rejects_float32_and_wide_heads():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("seq", [8192 + 37, 32768, 131072])
-def test_real_sizes_on_gpu(seq):
+@pytest.mark.parametrize("seq, q_len", [(8192 + 37, 8192 + 37), (32768, 32768), (131072, 131072), (32768, 8192 + 37),
+                                        (131072, 16384)])
+def test_real_sizes_on_gpu(seq, q_len):
+    """Every kind at real sizes, whole prompts and chunks (queries the last q_len positions)."""
     planted = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq=seq, head_dim=128, dtype=torch.bfloat16, device="cuda")
     patterns = [VerticalSlash(1000, 6096), BlockSparse(32), AShape(64, 4096), BlockCoverage(0.95)] * 2
+    q_start = seq - q_len
+    q = planted.q[:, :, q_start:]
     # The reference is exact but slow: check a few query heads' rows only via row chunks.
-    out, plan = triton_sparse_attention(planted.q, planted.k, planted.v, patterns, return_plan=True)
-    rows = torch.cat([torch.arange(0, 256), torch.arange(seq // 2, seq // 2 + 256), torch.arange(seq - 256, seq)]).cuda()
+    out, plan, lse = triton_sparse_attention(q, planted.k, planted.v, patterns, return_plan=True, return_lse=True)
+    rows = torch.cat([torch.arange(q_start, q_start + 256), torch.arange(seq - q_len // 2, seq - q_len // 2 + 256),
+                      torch.arange(seq - 256, seq)]).cuda()
     for head in range(8):
         index = plan.indices[head]
         qh = planted.q[:, head, rows].double()
         kh = planted.k[:, head // 4].double()
         vh = planted.v[:, head // 4].double()
         logits = torch.einsum("bqd,bkd->bqk", qh, kh) / 128**0.5
-        probs = logits.masked_fill(~index.kept_mask(rows, seq), float("-inf")).softmax(-1)
-        ref = torch.einsum("bqk,bkd->bqd", probs, vh)
-        error = ((out[:, head, rows].double() - ref).norm() / ref.norm()).item()
+        logits = logits.masked_fill(~index.kept_mask(rows, seq), float("-inf"))
+        ref = torch.einsum("bqk,bkd->bqd", logits.softmax(-1), vh)
+        error = ((out[:, head, rows - q_start].double() - ref).norm() / ref.norm()).item()
         assert error <= 1e-2, (head, error)
+        torch.testing.assert_close(lse[:, head, rows - q_start].double(), logits.logsumexp(-1), rtol=1e-3, atol=2e-2)
 
 
 @pytest.mark.parametrize("q_len", [1, 63, 64, 65, 199, 200, 137])

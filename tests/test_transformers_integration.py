@@ -174,6 +174,74 @@ def test_generate_prefills_sparse_and_decodes_dense(arch):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_chunked_prefill_runs_sparse_in_every_chunk(arch):
+    """Chunks of 64 tokens through the cache, each sparse; with Block-Coverage each query block keeps
+    what the one-pass prefill keeps, so the logits are the one-pass logits."""
+    model = _model(arch)
+    ids = _ids(seq=256)
+    config = PatternConfig.uniform(N_LAYERS, N_HEADS, BlockCoverage(0.7, stride=8))
+    state = sparse_prefill.enable(model, config, min_seq_len=MIN_SEQ)
+    one_pass = model(ids).logits[:, -1]
+    calls = state.sparse_calls
+    logits, cache = sparse_prefill.chunked_prefill(model, ids, 64)
+    assert state.sparse_calls - calls == N_LAYERS * 4
+    assert cache.get_seq_length() == 256
+    torch.testing.assert_close(logits, one_pass, rtol=1e-4, atol=1e-4)
+    # Chunks of 100: two sparse chunks, and the last 56 tokens (shorter than min_seq_len) dense.
+    calls, dense_calls = state.sparse_calls, state.dense_calls
+    logits, _ = sparse_prefill.chunked_prefill(model, ids, 100)
+    assert (state.sparse_calls - calls, state.dense_calls - dense_calls) == (2 * N_LAYERS, N_LAYERS)
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        sparse_prefill.chunked_prefill(model, ids, 0)
+    # Generation from a chunked prefill of all but the last token equals generation from one pass.
+    want = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    _, cache = sparse_prefill.chunked_prefill(model, ids[:, :-1], 64)
+    got = model.generate(ids, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want) and cache.get_seq_length() == 256 + 2
+    sparse_prefill.disable(model)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_new_tokens_on_a_cached_prefix_equal_reference_attention(arch):
+    """A cached document (130 tokens), then 120 new ones: the new tokens prefill sparse, every layer
+    on the reference's kept sets for queries that are the last part of the keys; decoding then
+    continues the same cache dense."""
+    from transformers import DynamicCache
+
+    config = _mixed_config()
+    model = _model(arch)
+    ids = _ids(seq=250)
+    name = f"sparse_prefill_test_reference_{arch}"
+    transformers.AttentionInterface.register(name, _reference_attention_fn(config))
+    transformers.masking_utils.AttentionMaskInterface.register(name, transformers.masking_utils.sdpa_mask)
+
+    def continued(model):
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :130], past_key_values=cache, use_cache=True)
+        return model(ids[:, 130:], past_key_values=cache, use_cache=True).logits, cache
+
+    model.set_attn_implementation(name)
+    expected, _ = continued(model)
+    state = sparse_prefill.enable(model, config, min_seq_len=MIN_SEQ)
+    got, cache = continued(model)
+    assert state.sparse_calls == 2 * N_LAYERS  # the document, then the new tokens
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # generate on the whole prompt with the document cached: it prefills only the 120 new tokens (sparse),
+    # then decodes (dense).
+    document = DynamicCache(config=model.config)
+    model(ids[:, :130], past_key_values=document, use_cache=True)
+    calls, dense_calls = state.sparse_calls, state.dense_calls
+    out = model.generate(ids, past_key_values=document, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 253)
+    assert (state.sparse_calls - calls, state.dense_calls - dense_calls) == (N_LAYERS, 2 * N_LAYERS)
+    assert torch.equal(out[:, 250], got[:, -1].argmax(dim=-1))
+    sparse_prefill.disable(model)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHS)
 def test_disable_restores_dense_exactly(arch):
     model = _model(arch)

@@ -4,6 +4,7 @@ Importing this package never initialises CUDA.
 """
 
 from .attention import sparse_attention
+from .generation import chunked_prefill
 from .patterns import AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash
 from .reference import ReferenceResult, reference_attention
 
@@ -43,6 +44,7 @@ __all__ = [
     "ReferenceResult",
     "reference_attention",
     "sparse_attention",
+    "chunked_prefill",
     "enable",
     "disable",
     "register",

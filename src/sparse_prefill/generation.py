@@ -7,7 +7,7 @@ import time
 
 import torch
 
-__all__ = ["prefill", "greedy_generate", "eos_ids", "cpu_prefill_bytes", "check_cpu_prefill_fits"]
+__all__ = ["prefill", "chunked_prefill", "greedy_generate", "eos_ids", "cpu_prefill_bytes", "check_cpu_prefill_fits"]
 
 
 def _logits_kwarg(model) -> str:
@@ -73,6 +73,37 @@ def prefill(model, input_ids: torch.Tensor, progress: bool = False, label: str =
     with _layer_progress(model, label, progress):
         output = model(input_ids=input_ids, use_cache=True, **{_cache_kwarg(model): cache, _logits_kwarg(model): 1})
     return output.logits[:, -1], _returned_cache(output), time.perf_counter() - start
+
+
+@torch.no_grad()
+def chunked_prefill(model, input_ids: torch.Tensor, chunk_size: int, cache=None):
+    """Prefill ``input_ids`` [batch, n] through a KV cache, ``chunk_size`` tokens at a time.
+
+    Each chunk attends to the cache, which holds every token before it; with sparse prefill enabled,
+    every chunk of at least ``min_seq_len`` tokens runs sparse (its queries are the last part of
+    the keys: docs/semantics.md). Activations then scale with the chunk, not the prompt. With
+    Block-Coverage (the presets) and a ``chunk_size`` that is a multiple of 64, each query block
+    keeps exactly what one pass over the whole prompt keeps.
+
+    ``cache``: a transformers Cache to continue (a cached document, say), or None for a new
+    DynamicCache. Returns ``(next-token logits [batch, vocab], cache)``. To ``generate`` from the
+    cache afterwards, prefill all but the last token and pass the whole prompt: given a cache that
+    already holds every prompt token, transformers' ``generate`` prefills the prompt again.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.shape[1] == 0:
+        raise ValueError("input_ids must be an integer tensor [batch, n] with n >= 1, got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    for start in range(0, input_ids.shape[1], chunk_size):
+        output = model(input_ids=input_ids[:, start : start + chunk_size], use_cache=True,
+                       **{_cache_kwarg(model): cache, _logits_kwarg(model): 1})
+        cache = _returned_cache(output)
+    return output.logits[:, -1], cache
 
 
 @torch.no_grad()

@@ -22,12 +22,14 @@ selected by name but never enabled runs the ``"default"`` preset (:mod:`sparse_p
 
 When the sparse path runs
 -------------------------
-All of: the call is a prefill (as many queries as keys: no past KV cache), the sequence has at
-least ``min_seq_len`` tokens (default: the preset's crossover with dense attention on the device:
-shorter prompts are faster dense), the layer has a pattern other
-than :class:`~sparse_prefill.Dense` on some head, and the layer has no sliding window shorter than
-the sequence (such layers are already local; they stay with SDPA). The attention mask must then be
-purely causal: a padded batch raises ``ValueError`` rather than silently attending to padding.
+All of: the call prefills at least ``min_seq_len`` new tokens (default: the preset's crossover with
+dense attention on the device: shorter prefills are faster dense), either a whole prompt or new
+tokens on top of a KV cache (a cached document, then a long question; or the next chunk of
+:func:`sparse_prefill.chunked_prefill`), the layer has a pattern other than
+:class:`~sparse_prefill.Dense` on some head, and the layer has no sliding window shorter than the
+keys (such layers are already local; they stay with SDPA). Decoding steps (one query) run dense.
+The attention mask must then be purely causal: a padded batch raises ``ValueError`` rather than
+silently attending to padding.
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ def sparse_prefill_attention(
             f"softcap={kwargs.get('softcap')!r}, s_aux={'set' if kwargs.get('s_aux') is not None else None}"
         )
     if attention_mask is not None:
-        _check_causal_mask(attention_mask, query.shape[2])
+        _check_causal_mask(attention_mask, query.shape[2], key.shape[2])
     out = sparse_attention(query, key, value, patterns, scale=scaling)  # [batch, q_heads, seq, head_dim]
     if compressing is not None:
         compressing.compress_after_attention(query, scaling)
@@ -192,13 +194,14 @@ def _takes_sparse_path(
     state: SparsePrefillState, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict
 ) -> bool:
     q_len, kv_len = query.shape[2], key.shape[2]
-    if q_len != kv_len or q_len < state.shortest_sparse(query):
-        # Decoding, prefill on top of a cache, or a short prompt.
+    if q_len > kv_len or q_len < state.shortest_sparse(query):
+        # Decoding, a short prefill (on its own or on top of a cache), or queries that are not the
+        # last positions of the keys (nothing in transformers makes those).
         return False
-    # Mistral, Qwen2/3 and Phi-3 pass their window here; a window shorter than the prompt makes the
+    # Mistral, Qwen2/3 and Phi-3 pass their window here; a window shorter than the keys makes the
     # mask non-causal, and such a layer is local already.
     sliding_window = kwargs.get("sliding_window")
-    if sliding_window is not None and sliding_window < q_len:
+    if sliding_window is not None and sliding_window < kv_len:
         return False
     if not isinstance(getattr(module, "layer_idx", None), int):
         raise ValueError(
@@ -208,18 +211,20 @@ def _takes_sparse_path(
     return True
 
 
-def _check_causal_mask(attention_mask: torch.Tensor, seq_len: int, chunk_size: int = 1024) -> None:
-    """Raise ``ValueError`` unless ``attention_mask`` [batch, 1|heads, seq, seq] keeps exactly the causal pairs."""
-    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (seq_len, seq_len):
+def _check_causal_mask(attention_mask: torch.Tensor, q_len: int, kv_len: int, chunk_size: int = 1024) -> None:
+    """Raise ``ValueError`` unless ``attention_mask`` [batch, 1|heads, q_len, kv_len] keeps exactly the
+    causal pairs of queries at the last ``q_len`` positions."""
+    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (q_len, kv_len):
         raise ValueError(
-            f"sparse prefill expects a [batch, 1, {seq_len}, {seq_len}] attention mask, "
+            f"sparse prefill expects a [batch, 1, {q_len}, {kv_len}] attention mask, "
             f"got shape {tuple(attention_mask.shape)}"
         )
-    keys = torch.arange(seq_len, device=attention_mask.device)
-    # Row chunks: comparing against a full seq x seq causal mask would double the mask's memory.
-    for start in range(0, seq_len, chunk_size):
-        rows = keys[start : start + chunk_size]
-        block = attention_mask[:, :, rows]
+    keys = torch.arange(kv_len, device=attention_mask.device)
+    # Row chunks: comparing against a full q_len x kv_len causal mask would double the mask's memory.
+    for start in range(0, q_len, chunk_size):
+        local = torch.arange(start, min(start + chunk_size, q_len), device=attention_mask.device)
+        rows = kv_len - q_len + local  # positions
+        block = attention_mask[:, :, local]
         # transformers builds boolean masks (True = attend) for SDPA and additive float masks
         # (0 = attend, large negative = masked) for eager attention.
         kept = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
