@@ -258,18 +258,30 @@ def test_disable_restores_dense_exactly(arch):
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_padded_batch_is_refused(arch):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_runs_sparse_per_sequence(arch, side):
+    """Left or right padding: each sequence's real tokens get exactly what that sequence alone,
+    unpadded, gets (its own index over its own tokens)."""
     model = _model(arch)
-    ids = _ids(batch=2)
-    mask = torch.ones(2, SEQ, dtype=torch.long)
-    mask[1, :7] = 0  # left padding on the second prompt
-    sparse_prefill.enable(model, _mixed_config(), min_seq_len=MIN_SEQ)
-    with pytest.raises(ValueError, match="unpadded batches only"):
-        model(ids, attention_mask=mask)
-    # An all-ones mask is no padding: batch 2 runs, and equals each prompt on its own.
-    batched = model(ids, attention_mask=torch.ones(2, SEQ, dtype=torch.long)).logits
-    for row in range(2):
-        torch.testing.assert_close(batched[row], model(ids[row : row + 1]).logits[0], rtol=1e-4, atol=1e-5)
+    ids = _ids(batch=3)
+    lengths = [SEQ, SEQ - 7, SEQ - 90]
+    mask = torch.zeros(3, SEQ, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, SEQ - n :] = 1 if side == "left" else 0
+        mask[row, :n] = 1 if side == "right" else mask[row, :n]
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each sequence's tokens at 0 .. n - 1
+    state = sparse_prefill.enable(model, _mixed_config(), min_seq_len=MIN_SEQ)
+    batched = model(ids, attention_mask=mask, position_ids=positions).logits
+    assert state.sparse_calls == N_LAYERS
+    for row, n in enumerate(lengths):
+        real = slice(SEQ - n, SEQ) if side == "left" else slice(0, n)
+        alone = model(ids[row : row + 1, real]).logits[0]
+        torch.testing.assert_close(batched[row, real], alone, rtol=1e-4, atol=1e-4)
+    # A mask that is not causal-with-padding (a hole inside a sequence) is refused, not ignored.
+    holed = torch.ones(3, SEQ, dtype=torch.long)
+    holed[1, 50:60] = 0
+    with pytest.raises(ValueError, match="hides keys in the middle of a sequence"):
+        model(ids, attention_mask=holed)
     sparse_prefill.disable(model)
 
 

@@ -28,8 +28,9 @@ tokens on top of a KV cache (a cached document, then a long question; or the nex
 :func:`sparse_prefill.chunked_prefill`), the layer has a pattern other than
 :class:`~sparse_prefill.Dense` on some head, and the layer has no sliding window shorter than the
 keys (such layers are already local; they stay with SDPA). Decoding steps (one query) run dense.
-The attention mask must then be purely causal: a padded batch raises ``ValueError`` rather than
-silently attending to padding.
+A padded batch (left or right padding through ``attention_mask``) runs one sequence at a time,
+each with its own index over its own tokens; a mask that is not causal-with-padding raises
+``ValueError`` rather than being silently ignored.
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def sparse_prefill_attention(
     # A compressing KV cache (sparse_prefill.kv_cache) that holds this prefill's keys and needs its queries.
     compressing = awaiting_compression(key)
     sparse = _takes_sparse_path(state, module, query, key, kwargs)
-    patterns = state.layer_patterns(module.layer_idx, query.shape[1], query.shape[2]) if sparse else ()
+    # Budgets that follow the prompt length follow the keys: a chunk's context is the whole prefix.
+    patterns = state.layer_patterns(module.layer_idx, query.shape[1], key.shape[2]) if sparse else ()
     if not sparse or all(isinstance(pattern, Dense) for pattern in patterns):
         state.dense_calls += 1
         out = _sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -179,9 +181,11 @@ def sparse_prefill_attention(
             "sparse prefill supports plain softmax attention; this layer passes "
             f"softcap={kwargs.get('softcap')!r}, s_aux={'set' if kwargs.get('s_aux') is not None else None}"
         )
-    if attention_mask is not None:
-        _check_causal_mask(attention_mask, query.shape[2], key.shape[2])
-    out = sparse_attention(query, key, value, patterns, scale=scaling)  # [batch, q_heads, seq, head_dim]
+    spans = None if attention_mask is None else _sequence_spans(attention_mask, query.shape[2], key.shape[2])
+    if spans is None:  # no padding: one call for the batch
+        out = sparse_attention(query, key, value, patterns, scale=scaling)  # [batch, q_heads, q_len, head_dim]
+    else:
+        out = _padded_sparse_attention(state, module, query, key, value, spans, scaling)
     if compressing is not None:
         compressing.compress_after_attention(query, scaling)
     state.sparse_calls += 1
@@ -194,9 +198,10 @@ def _takes_sparse_path(
     state: SparsePrefillState, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict
 ) -> bool:
     q_len, kv_len = query.shape[2], key.shape[2]
-    if q_len > kv_len or q_len < state.shortest_sparse(query):
-        # Decoding, a short prefill (on its own or on top of a cache), or queries that are not the
-        # last positions of the keys (nothing in transformers makes those).
+    if q_len > kv_len or q_len < state.shortest_sparse(query) or (q_len == 1 < kv_len):
+        # A short prefill (on its own or on top of a cache), a decoding step (one new token on a
+        # cache: dense, whatever min_seq_len says), or queries that are not the last positions of
+        # the keys (nothing in transformers makes those).
         return False
     # Mistral, Qwen2/3 and Phi-3 pass their window here; a window shorter than the keys makes the
     # mask non-causal, and such a layer is local already.
@@ -211,29 +216,74 @@ def _takes_sparse_path(
     return True
 
 
-def _check_causal_mask(attention_mask: torch.Tensor, q_len: int, kv_len: int, chunk_size: int = 1024) -> None:
-    """Raise ``ValueError`` unless ``attention_mask`` [batch, 1|heads, q_len, kv_len] keeps exactly the
-    causal pairs of queries at the last ``q_len`` positions."""
+def _sequence_spans(attention_mask: torch.Tensor, q_len: int, kv_len: int, chunk_size: int = 1024):
+    """Each sequence's real keys ``[first, end)`` in a padded batch, or None when nothing is padded.
+
+    ``attention_mask`` [batch, 1|heads, q_len, kv_len] as transformers builds it for SDPA (boolean,
+    True = attend; or additive float). Raise ``ValueError`` unless every sequence's real keys are one
+    contiguous run (left or right padding) and each real query (the last ``q_len`` positions)
+    attends to exactly its causal real keys: any other mask would be silently ignored.
+    """
     if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (q_len, kv_len):
         raise ValueError(
             f"sparse prefill expects a [batch, 1, {q_len}, {kv_len}] attention mask, "
             f"got shape {tuple(attention_mask.shape)}"
         )
-    keys = torch.arange(kv_len, device=attention_mask.device)
-    # Row chunks: comparing against a full q_len x kv_len causal mask would double the mask's memory.
+    # transformers builds boolean masks (True = attend) for SDPA and additive float masks
+    # (0 = attend, large negative = masked) for eager attention.
+    def kept(block):
+        return block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
+
+    device = attention_mask.device
+    real_key = torch.zeros(attention_mask.shape[0], kv_len, dtype=torch.bool, device=device)
+    for start in range(0, q_len, chunk_size):  # a key is real when some query attends to it
+        real_key |= kept(attention_mask[:, :, start : start + chunk_size]).any(dim=2).any(dim=1)
+    count = real_key.sum(dim=1)
+    keys = torch.arange(kv_len, device=device)
+    first = torch.where(real_key, keys, kv_len).amin(dim=1)
+    end = first + count
+    if not bool(((keys >= first[:, None]) & (keys < end[:, None])).eq(real_key).all()):
+        raise ValueError(
+            "sparse prefill supports padding at the start or the end of each sequence (left or right): "
+            "this attention mask hides keys in the middle of a sequence. Call sparse_prefill.disable(model) "
+            "for such a batch."
+        )
     for start in range(0, q_len, chunk_size):
-        local = torch.arange(start, min(start + chunk_size, q_len), device=attention_mask.device)
+        local = torch.arange(start, min(start + chunk_size, q_len), device=device)
         rows = kv_len - q_len + local  # positions
-        block = attention_mask[:, :, local]
-        # transformers builds boolean masks (True = attend) for SDPA and additive float masks
-        # (0 = attend, large negative = masked) for eager attention.
-        kept = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
-        if not bool(torch.equal(kept, (keys[None, :] <= rows[:, None]).expand_as(kept))):
+        real_row = (rows[None, :] >= first[:, None]) & (rows[None, :] < end[:, None])  # [batch, rows]
+        want = (keys[None, None, :] <= rows[None, :, None]) & real_key[:, None, :]  # [batch, rows, keys]
+        got = kept(attention_mask[:, :, local])  # [batch, 1|heads, rows, keys]
+        if not bool((got.eq(want[:, None]) | ~real_row[:, None, :, None]).all()):
             raise ValueError(
-                "sparse prefill supports unpadded batches only: the attention mask hides causal (query, key) "
-                "pairs, as padding does. Prefill each prompt on its own (batch of 1) or use prompts of equal "
-                "length without padding, or call sparse_prefill.disable(model) for this batch."
+                "sparse prefill supports causal masks with padding only: this attention mask hides causal "
+                "(query, key) pairs of real tokens or shows future ones. Call sparse_prefill.disable(model) "
+                "for this batch."
             )
+    if bool((first == 0).all() and (end == kv_len).all()):
+        return None
+    return list(zip(first.tolist(), end.tolist()))
+
+
+def _padded_sparse_attention(state, module, query, key, value, spans, scaling) -> torch.Tensor:
+    """A padded batch, one sequence at a time: each sequence's real queries over its real keys, with
+    its own index (as if it were alone and unpadded); padding rows get zeros (nothing reads them)."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    q_start = kv_len - q_len
+    if q_start > 0 and any(end != kv_len for _, end in spans):
+        raise ValueError("sparse prefill supports right padding on a prefill from an empty cache only; "
+                         "a prefill on top of a cache needs left padding")
+    out = query.new_zeros(*query.shape[:-1], value.shape[-1])
+    for b, (first, end) in enumerate(spans):
+        rows = slice(max(first, q_start) - q_start, end - q_start)  # real queries: the last of the real keys
+        n_rows, n_keys = rows.stop - rows.start, end - first
+        if n_rows <= 0:
+            continue
+        patterns = (state.layer_patterns(module.layer_idx, query.shape[1], n_keys) if n_rows >= state.shortest_sparse(query)
+                    else (Dense(),) * query.shape[1])
+        out[b : b + 1, :, rows] = sparse_attention(query[b : b + 1, :, rows], key[b : b + 1, :, first:end],
+                                                   value[b : b + 1, :, first:end], patterns, scale=scaling)
+    return out
 
 
 def enable(
