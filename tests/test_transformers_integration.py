@@ -286,6 +286,34 @@ def test_padded_batch_runs_sparse_per_sequence(arch, side):
 
 
 @torch.no_grad()
+def test_compiles_with_fullgraph():
+    """The sparse path is one custom operator to torch.compile: the whole model compiles with
+    fullgraph=True, runs sparse, and gives the eager sparse logits."""
+    model = _model("llama")
+    ids = _ids()
+    state = sparse_prefill.enable(model, _mixed_config(), min_seq_len=MIN_SEQ)
+    eager = model(ids).logits
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    calls = state.sparse_calls
+    logits = compiled(ids).logits
+    assert state.sparse_calls - calls == N_LAYERS
+    torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-5)
+    sparse_prefill.disable(model)
+    assert (model(ids).logits - eager).abs().max() > 1e-3  # it was the sparse model, not the dense one
+
+
+def test_custom_operator_passes_opcheck():
+    """torch.library.opcheck: the fake (meta) implementation agrees with the real one (shapes, strides,
+    dtypes) and the operator is registered consistently."""
+    from sparse_prefill.ops import _number
+
+    q, k, v = (torch.randn(1, h, 130, 16) for h in (4, 2, 2))
+    for query in (q, q.transpose(1, 2).contiguous().transpose(1, 2)):  # contiguous, and transformers' layout
+        args = (query, k, v, _number((VerticalSlash(8, 64), AShape(2, 30), BlockCoverage(0.8), Dense())), 0.25)
+        torch.library.opcheck(torch.ops.sparse_prefill.sparse_attention.default, args)
+
+
+@torch.no_grad()
 def test_short_prompts_and_sliding_window_layers_stay_dense():
     ids = _ids()
     model = _model("llama")

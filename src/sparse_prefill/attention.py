@@ -38,8 +38,8 @@ def sparse_attention(
     scale : float, optional
         Softmax scale, ``1/sqrt(head_dim)`` when None.
     return_lse : bool
-        Also return each row's natural log-sum-exp over its kept logits, float32
-        [batch, q_heads, q_len]: attentions of the same queries over disjoint keys merge exactly
+        Also return each row's natural log-sum-exp over its kept logits, float32 (float64 for
+        float64 inputs) [batch, q_heads, q_len]: attentions of the same queries over disjoint keys merge exactly
         with it (docs/semantics.md).
 
     Returns

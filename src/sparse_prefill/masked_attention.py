@@ -32,12 +32,13 @@ def masked_attention(
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [batch, q_heads, q_len, dim] (the last ``q_len`` positions of ``k``/``v``)
-    over each head's kept set; dtype of ``q``. With ``return_lse``, also the float32 natural
-    log-sum-exp of each row's kept logits [batch, q_heads, q_len]."""
+    over each head's kept set; dtype of ``q``. With ``return_lse``, also the natural log-sum-exp of
+    each row's kept logits [batch, q_heads, q_len], float32 (float64 for float64 inputs)."""
     q_len, kv_len = q.shape[2], k.shape[2]
     q_start = kv_len - q_len
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if return_lse else None
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty(q.shape[:-1], dtype=lse_dtype, device=q.device) if return_lse else None
     group = q.shape[1] // k.shape[1]
     for start in range(0, q_len, chunk_size):
         end = min(start + chunk_size, q_len)
@@ -48,7 +49,7 @@ def masked_attention(
             q[:, :, start:end], k[:, :, :visible], v[:, :, :visible], attn_mask=mask, scale=scale, enable_gqa=True
         )
         if lse is not None:  # SDPA does not return it: the kept logits once more, in float32
-            keys = k[:, :, :visible].float().repeat_interleave(group, dim=1)
-            logits = torch.matmul(q[:, :, start:end].float(), keys.transpose(-1, -2)) * scale
+            keys = k[:, :, :visible].to(lse_dtype).repeat_interleave(group, dim=1)
+            logits = torch.matmul(q[:, :, start:end].to(lse_dtype), keys.transpose(-1, -2)) * scale
             lse[:, :, start:end] = logits.masked_fill(~mask, float("-inf")).logsumexp(dim=-1)
     return (out, lse) if lse is not None else out

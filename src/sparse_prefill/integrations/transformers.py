@@ -43,7 +43,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from ..attention import sparse_attention
+from ..ops import sparse_attention_op
 from ..kv_cache import awaiting_compression
 from ..patterns import Dense, Pattern, PatternConfig
 from ..presets import PRESETS, Preset, preset as preset_named
@@ -182,8 +182,10 @@ def sparse_prefill_attention(
             f"softcap={kwargs.get('softcap')!r}, s_aux={'set' if kwargs.get('s_aux') is not None else None}"
         )
     spans = None if attention_mask is None else _sequence_spans(attention_mask, query.shape[2], key.shape[2])
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
     if spans is None:  # no padding: one call for the batch
-        out = sparse_attention(query, key, value, patterns, scale=scaling)  # [batch, q_heads, q_len, head_dim]
+        out = sparse_attention_op(query, key, value, patterns, scaling)  # [batch, q_heads, q_len, head_dim]
     else:
         out = _padded_sparse_attention(state, module, query, key, value, spans, scaling)
     if compressing is not None:
@@ -281,8 +283,8 @@ def _padded_sparse_attention(state, module, query, key, value, spans, scaling) -
             continue
         patterns = (state.layer_patterns(module.layer_idx, query.shape[1], n_keys) if n_rows >= state.shortest_sparse(query)
                     else (Dense(),) * query.shape[1])
-        out[b : b + 1, :, rows] = sparse_attention(query[b : b + 1, :, rows], key[b : b + 1, :, first:end],
-                                                   value[b : b + 1, :, first:end], patterns, scale=scaling)
+        out[b : b + 1, :, rows] = sparse_attention_op(query[b : b + 1, :, rows], key[b : b + 1, :, first:end],
+                                                      value[b : b + 1, :, first:end], patterns, scaling)
     return out
 
 

@@ -1,0 +1,60 @@
+"""``sparse_attention`` as a PyTorch custom operator: ``torch.ops.sparse_prefill.sparse_attention``.
+
+``torch.compile`` cannot trace the sparse path itself (estimation reads the data: top-k, thresholds,
+list widths), so the transformers integration calls it through this operator, which the compiler
+treats as one opaque call with a known output shape (its ``register_fake``): a model with sparse
+prefill enabled compiles with ``fullgraph=True``.
+
+An operator takes tensors and plain numbers, not pattern objects, so each distinct tuple of
+patterns is registered once and passed by its number.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .attention import sparse_attention
+from .patterns import Pattern
+
+__all__ = ["sparse_attention_op"]
+
+_REGISTERED: list[tuple[Pattern, ...]] = []
+_NUMBERS: dict[tuple[Pattern, ...], int] = {}
+
+
+def _number(patterns: tuple[Pattern, ...]) -> int:
+    """The number under which ``patterns`` is registered (registered on first sight)."""
+    number = _NUMBERS.get(patterns)
+    if number is None:
+        number = _NUMBERS[patterns] = len(_REGISTERED)
+        _REGISTERED.append(patterns)
+    return number
+
+
+def _output_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # The Triton path writes into torch.empty_like(q): q's memory layout, which for transformers'
+    # [batch, heads, seq, dim] views of [batch, seq, heads, dim] tensors makes the caller's transpose free.
+    return torch.empty_like(q) if v.shape[-1] == q.shape[-1] else q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("sparse_prefill::sparse_attention", mutates_args=())
+def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patterns: int, scale: float) -> torch.Tensor:
+    out = sparse_attention(q, k, v, _REGISTERED[patterns], scale=scale)
+    layout = _output_like(q, v)
+    if out.stride() == layout.stride():
+        return out
+    return layout.copy_(out)  # the CPU path's output is contiguous: give it the layout the fake promised
+
+
+@_sparse_attention.register_fake
+def _(q, k, v, patterns, scale):
+    return _output_like(q, v)
+
+
+def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patterns: Sequence[Pattern],
+                        scale: float) -> torch.Tensor:
+    """:func:`sparse_prefill.sparse_attention` (one pattern per query head, an explicit scale) through
+    the custom operator: the same result, and one opaque node under ``torch.compile``."""
+    return torch.ops.sparse_prefill.sparse_attention(q, k, v, _number(tuple(patterns)), float(scale))
