@@ -195,6 +195,10 @@ def test_chunked_prefill_runs_sparse_in_every_chunk(arch):
     assert torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         sparse_prefill.chunked_prefill(model, ids, 0)
+    from sparse_prefill.kv_cache import make_kv_cache
+
+    with pytest.raises(ValueError, match="SnapKVCache compresses the prompt after its first prefill call"):
+        sparse_prefill.chunked_prefill(model, ids, 64, make_kv_cache("snapkv", model, 128))
     # Generation from a chunked prefill of all but the last token equals generation from one pass.
     want = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     _, cache = sparse_prefill.chunked_prefill(model, ids[:, :-1], 64)

@@ -99,6 +99,12 @@ def chunked_prefill(model, input_ids: torch.Tensor, chunk_size: int, cache=None)
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
+    from .kv_cache import compresses
+
+    if compresses(cache):
+        # It would compress after the first chunk and keep every later chunk whole.
+        raise ValueError(f"chunked_prefill needs a cache that keeps every token; {type(cache).__name__} compresses "
+                         "the prompt after its first prefill call: prefill in one call with it")
     for start in range(0, input_ids.shape[1], chunk_size):
         output = model(input_ids=input_ids[:, start : start + chunk_size], use_cache=True,
                        **{_cache_kwarg(model): cache, _logits_kwarg(model): 1})

@@ -69,6 +69,7 @@ __all__ = [
     "StreamingLLMCache",
     "make_kv_cache",
     "check_kv_options",
+    "compresses",
     "cache_stats",
     "window_attention_scores",
     "snapkv_positions",
@@ -417,6 +418,11 @@ _CLASSES: dict[str, Callable[..., _CompressingCache]] = {
     "snapkv": SnapKVCache, "pyramidkv": PyramidKVCache, "streamingllm": StreamingLLMCache,
 }
 _OPTIONS = {"full": (), "snapkv": ("window", "kernel"), "pyramidkv": ("window", "kernel", "beta"), "streamingllm": ("sink",)}
+
+
+def compresses(cache: Any) -> bool:
+    """Whether ``cache`` is one of this module's compressing caches (it holds one prompt, prefilled in one call)."""
+    return isinstance(cache, _CompressingCache)
 
 
 def check_kv_options(method: str, capacity: int | None = None, **options: Any) -> None:
