@@ -281,6 +281,15 @@ def test_padded_batch_runs_sparse_per_sequence(arch, side):
         real = slice(SEQ - n, SEQ) if side == "left" else slice(0, n)
         alone = model(ids[row : row + 1, real]).logits[0]
         torch.testing.assert_close(batched[row, real], alone, rtol=1e-4, atol=1e-4)
+    # The mask is checked once per forward, not once per layer (it is the same tensor in every layer).
+    checks = []
+    real_check = integration._check_sequence_spans
+    integration._check_sequence_spans = lambda *args: checks.append(1) or real_check(*args)
+    try:
+        model(ids, attention_mask=mask.clone(), position_ids=positions)
+    finally:
+        integration._check_sequence_spans = real_check
+    assert len(checks) == 1
     # A mask that is not causal-with-padding (a hole inside a sequence) is refused, not ignored.
     holed = torch.ones(3, SEQ, dtype=torch.long)
     holed[1, 50:60] = 0

@@ -218,7 +218,22 @@ def _takes_sparse_path(
     return True
 
 
-def _sequence_spans(attention_mask: torch.Tensor, q_len: int, kv_len: int, chunk_size: int = 1024):
+# The last mask checked and what it said: transformers hands every layer of a forward the same mask
+# tensor, and checking it reads q_len x kv_len booleans (two passes), so it is checked once.
+_LAST_SPANS: list = [None, None, None]  # [weak reference to the mask, its version, spans]
+
+
+def _sequence_spans(attention_mask: torch.Tensor, q_len: int, kv_len: int):
+    """:func:`_check_sequence_spans`, once per mask tensor (and in-place change of it)."""
+    reference, version, spans = _LAST_SPANS
+    if reference is not None and reference() is attention_mask and version == attention_mask._version:
+        return spans
+    spans = _check_sequence_spans(attention_mask, q_len, kv_len)
+    _LAST_SPANS[:] = [weakref.ref(attention_mask), attention_mask._version, spans]
+    return spans
+
+
+def _check_sequence_spans(attention_mask: torch.Tensor, q_len: int, kv_len: int, chunk_size: int = 1024):
     """Each sequence's real keys ``[first, end)`` in a padded batch, or None when nothing is padded.
 
     ``attention_mask`` [batch, 1|heads, q_len, kv_len] as transformers builds it for SDPA (boolean,
