@@ -37,9 +37,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from .block_sparse import BlockSparseIndex, stack_rows
+from .block_sparse import BlockSparseIndex
 from .common import (BLOCK, check_fraction, check_positive_int, device_values, float_dtype, n_blocks, on_triton,
-                     partial_block_list, query_start)
+                     query_start, with_partial_block)
 
 STRIDES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -203,7 +203,6 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
     first_block, whole = q_start // BLOCK, -(-q_start // BLOCK)
     q_whole = q[:, :, whole * BLOCK - q_start :]  # the chunk's whole query blocks
     n_rows = n_blocks(kv_len) - whole
-    partial = partial_block_list(first_block, q_start, 0, (batch,), q.device)
     indices: list[BlockSparseIndex | None] = [None] * len(heads)
     for stride in sorted({p.stride for p in patterns}):
         same_stride = [j for j, p in enumerate(patterns) if p.stride == stride]
@@ -230,9 +229,7 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
                 mass = tile_mass(q_whole[:, ids].flatten(0, 1), k[:, ids // group].flatten(0, 1), stride, scale,
                                  first_block=whole)
                 blocks = blocks_at_threshold(mass, coverage_threshold(mass, coverage, whole), whole)
-            blocks = blocks.view(batch, len(mine), *blocks.shape[1:])
-            if partial is not None:
-                blocks = torch.stack([stack_rows(partial, blocks[:, j]) for j in range(len(mine))], dim=1)
+            blocks = with_partial_block(blocks.view(batch, len(mine), *blocks.shape[1:]), q_start)
             for position, j in enumerate(mine):
                 indices[j] = BlockSparseIndex(blocks=blocks[:, position], first_block=first_block)
     return indices  # type: ignore[return-value]

@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import (BLOCK, causal, check_positive_int, device_values, float_dtype, n_blocks, partial_block_list,
-                     query_start, scaled_count, stack_padded)
+from .common import (BLOCK, causal, check_positive_int, device_values, float_dtype, n_blocks, query_start,
+                     scaled_count, stack_padded, with_partial_block)
 
 
 @dataclass(frozen=True)
@@ -121,19 +121,10 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
         keep = (top.values > float("-inf")) & (rank < head_top_k[part][None, :, None, None])
         chosen.append(torch.where(keep, top.indices, nb).sort(dim=-1).values)
     blocks = torch.cat(chosen, dim=1)
-    blocks = torch.where(blocks == nb, -1, blocks)
-    lists = [blocks[:, j, :, : top_ks[j]] for j in range(len(heads))]
-    partial = partial_block_list(first_block, q_start, 0, (batch,), q.device)
-    if partial is not None:
-        lists = [stack_rows(partial, listed) for listed in lists]
-    return [BlockSparseIndex(blocks=listed, first_block=first_block) for listed in lists]
-
-
-def stack_rows(first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-    """[batch, 1, a] on top of [batch, rows, b]: one [batch, 1 + rows, max(a, b)] list, padded with -1."""
-    width = max(first.shape[-1], rest.shape[-1])
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=-1)  # noqa: E731
-    return torch.cat([pad(first.to(rest.dtype)), pad(rest)], dim=1)
+    blocks = with_partial_block(torch.where(blocks == nb, -1, blocks), q_start)
+    # Each head's lists as wide as its budget, unless a partial first block lists more (all it sees).
+    widths = [blocks.shape[-1] if q_start % BLOCK else top_k for top_k in top_ks]
+    return [BlockSparseIndex(blocks=blocks[:, j, :, : widths[j]], first_block=first_block) for j in range(len(heads))]
 
 
 # --- the GPU kernel's share and cost -------------------------------------------------------------------
