@@ -27,11 +27,6 @@ class AttentionShape:
     head_dim: int
 
     @property
-    def q_start(self) -> int:
-        """Position of the first query: the queries are the last ``q_len`` of the ``kv_len`` positions."""
-        return self.kv_len - self.q_len
-
-    @property
     def group(self) -> int:
         """Query heads per KV head (1 for multi-head attention)."""
         return self.q_heads // self.kv_heads

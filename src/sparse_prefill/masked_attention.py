@@ -48,8 +48,10 @@ def masked_attention(
         out[:, :, start:end] = F.scaled_dot_product_attention(
             q[:, :, start:end], k[:, :, :visible], v[:, :, :visible], attn_mask=mask, scale=scale, enable_gqa=True
         )
-        if lse is not None:  # SDPA does not return it: the kept logits once more, in float32
-            keys = k[:, :, :visible].to(lse_dtype).repeat_interleave(group, dim=1)
-            logits = torch.matmul(q[:, :, start:end].to(lse_dtype), keys.transpose(-1, -2)) * scale
+        if lse is not None:  # SDPA does not return it: the kept logits once more, K shared per GQA group
+            batch, kv_heads = k.shape[:2]
+            queries = q[:, :, start:end].to(lse_dtype).unflatten(1, (kv_heads, group))  # [batch, kv, group, rows, d]
+            keys = k[:, :, None, :visible].to(lse_dtype)  # [batch, kv, 1, keys, d]
+            logits = (torch.matmul(queries, keys.transpose(-1, -2)) * scale).flatten(1, 2)
             lse[:, :, start:end] = logits.masked_fill(~mask, float("-inf")).logsumexp(dim=-1)
     return (out, lse) if lse is not None else out

@@ -6,7 +6,9 @@ treats as one opaque call with a known output shape (its ``register_fake``): a m
 prefill enabled compiles with ``fullgraph=True``.
 
 An operator takes tensors and plain numbers, not pattern objects, so each distinct tuple of
-patterns is registered once and passed by its number.
+patterns is registered once and passed by its number. The registry only grows (a compiled graph
+keeps the numbers it saw): by one small tuple per distinct layer config, and so per prompt length
+and layer for a config whose budgets scale with the length.
 """
 
 from __future__ import annotations

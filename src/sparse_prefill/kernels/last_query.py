@@ -26,6 +26,21 @@ TILE = 64  # keys per tile: the block-diagonal unit
 
 
 @triton.jit
+def _last_queries(Q, stride_qb, stride_qh, stride_qs, batch, head, seq, q_start, n_rows, first_used,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """The last ``n_rows`` queries of a head (row r at position seq - n_rows + r; Q holds positions
+    q_start ..), zeros for rows before ``first_used``: (q [BLOCK_Q, HEAD_DIM_PADDED], positions, row_ok)."""
+    rows = tl.arange(0, BLOCK_Q)
+    positions = seq - n_rows + rows
+    row_ok = (rows < n_rows) & (positions >= q_start) & (rows >= first_used)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+                + (positions - q_start)[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    return q, positions, row_ok
+
+
+@triton.jit
 def _row_statistics(
     Q, K, heads, row_max, row_sum,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -38,13 +53,10 @@ def _row_statistics(
     batch = bh // n_selected
     head = tl.load(heads + bh % n_selected)
     rows = tl.arange(0, BLOCK_Q)
-    positions = seq - n_rows + rows  # row r is the query at this position
-    row_ok = (rows < n_rows) & (positions >= q_start)
+    q, positions, row_ok = _last_queries(Q, stride_qb, stride_qh, stride_qs, batch, head, seq, q_start, n_rows, 0,
+                                         HEAD_DIM, HEAD_DIM_PADDED, BLOCK_Q)
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dim_ok = dims < HEAD_DIM
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                + (positions - q_start)[:, None].to(tl.int64) * stride_qs + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     k_base = K + batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
@@ -77,14 +89,11 @@ def _column_and_block_sums(
     batch = bh // n_selected
     head = tl.load(heads + bh % n_selected)
     rows = tl.arange(0, BLOCK_Q)
-    positions = seq - n_rows + rows
     # A head with a smaller last_q uses only its own last rows.
-    row_ok = (rows < n_rows) & (positions >= q_start) & (rows >= n_rows - tl.load(own_rows + bh))
+    q, positions, row_ok = _last_queries(Q, stride_qb, stride_qh, stride_qs, batch, head, seq, q_start, n_rows,
+                                         n_rows - tl.load(own_rows + bh), HEAD_DIM, HEAD_DIM_PADDED, BLOCK_Q)
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dim_ok = dims < HEAD_DIM
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                + (positions - q_start)[:, None].to(tl.int64) * stride_qs + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     keys = tile * TILE + tl.arange(0, TILE)
     key_ok = keys < seq
     k = tl.load(K + batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh

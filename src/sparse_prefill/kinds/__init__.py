@@ -49,20 +49,20 @@ PATTERN_TYPES: dict[str, type] = {cls.kind: cls for cls in _BY_PATTERN}
 
 def pattern_unit(pattern: Pattern) -> ModuleType:
     """The unit that estimates ``pattern``."""
-    try:
-        return _BY_PATTERN[type(pattern)]
-    except KeyError:
-        raise TypeError(f"pattern must be one of {', '.join(c.__name__ for c in _BY_PATTERN)}, "
-                        f"got {type(pattern).__name__}") from None
+    return _unit(_BY_PATTERN, pattern, "pattern")
 
 
 def index_unit(index: HeadIndex) -> ModuleType:
     """The unit that lays out, costs and scores ``index``."""
+    return _unit(_BY_INDEX, index, "index")
+
+
+def _unit(units: dict[type, ModuleType], value, name: str) -> ModuleType:
     try:
-        return _BY_INDEX[type(index)]
+        return units[type(value)]
     except KeyError:
-        raise TypeError(f"index must be one of {', '.join(c.__name__ for c in _BY_INDEX)}, "
-                        f"got {type(index).__name__}") from None
+        raise TypeError(f"{name} must be one of {', '.join(c.__name__ for c in units)}, "
+                        f"got {type(value).__name__}") from None
 
 
 def estimate_layer(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], scale: float) -> list[HeadIndex]:

@@ -122,7 +122,8 @@ def last_query_statistics(q: torch.Tensor, k: torch.Tensor, heads: list[int], la
     """Attention statistics of the last ``last_q[i]`` queries of query head ``heads[i]`` over all keys.
 
     ``q`` [batch, q_heads, q_len, head_dim] (the last ``q_len`` positions), ``k`` [batch, kv_heads,
-    seq, head_dim] (GQA: never repeated); a head uses at most ``q_len`` queries. float32 (float64 for float64 inputs); on CUDA half precision a fused Triton pass
+    seq, head_dim] (GQA: never repeated); a head uses at most ``q_len`` queries. float32 (float64
+    for float64 inputs); on CUDA half precision a fused Triton pass
     (:mod:`sparse_prefill.kernels.last_query`) computes the same without the ``n_last x seq`` matrix.
     """
     batch, q_heads, q_len, _ = q.shape
