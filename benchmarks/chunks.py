@@ -2,8 +2,8 @@
 
 A Llama-3-8B-shaped transformers model (random bf16 weights, built as in ``e2e.py``) on one GPU,
 through its own forward and a transformers ``DynamicCache``; only the attention differs between
-``dense`` (transformers' SDPA) and ``sparse`` (``sparse_prefill.enable`` with the default preset,
-``min_seq_len`` lowered so that every prefill in the run is sparse). Three workloads:
+``dense`` (transformers' SDPA) and ``sparse`` (``sparse_prefill.enable`` with ``--pattern`` on every
+head, ``min_seq_len`` lowered so that every prefill in the run is sparse). Three workloads:
 
   chunked   one prompt of --seq tokens in one pass, and in --chunks equal chunks through the cache
             (``sparse_prefill.chunked_prefill``); time, and the first-token logits of sparse
@@ -13,11 +13,21 @@ through its own forward and a transformers ``DynamicCache``; only the attention 
   batch     --batch prompts of lengths spread from --seq / 4 to --seq, left-padded into one batch,
             against one prompt at a time: total time, and each prompt's logits against alone.
 
+Why ``--pattern vertical_slash`` by default: random weights give diffuse attention, on which the
+adaptive default preset (Block-Coverage 0.99) keeps nearly every block, so it would time dense work
+through the sparse kernel (measured 2026-11-30: 376 ms of sparse kernel per layer at 128K against
+cuDNN's ~250 ms). ``VerticalSlash(1000, 6096)``, as in ``e2e.py``, does a fixed amount of work per
+row, the work real attention gets. For the same reason, the logits comparisons against dense say
+how the shapes agree with each other (chunked against one pass), not how accurate sparse attention
+is: this random model amplifies any perturbation (dense chunked against dense one pass differ by
+0.04 from bf16 rounding alone). Accuracy is measured on real weights (docs/ACCURACY.md).
+
 Times: CUDA events around each prefill (median of --repeats after one warm-up); on the CPU dry run
 (--tiny), the wall clock, and the numbers mean nothing but every code path runs.
 
 Usage (GPU machine, repository root):
     PYTHONPATH=src python3 benchmarks/chunks.py --out OUT            # 128K, 8 chunks, 8K suffix, batch of 4
+    (chunks.json is rewritten after every workload, so a run cut short keeps what it measured)
     python3 benchmarks/chunks.py --tiny --out /tmp/chunks           # CPU dry run, tiny model
 """
 
@@ -32,7 +42,8 @@ from pathlib import Path
 import torch
 
 import sparse_prefill
-from e2e import LLAMA3_8B, TINY, build_model, meta  # benchmarks/e2e.py
+from e2e import LLAMA3_8B, PATTERNS, TINY, TINY_PATTERNS, build_model, meta  # benchmarks/e2e.py
+from sparse_prefill.patterns import PatternConfig
 
 # Every prefill of the run (chunks, suffix, the shortest batch prompt) runs sparse: the comparison
 # is of the shapes, not of the preset's dense fallback below 64K.
@@ -49,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="longest prompt of the batch (default 65536: transformers builds a padded batch's mask as "
                         "batch x n x n booleans, 64 GiB for four 128K prompts)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (default 3)")
+    parser.add_argument("--pattern", choices=["vertical_slash", "preset"], default="vertical_slash",
+                        help="sparse attention on every head: e2e.py's VerticalSlash (default; fixed work per row) or "
+                        "the default preset (adaptive: near dense on random weights)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (chunks.json, chunks.png)")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, 512 tokens")
     args = parser.parse_args(argv)
@@ -121,7 +135,8 @@ def on_prefix(model, ids, prefix: int) -> tuple[torch.Tensor, float]:
     return logits, (time.perf_counter() - begin) * 1e3
 
 
-def run(args) -> dict:
+def run(args, save) -> dict:
+    """The three workloads; ``save(data)`` is called after each with everything measured so far."""
     device = torch.device("cpu" if args.tiny else "cuda")
     model = build_model(TINY if args.tiny else LLAMA3_8B, device)
     vocab = model.config.vocab_size
@@ -129,17 +144,28 @@ def run(args) -> dict:
     ids = torch.randint(3, vocab, (1, args.seq), generator=generator).to(device)
     rows, checks = [], {}
     min_seq_len = MIN_SEQ_LEN["tiny" if args.tiny else "gpu"]
+    config = None
+    if args.pattern == "vertical_slash":
+        pattern = (TINY_PATTERNS if args.tiny else PATTERNS)["vertical_slash"]
+        config = PatternConfig.uniform(model.config.num_hidden_layers, model.config.num_attention_heads, pattern)
 
     sparse_calls = {}
+    data = {"meta": {**meta(device), "args": {k: str(v) for k, v in vars(args).items()},
+                     "patterns": str(pattern) if config is not None else "preset default",
+                     "min_seq_len": min_seq_len, "timing": "median of repeats after a warm-up"},
+            "rows": rows, "checks": checks, "sparse_calls": sparse_calls}
+    began = time.perf_counter()
 
     def both(fn, workload):
         """fn() under dense attention, then under sparse prefill: {"dense": x, "sparse": y}."""
         got = {"dense": fn()}
-        state = sparse_prefill.enable(model, min_seq_len=min_seq_len)
+        print(f"[{time.perf_counter() - began:7.1f} s] {workload}: dense done", flush=True)
+        state = sparse_prefill.enable(model, config, min_seq_len=min_seq_len)
         try:
             got["sparse"] = fn()
         finally:
             sparse_prefill.disable(model)
+        print(f"[{time.perf_counter() - began:7.1f} s] {workload}: sparse done", flush=True)
         sparse_calls[workload] = sparse_calls.get(workload, 0) + state.sparse_calls  # layer calls that ran sparse
         return got
 
@@ -154,6 +180,7 @@ def run(args) -> dict:
     checks["chunked: sparse chunked vs dense chunked (rel. L2 of first-token logits)"] = rel(chunked["sparse"][1], chunked["dense"][1])
     checks["chunked: sparse chunked vs sparse one pass"] = rel(chunked["sparse"][1], whole["sparse"][1])
     checks["chunked: dense chunked vs dense one pass"] = rel(chunked["dense"][1], whole["dense"][1])
+    save(data)
 
     # 2. A new prompt on a cached prefix.
     prefix = args.seq - args.suffix
@@ -162,6 +189,7 @@ def run(args) -> dict:
         rows.append({"workload": "cached", "path": path, "how": f"{args.suffix} on {prefix} cached", "tokens": args.suffix,
                      "ms": statistics.median(ms for _, ms in cached[path])})
     checks["cached: sparse suffix vs dense suffix"] = rel(cached["sparse"][-1][0], cached["dense"][-1][0])
+    save(data)
 
     # 3. A left-padded batch against one prompt at a time.
     top = args.batch_max
@@ -186,9 +214,9 @@ def run(args) -> dict:
         rows.append({"workload": "batch", "path": path, "how": "one at a time", "tokens": sum(lengths), "ms": separate[path][0]})
     checks["batch: sparse padded vs sparse alone (worst prompt)"] = max(
         rel(batched["sparse"][1][row], separate["sparse"][1][row]) for row in range(args.batch))
-    return {"meta": {**meta(device), "args": {k: str(v) for k, v in vars(args).items()}, "lengths": lengths,
-                     "preset": "default", "min_seq_len": min_seq_len, "timing": "median of repeats after a warm-up"},
-            "rows": rows, "checks": checks, "sparse_calls": sparse_calls}
+    data["meta"]["batch_lengths"] = lengths
+    save(data)
+    return data
 
 
 def plot(data: dict, out: Path) -> Path:
@@ -220,8 +248,7 @@ def plot(data: dict, out: Path) -> Path:
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    data = run(args)
-    (args.out / "chunks.json").write_text(json.dumps(data, indent=1))
+    data = run(args, save=lambda partial: (args.out / "chunks.json").write_text(json.dumps(partial, indent=1)))
     print(f"wrote {args.out / 'chunks.json'} and {plot(data, args.out)}")
     print(f"{'workload':9} {'path':7} {'how':28} {'tokens':>8} {'ms':>10}")
     for row in data["rows"]:
