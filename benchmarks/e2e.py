@@ -197,7 +197,7 @@ def meta(device: torch.device) -> dict:
         info.update(gpu=props.name, gpu_memory_gib=props.total_memory / GIB, cudnn=torch.backends.cudnn.version())
     else:
         info.update(gpu="none (CPU dry run)", gpu_memory_gib=None)
-    total, available = lp._host_memory()
+    total, available = lp.memory._host_memory()
     info["host_memory_gib"] = None if total is None else total / GIB
     info["host_available_gib"] = None if available is None else available / GIB
     return info

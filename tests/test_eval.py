@@ -314,7 +314,7 @@ def test_eval_refuses_a_config_directory_and_a_config_for_another_model_before_a
 def test_eval_refuses_lengths_that_cannot_fit_in_memory(tmp_path, capsys, monkeypatch):
     from sparse_prefill import long_prefill
 
-    monkeypatch.setattr(long_prefill, "_host_memory", lambda: (2**40, 2**30))
+    monkeypatch.setattr(long_prefill.memory, "_host_memory", lambda: (2**40, 2**30))
     monkeypatch.setattr(runner, "_evaluate", lambda *a, **k: pytest.fail("a sample ran"))
     args = ["eval", "ppl", "--lengths", "64k", "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]
     assert cli.main(args) == 2

@@ -126,7 +126,7 @@ def test_fp8_cache_round_trip_and_generation_close_to_exact():
 def test_fp8_quantization_saturates_instead_of_nan():
     # Values whose scaled magnitude rounds just above 448 must clamp, not become NaN.
     x = torch.tensor([[448.9, -448.9, 1e-3, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.bfloat16)
-    quantized, scale = lp._quantize_fp8(x)
+    quantized, scale = lp.cache._quantize_fp8(x)
     back = quantized.to(torch.float32) * scale[..., None].float()
     assert torch.isfinite(back).all()
     assert torch.equal(back[1], torch.zeros(4))

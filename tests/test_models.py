@@ -244,7 +244,7 @@ def test_run_refuses_a_prompt_that_cannot_fit_in_memory_before_the_prefill(tiny_
     assert need == {"kv_cache": 2 * 2 * 2 * 302 * 16 * 4, "hidden": 2 * 302 * 64 * 4, "attention": 3 * 302 * 302 * 4 * 4,
                     "mlp": 3 * 302 * 128 * 4, "total": 2 * 2 * 2 * 302 * 16 * 4 + 2 * 302 * 64 * 4 + 3 * 302 * 302 * 4 * 4}
     assert cpu_prefill_bytes(model, 302, sparse=False)["total"] == need["kv_cache"] + need["hidden"] + need["mlp"]
-    monkeypatch.setattr(long_prefill, "_host_memory", lambda: (2**40, need["total"] - 1))
+    monkeypatch.setattr(long_prefill.memory, "_host_memory", lambda: (2**40, need["total"] - 1))
 
     def no_prefill(*args, **kwargs):
         raise AssertionError("the prefill started")

@@ -202,7 +202,7 @@ def check_cpu_prefill_fits(model, n_tokens: int, *, sparse: bool = True, cache: 
 
     Silent where the available memory is unknown (no ``/proc/meminfo``).
     """
-    from .long_prefill import PrefillMemoryError, _host_memory
+    from .long_prefill.memory import PrefillMemoryError, _host_memory
 
     _, available = _host_memory()
     if available is None:
