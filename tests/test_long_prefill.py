@@ -150,6 +150,35 @@ def test_sparse_attention_through_enable_matches_transformers_forward():
     assert _rel(dense.logits, expected) > 1e-6  # the sparse pattern really changed something
 
 
+def test_attention_comes_from_the_enable_state_not_transformers_registry(monkeypatch):
+    """The chunked forward asks sparse_prefill's own enable state for its attention: with transformers'
+    registry emptied and every lookup in it failing, an enabled model still prefills sparse."""
+    import transformers.modeling_utils
+    from transformers import AttentionInterface
+
+    def no_lookup(self, key):
+        raise AssertionError(f"looked up {key!r} in transformers' attention registry")
+
+    model, ids = _model(), _ids(batch=1)
+    plain = lp.prefill(model, ids, chunk_size=CHUNK)  # not enabled: dense SDPA
+    assert torch.equal(plain.logits, lp.prefill(model, ids, chunk_size=CHUNK, attention=lp.sdpa_attention).logits)
+    config = PatternConfig.uniform(2, 4, VerticalSlash(vertical=8, slash=16, last_q=16))
+    state = sparse_prefill.enable(model, config, min_seq_len=64)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(transformers.modeling_utils, "ALL_ATTENTION_FUNCTIONS", {})
+            patch.setattr(AttentionInterface, "__getitem__", no_lookup)
+            calls = state.sparse_calls
+            sparse = lp.prefill(model, ids, chunk_size=CHUNK)
+            assert state.sparse_calls == calls + 2  # both layers took the sparse path
+    finally:
+        sparse_prefill.disable(model)
+    assert _rel(sparse.logits, plain.logits) > 1e-6
+    model.config._attn_implementation = "someone_elses"
+    with pytest.raises(ValueError, match="attention implementation is 'someone_elses': pass its function as attention="):
+        lp.prefill(model, ids, chunk_size=CHUNK)
+
+
 def test_default_crossover_keeps_short_gpu_prompts_dense():
     from types import SimpleNamespace
 

@@ -9,8 +9,8 @@ attention needs lives at full length:
 - everything but attention (norms, projections, RoPE, MLP, residual adds) runs in chunks of
   ``chunk_size`` tokens, writing into full-length Q/K/V buffers or adding into the residual
   stream in place;
-- attention runs once per layer over the whole sequence, through the model's attention
-  implementation (so :func:`sparse_prefill.enable` makes it sparse) or a function passed in;
+- attention runs once per layer over the whole sequence: sparse prefill's attention on a model
+  switched with :func:`sparse_prefill.enable`, dense SDPA otherwise, or a function passed in;
 - logits are computed for the last position only;
 - the KV cache is not kept (``cache=None``, prefill only: the first token), kept on the GPU
   (``"device"``), or copied to pinned host memory layer by layer on a side stream while the next

@@ -3,7 +3,8 @@
 Every other part of the forward runs in chunks; attention is the one call at full length, and the
 only part that differs between a dense and a sparse prefill. :data:`AttentionFn` is its contract
 (transformers' attention-function signature), :func:`sdpa_attention` the dense one, and
-:func:`_model_attention` the one a model is set to use when the caller passes none.
+:func:`_model_attention` the one a model is set to use when the caller passes none: sparse
+prefill's own function when :func:`sparse_prefill.enable` switched the model, SDPA otherwise.
 """
 
 from __future__ import annotations
@@ -41,13 +42,29 @@ def sdpa_attention(
     return out.transpose(1, 2), None
 
 
+# transformers' own implementations of dense causal attention: with no mask they all compute what
+# SDPA computes, so the chunked forward runs SDPA for them (the same result, rounding aside).
+_DENSE_IMPLEMENTATIONS = (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 def _model_attention(model: torch.nn.Module) -> AttentionFn:
-    """The attention function the model is set to use; SDPA for "sdpa" and "eager" (same result)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    """The attention ``model`` is set to use: sparse prefill's if :func:`sparse_prefill.enable` switched it, else SDPA.
+
+    The link is explicit: the sparse function is taken from our own integration, and whether the
+    model uses it from the state :func:`~sparse_prefill.integrations.transformers.enable` attached
+    (or a model loaded with ``attn_implementation="sparse_prefill"``), never by looking a name up
+    in transformers' attention registry. Any other implementation name is refused: its function
+    is unknown here, and the caller can pass it as ``attention=``.
+    """
+    # transformers is imported here, not with this module: the model is a transformers model.
+    from ..integrations import transformers as integration
 
     name = model.config._attn_implementation
-    if name in (None, "sdpa", "eager"):
+    if integration.state_of(model) is not None or name == integration.ATTENTION_NAME:
+        return integration.sparse_prefill_attention
+    if name in _DENSE_IMPLEMENTATIONS:
         return sdpa_attention
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        raise ValueError(f"the model's attention implementation {name!r} is not registered with transformers")
-    return ALL_ATTENTION_FUNCTIONS[name]
+    raise ValueError(
+        f"long prefill runs sparse prefill's attention (sparse_prefill.enable) or dense SDPA; the model's "
+        f"attention implementation is {name!r}: pass its function as attention=..."
+    )

@@ -14,6 +14,7 @@ from .adapter import _check_positive_int, _Parts, _parts, _project_qkv, _rope
 from .cache import KVCache
 from .forward import PrefillResult
 
+
 def decode_step(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     """Feed one token per sequence at position ``cache.seq_len``; return next-token logits [batch, vocab].
 

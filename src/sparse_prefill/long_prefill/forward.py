@@ -20,6 +20,7 @@ from .attention import AttentionFn, _model_attention
 from .cache import KVCache, _check_kv_dtype, _check_placement
 from .memory import DEFAULT_CHUNK_SIZE, _check_fits, memory_needed
 
+
 class _Stopwatch:
     """Sums the time of marked regions: CUDA events on a GPU (no synchronisation until read)."""
 
@@ -92,8 +93,10 @@ def prefill(
     attention : callable, optional
         A transformers attention function (``fn(module, q, k, v, mask, scaling=..., dropout=...)``
         -> ``([batch, seq, heads, head_dim], _)``) called once per layer on the whole sequence with
-        no mask (causal). Default: the model's own implementation, so a model switched with
-        :func:`sparse_prefill.enable` prefills sparse; "sdpa" and "eager" run :func:`sdpa_attention`.
+        no mask (causal). Default: sparse prefill's attention on a model switched with
+        :func:`sparse_prefill.enable` (with that state's patterns and ``min_seq_len``),
+        :func:`sdpa_attention` on a model set to one of transformers' dense implementations
+        ("sdpa", "eager", "flash_attention_2", ...); any other implementation must be passed here.
     profile : bool
         Also time the attention calls (CUDA events on a GPU): ``PrefillResult.attention_seconds``.
 
