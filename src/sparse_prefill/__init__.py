@@ -4,6 +4,7 @@ Importing this package never initialises CUDA.
 """
 
 from .attention import sparse_attention
+from .decoding import PageSummaries, page_summaries, sparse_decode_attention
 from .generation import chunked_prefill
 from .patterns import AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash
 from .reference import ReferenceResult, reference_attention
@@ -44,6 +45,9 @@ __all__ = [
     "ReferenceResult",
     "reference_attention",
     "sparse_attention",
+    "PageSummaries",
+    "page_summaries",
+    "sparse_decode_attention",
     "chunked_prefill",
     "enable",
     "disable",

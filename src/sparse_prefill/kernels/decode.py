@@ -1,0 +1,229 @@
+"""Decode attention over selected KV-cache pages: split-K over the pages, then a merge by log-sum-exp.
+
+One decode step of one layer, all heads in one launch (plus a small merge launch). The grid is
+(split, batch x KV head): each program takes a contiguous share of its KV head's selected pages
+(the "slots" ``split * slots_per_split ..``: slot ``t`` is key ``t % page_size`` of the
+``t // page_size``-th selected page), computes the attention of all the group's query heads over
+them at once (the group's queries are the rows of one tile: GQA reads each key once, never
+repeated) and writes a partial output and its log-sum-exp. ``_merge_splits`` then combines the
+partials of every query head. Splitting over the pages is what fills the GPU in decoding: with
+one query per head, ``batch x kv_heads`` programs alone would leave most SMs idle.
+
+The selection comes from :func:`sparse_prefill.decoding.select_pages`; the PyTorch definition the
+kernel is tested against is :func:`sparse_prefill.decoding.decode_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_HEAD_DIM", "decode_over_pages", "split_layout"]
+
+LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2): a base-2 log-sum-exp times LN2 is the natural one
+MAX_HEAD_DIM = 256  # the query tile and its accumulator are GROUP_PADDED x HEAD_DIM_PADDED registers
+BLOCK_N = 64  # keys per tile: four 16-key pages
+MAX_SPLITS = 256  # the merge holds one row per split of a query head
+PROGRAMS_PER_SM = 4  # enough resident programs per SM to hide the latency of the gathered loads
+
+
+def _configs() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter ignores both: one config
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (2, 3, 4)]
+
+
+@triton.autotune(configs=_configs(), key=["GROUP_PADDED", "HEAD_DIM_PADDED", "PAGE_SIZE"])
+@triton.jit
+def _decode_split(
+    Q, K, V, Pages, OutPart, LsePart,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_pb, stride_ph,
+    kv_heads, n_keys, n_slots, n_splits, slots_per_split, qk_scale,
+    GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)  # batch * kv_heads + kv_head
+    batch = bh // kv_heads
+    kv_head = bh % kv_heads
+
+    heads = tl.arange(0, GROUP_PADDED)  # the group's query heads; rows past GROUP are padding
+    head_ok = heads < GROUP
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    dim_ok = dims < HEAD_DIM
+    q_rows = Q + batch.to(tl.int64) * stride_qb + (kv_head * GROUP + heads)[:, None].to(tl.int64) * stride_qh
+    q = tl.load(q_rows + dims[None, :], mask=head_ok[:, None] & dim_ok[None, :], other=0.0)  # [GROUP_PADDED, D]
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    page_list = Pages + batch.to(tl.int64) * stride_pb + kv_head.to(tl.int64) * stride_ph
+
+    acc = tl.zeros([GROUP_PADDED, HEAD_DIM_PADDED], dtype=tl.float32)
+    m_i = tl.full([GROUP_PADDED], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PADDED], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    begin = split * slots_per_split
+    end = tl.minimum(begin + slots_per_split, n_slots)
+    for start in range(begin, end, BLOCK_N):
+        slots = start + offs_n
+        slot_ok = slots < end
+        page = tl.load(page_list + slots // PAGE_SIZE, mask=slot_ok, other=0)
+        keys = page.to(tl.int64) * PAGE_SIZE + slots % PAGE_SIZE
+        key_ok = slot_ok & (keys < n_keys)  # the last page may be partial
+        k = tl.load(k_base + keys[:, None] * stride_ks + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PADDED, BLOCK_N] base-2 logits
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A tile with no real key leaves m = -inf; a finite stand-in avoids inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    # Normalised partial outputs (a convex combination merges them) and base-2 log-sum-exps. A split
+    # with no real key (one that starts inside the partial last page, when page_size does not divide
+    # the split) writes 0 and -inf, which the merge weighs 0.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    rows = (batch * kv_heads * GROUP + kv_head * GROUP + heads).to(tl.int64) * n_splits + split  # [GROUP_PADDED]
+    tl.store(OutPart + rows[:, None] * HEAD_DIM + dims[None, :], acc / l_safe[:, None],
+             mask=head_ok[:, None] & dim_ok[None, :])
+    tl.store(LsePart + rows, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=head_ok)
+
+
+@triton.jit
+def _merge_splits(
+    OutPart, LsePart, Out, Lse,
+    stride_ob, stride_oh,
+    q_heads, n_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_S: tl.constexpr, RETURN_LSE: tl.constexpr,
+):
+    row = tl.program_id(0)  # batch * q_heads + head
+    batch = row // q_heads
+    head = row % q_heads
+    splits = tl.arange(0, BLOCK_S)
+    split_ok = splits < n_splits
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    dim_ok = dims < HEAD_DIM
+    parts = row.to(tl.int64) * n_splits + splits
+    lse = tl.load(LsePart + parts, mask=split_ok, other=float("-inf"))  # base 2
+    m = tl.max(lse, 0)  # finite: the first split starts on a page, and every page holds a key
+    w = tl.math.exp2(lse - m)
+    o = tl.load(OutPart + parts[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None] & dim_ok[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / total
+    tl.store(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + dims, out.to(Out.dtype.element_ty),
+             mask=dim_ok)
+    if RETURN_LSE:
+        tl.store(Lse + row, (m + tl.log2(total)) * LN2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: few programs
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_layout(n_slots: int, programs: int, device: torch.device, slots_per_split: int | None = None) -> tuple[int, int]:
+    """``(n_splits, slots_per_split)`` for ``n_slots`` slots per (batch, KV head) over ``programs`` of them.
+
+    Splits are whole 64-key tiles, as many as make ``PROGRAMS_PER_SM`` programs per SM in all (no
+    more than there are tiles), at most ``MAX_SPLITS``.
+    """
+    tiles = -(-n_slots // BLOCK_N)
+    if slots_per_split is None:
+        wanted = -(-PROGRAMS_PER_SM * _sm_count(device) // programs)
+        n_splits = max(1, min(wanted, tiles, MAX_SPLITS))
+        slots_per_split = -(-tiles // n_splits) * BLOCK_N
+    elif isinstance(slots_per_split, bool) or not isinstance(slots_per_split, int) or slots_per_split < 1:
+        raise ValueError(f"slots_per_split must be a positive int or None, got slots_per_split={slots_per_split!r}")
+    n_splits = -(-n_slots // slots_per_split)
+    if n_splits > MAX_SPLITS:
+        raise ValueError(f"slots_per_split={slots_per_split} makes {n_splits} splits of {n_slots} slots; at most "
+                         f"{MAX_SPLITS} are merged")
+    return n_splits, slots_per_split
+
+
+def decode_over_pages(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, n_keys: int, page_size: int, scale: float,
+    *, return_lse: bool = False, out: torch.Tensor | None = None, slots_per_split: int | None = None,
+):
+    """Attention of one decode step's queries over the listed pages of a KV cache.
+
+    Parameters
+    ----------
+    q : Tensor [batch, q_heads, 1, head_dim], float16 or bfloat16
+        Last dimension contiguous (transformers' transposed views are fine).
+    k, v : Tensor [batch, kv_heads, >= n_keys, head_dim], dtype of ``q``
+        Keys ``0 .. n_keys - 1`` are read; last dimension contiguous.
+    pages : Tensor [batch, kv_heads, n_selected], int32
+        Distinct page numbers ``< ceil(n_keys / page_size)`` (any order) per batch element and KV head;
+        page ``p`` is keys ``p * page_size .. min((p + 1) * page_size, n_keys) - 1``.
+    n_keys, page_size : int
+    scale : float
+        Softmax scale.
+    return_lse : bool
+        Also return the natural log-sum-exp of each query head's kept logits.
+    out : Tensor [batch, q_heads, 1, head_dim], optional
+        Written in place (last dimension contiguous).
+    slots_per_split : int, optional
+        Keys per program (chosen to fill the GPU when None; tests set it to exercise the merge).
+
+    Returns
+    -------
+    out : Tensor [batch, q_heads, 1, head_dim], dtype of ``q``
+    lse : Tensor [batch, q_heads, 1], float32; with ``return_lse``.
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"the decode kernel takes float16 or bfloat16, got dtype={q.dtype}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"the decode kernel supports head_dim <= {MAX_HEAD_DIM}, got head_dim={head_dim}")
+    if q_len != 1:
+        raise ValueError(f"q holds one decode step [batch, q_heads, 1, head_dim], got shape {tuple(q.shape)}")
+    if pages.dtype != torch.int32 or pages.dim() != 3 or tuple(pages.shape[:2]) != (batch, kv_heads) or pages.shape[2] == 0:
+        raise ValueError(f"pages must be a non-empty int32 tensor [batch={batch}, kv_heads={kv_heads}, n_selected], "
+                         f"got {pages.dtype} {tuple(pages.shape)}")
+    if out is None:
+        out = torch.empty_like(q)
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got stride {tensor.stride()}")
+    if pages.stride(-1) != 1:
+        pages = pages.contiguous()
+    group = q_heads // kv_heads
+    n_slots = pages.shape[2] * page_size
+    n_splits, slots_per_split = split_layout(n_slots, batch * kv_heads, q.device, slots_per_split)
+    out_part = torch.empty(batch, q_heads, n_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(batch, q_heads, n_splits, dtype=torch.float32, device=q.device)
+    head_dim_padded = max(16, triton.next_power_of_2(head_dim))
+    _decode_split[(n_splits, batch * kv_heads)](
+        q, k, v, pages, out_part, lse_part,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        pages.stride(0), pages.stride(1),
+        kv_heads, n_keys, n_slots, n_splits, slots_per_split, scale * LOG2E,
+        GROUP=group, GROUP_PADDED=max(16, triton.next_power_of_2(group)), PAGE_SIZE=page_size,
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_N=BLOCK_N,
+    )
+    lse = torch.empty(batch, q_heads, 1, dtype=torch.float32, device=q.device) if return_lse else None
+    _merge_splits[(batch * q_heads,)](
+        out_part, lse_part, out, lse if lse is not None else lse_part,
+        out.stride(0), out.stride(1),
+        q_heads, n_splits,
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+        RETURN_LSE=lse is not None,
+    )
+    return (out, lse) if return_lse else out

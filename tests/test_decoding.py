@@ -1,0 +1,382 @@
+"""Sparse decoding: page summaries, page selection, the reference and the Triton decode kernel.
+
+The selection is checked against a brute-force reading of docs/semantics.md ("Sparse decoding");
+the kernel against the PyTorch reference on the same selection, under TRITON_INTERPRET=1 on a CPU
+(float16: the interpreter computes bf16 dots wrongly) and on the GPU when there is one.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparse_prefill.decoding import (
+    PageSelection,
+    choose_pages,
+    decode_attention_reference,
+    page_scores,
+    page_summaries,
+    page_upper_bounds,
+    recovery_ratio,
+    select_pages,
+    sparse_decode_attention,
+)
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_GPU else "cpu"
+KERNEL_DTYPES = [torch.float16, torch.bfloat16] if HAS_GPU else [torch.float16]
+
+
+def fresh(*shape, dtype=torch.float32, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(torch.seed() % 2**31)
+    return torch.randn(shape, generator=g, device=device).to(dtype)
+
+
+def fresh_step(batch, q_heads, kv_heads, n_keys, head_dim, dtype=torch.float32, device="cpu"):
+    q = fresh(batch, q_heads, 1, head_dim, dtype=dtype, device=device)
+    k = fresh(batch, kv_heads, n_keys, head_dim, dtype=dtype, device=device)
+    v = fresh(batch, kv_heads, n_keys, head_dim, dtype=dtype, device=device)
+    return q, k, v
+
+
+def brute_summaries(k, page_size):
+    n_pages = math.ceil(k.shape[2] / page_size)
+    pages = [k[:, :, p * page_size : (p + 1) * page_size] for p in range(n_pages)]
+    return torch.stack([p.amin(2) for p in pages], 2), torch.stack([p.amax(2) for p in pages], 2)
+
+
+# --- summaries -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_keys", [1, 15, 16, 17, 63, 64, 65, 200, 513])
+@pytest.mark.parametrize("page_size", [1, 16, 24, 64])
+def test_summaries_are_the_pages_min_and_max(n_keys, page_size):
+    k = fresh(2, 3, n_keys, 8, dtype=torch.bfloat16)
+    summaries = page_summaries(k, page_size)
+    want_min, want_max = brute_summaries(k, page_size)
+    assert summaries.n_pages == math.ceil(n_keys / page_size) and summaries.shape == (2, 3, n_keys, 8)
+    assert summaries.key_min.dtype == torch.bfloat16
+    assert torch.equal(summaries.key_min, want_min) and torch.equal(summaries.key_max, want_max)
+
+
+@given(chunks=st.lists(st.integers(0, 40), min_size=1, max_size=12), page_size=st.sampled_from([1, 4, 16, 24]),
+       capacity=st.sampled_from([0, 7, 300]))
+def test_appending_keys_equals_building_once(chunks, page_size, capacity):
+    """Prefill then decode one token (or a few) at a time: the same summaries as one build."""
+    k = fresh(1, 2, sum(chunks), 8, dtype=torch.float16)
+    summaries = page_summaries(k[:, :, : chunks[0]], page_size, capacity=capacity)
+    start = chunks[0]
+    for size in chunks[1:]:
+        summaries.append(k[:, :, start : start + size])
+        start += size
+    assert summaries.n_keys == sum(chunks)
+    if sum(chunks):
+        want_min, want_max = brute_summaries(k, page_size)
+        assert torch.equal(summaries.key_min, want_min) and torch.equal(summaries.key_max, want_max)
+
+
+def test_capacity_keeps_the_storage_in_place():
+    k = fresh(1, 1, 40, 8)
+    summaries = page_summaries(k[:, :, :10], 4, capacity=40)
+    storage = summaries.key_min.data_ptr()
+    for t in range(10, 40):
+        summaries.append(k[:, :, t : t + 1])
+    assert summaries.key_min.data_ptr() == storage
+
+
+# --- selection ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_upper_bound_holds_for_every_key(dtype):
+    q, k, _ = fresh_step(2, 8, 2, 137, 16, dtype=dtype)
+    summaries = page_summaries(k, 16)
+    bounds = page_upper_bounds(q, summaries, scale=0.3)  # [batch, q_heads, n_pages]
+    logits = torch.matmul(q.double(), k.double().repeat_interleave(4, dim=1).transpose(-1, -2))[:, :, 0] * 0.3
+    pad = F.pad(logits, (0, summaries.n_pages * 16 - 137), value=float("-inf"))
+    best = pad.view(2, 8, -1, 16).amax(-1)
+    assert (bounds.double() >= best - 1e-4).all()
+    # A page of one key is its own box: the bound is the logit.
+    exact = page_upper_bounds(q, page_summaries(k, 1), scale=0.3)
+    torch.testing.assert_close(exact.double(), logits, rtol=1e-3, atol=1e-3)
+
+
+def brute_selection(q, k, page_size, budget, sink, local, scale=None):
+    """docs/semantics.md, read literally: forced pages, then the rest by (score desc, page asc)."""
+    n_keys = k.shape[2]
+    n_pages = math.ceil(n_keys / page_size)
+    scores = page_scores(q, page_summaries(k, page_size), scale).float()  # [batch, kv_heads, n_pages]
+    forced = {p for p in range(n_pages) if p * page_size < sink or (p + 1) * page_size > n_keys - local}
+    target = min(n_pages, max(math.ceil(budget / page_size), len(forced)))
+    pages = torch.empty(k.shape[0], k.shape[1], target, dtype=torch.int32)
+    for b in range(k.shape[0]):
+        for h in range(k.shape[1]):
+            free = sorted((p for p in range(n_pages) if p not in forced), key=lambda p: (-scores[b, h, p].item(), p))
+            pages[b, h] = torch.tensor(sorted(forced | set(free[: target - len(forced)])), dtype=torch.int32)
+    return pages
+
+
+@given(
+    n_keys=st.one_of(st.sampled_from([1, 63, 64, 65, 200, 513]), st.integers(1, 600)),
+    page_size=st.sampled_from([1, 8, 16, 24, 64]),
+    heads=st.sampled_from([(1, 1), (4, 1), (8, 2), (2, 2)]),
+    sink=st.integers(0, 40),
+    local=st.integers(1, 100),
+    extra=st.integers(0, 700),
+    batch=st.integers(1, 2),
+)
+def test_selection_follows_the_definition(n_keys, page_size, heads, sink, local, extra, batch):
+    q_heads, kv_heads = heads
+    q, k, _ = fresh_step(batch, q_heads, kv_heads, n_keys, 16)
+    budget = sink + local + extra
+    selection = select_pages(q, page_summaries(k, page_size), budget=budget, sink=sink, local=local)
+    want = brute_selection(q, k, page_size, budget, sink, local)
+    assert selection.pages.dtype == torch.int32 and torch.equal(selection.pages, want)
+    kept = selection.kept_mask()
+    assert kept[:, :, : min(sink, n_keys)].all() and kept[:, :, max(0, n_keys - local) :].all()
+    assert int(kept[0, 0].sum()) == selection.kept_keys()
+
+
+@pytest.mark.parametrize("n_keys", [1, 63, 64, 65, 200, 513])
+def test_budget_of_the_whole_cache_keeps_every_page(n_keys):
+    q, k, _ = fresh_step(1, 4, 1, n_keys, 16)
+    selection = select_pages(q, page_summaries(k, 16), budget=max(n_keys, 80), sink=4, local=64)
+    assert selection.kept_mask().all()
+
+
+def test_ties_go_to_the_lower_page():
+    k = torch.ones(1, 1, 160, 8)  # every page has the same summary and score
+    q = torch.ones(1, 2, 1, 8)
+    selection = select_pages(q, page_summaries(k, 16), budget=64, sink=16, local=16)
+    assert selection.pages.tolist() == [[[0, 1, 2, 9]]]
+
+
+def test_group_votes_with_equal_weight():
+    """A page that is the best page of one query head of the group is kept even when the other head's
+    logits are on a larger scale (a raw max or sum of the bounds would follow the louder head)."""
+    k = torch.zeros(1, 1, 80, 2)
+    k[0, 0, 16:32, 0] = 1.0  # page 1: what head 0 looks for
+    k[0, 0, 32:48, 1] = 1.0  # page 2: what head 1 looks for, with 10x larger logits
+    k[0, 0, 48:64, 1] = 0.9  # page 3: almost as good for head 1
+    q = torch.tensor([[[[4.0, 0.0]], [[0.0, 40.0]]]])
+    selection = select_pages(q, page_summaries(k, 16), budget=48, sink=0, local=1, scale=1.0)
+    assert selection.pages.tolist() == [[[1, 2, 4]]]  # page 4 holds the step's own key
+
+
+# --- reference ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_reference_is_sdpa_over_the_cache(dtype):
+    q, k, v = fresh_step(2, 8, 2, 77, 32, dtype=dtype)
+    out, lse = decode_attention_reference(q, k, v, return_lse=True)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(out, want)
+    logits = torch.matmul(q, k.repeat_interleave(4, dim=1).transpose(-1, -2)) * 32**-0.5
+    torch.testing.assert_close(lse, logits.logsumexp(-1))
+    assert lse.dtype == dtype
+
+
+def test_reference_attends_to_exactly_the_selected_keys():
+    q, k, v = fresh_step(2, 4, 2, 200, 16, dtype=torch.float64)
+    selection = select_pages(q, page_summaries(k, 16), budget=64, sink=4, local=20)
+    out, lse = decode_attention_reference(q, k, v, selection, return_lse=True)
+    mask = selection.kept_mask().repeat_interleave(2, dim=1)[:, :, None]  # [batch, q_heads, 1, n_keys]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, want)
+    # The selected and the unselected keys merge by log-sum-exp into the dense attention.
+    rest = PageSelection(torch.tensor([[[p for p in range(13) if p not in row] for row in b]
+                                       for b in selection.pages.tolist()], dtype=torch.int32), 200, 16)
+    out2, lse2 = decode_attention_reference(q, k, v, rest, return_lse=True)
+    total = torch.logaddexp(lse, lse2)
+    merged = out * (lse - total).exp()[..., None] + out2 * (lse2 - total).exp()[..., None]
+    torch.testing.assert_close(merged, decode_attention_reference(q, k, v))
+
+
+def test_recovery_ratio_is_the_dense_mass_on_the_kept_keys():
+    q, k, _ = fresh_step(2, 4, 1, 150, 16, dtype=torch.float64)
+    selection = select_pages(q, page_summaries(k, 16), budget=48, sink=0, local=1)
+    ratio = recovery_ratio(q, k, selection)
+    probabilities = (torch.matmul(q, k.transpose(-1, -2)) * 0.25).softmax(-1)[:, :, 0]  # [batch, q_heads, n_keys]
+    want = (probabilities * selection.kept_mask()).sum(-1)  # one KV head: its mask serves all query heads
+    torch.testing.assert_close(ratio, want)
+    everything = select_pages(q, page_summaries(k, 16), budget=150, sink=0, local=1)
+    torch.testing.assert_close(recovery_ratio(q, k, everything), torch.ones(2, 4, dtype=torch.float64))
+
+
+def test_selection_finds_planted_keys():
+    """A few keys aligned with one query head: the selection finds their pages and most of the mass."""
+    q, k, _ = fresh_step(1, 4, 1, 1024, 32)
+    hot = torch.tensor([100, 300, 301, 700])
+    direction = q[0, 1, 0] / q[0, 1, 0].norm()
+    q[0, 1, 0] = direction * 6
+    k[0, 0, hot] = direction * 12  # one head's favourite keys: logits ~10.6 against ~N(0, 1) (0 failures in 500 draws)
+    selection = select_pages(q, page_summaries(k, 16), budget=192, sink=16, local=64)
+    kept = selection.kept_mask()[0, 0]
+    assert kept[hot].all()
+    assert recovery_ratio(q, k, selection)[0, 1] > 0.9
+
+
+def test_sparse_decode_attention_on_cpu():
+    q, k, v = fresh_step(2, 8, 2, 300, 16)
+    summaries = page_summaries(k, 16)
+    out, lse, selection = sparse_decode_attention(q, k, v, summaries, budget=96, sink=16, local=32,
+                                                  return_lse=True, return_selection=True)
+    want, want_lse = decode_attention_reference(q, k, v, selection, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert selection.n_selected == 6
+    dense = sparse_decode_attention(q, k, v, summaries, budget=300, sink=16, local=32)
+    torch.testing.assert_close(dense, F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
+def test_decoding_loop_with_appended_keys():
+    """A cache that grows one token per step, its summaries appended as it grows."""
+    q, k, v = fresh_step(1, 4, 2, 120, 16)
+    summaries = page_summaries(k[:, :, :100], 16, capacity=120)
+    for n in range(101, 121):
+        summaries.append(k[:, :, n - 1 : n])
+        out, selection = sparse_decode_attention(q, k[:, :, :n], v[:, :, :n], summaries, budget=64, sink=4, local=16,
+                                                 return_selection=True)
+        assert selection.n_keys == n and selection.kept_mask()[:, :, -16:].all()
+        torch.testing.assert_close(out, decode_attention_reference(q, k[:, :, :n], v[:, :, :n], selection))
+
+
+# --- validation --------------------------------------------------------------------------------------------
+
+
+def test_clear_errors_before_any_work():
+    q, k, v = fresh_step(1, 4, 2, 50, 16)
+    summaries = page_summaries(k, 16)
+    cases = [
+        (dict(budget=10), "budget must be at least sink \\+ local .* got budget=10, sink=16, local=64"),
+        (dict(budget=100, local=0), "local must be an int >= 1, got local=0"),
+        (dict(budget=100, sink=-1), "sink must be an int >= 0, got sink=-1"),
+        (dict(budget=2.5), "budget must be an int >= 1, got budget=2.5"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sparse_decode_attention(q, k, v, summaries, **kwargs)
+    with pytest.raises(ValueError, match="one decode step.*got q_len=3"):
+        sparse_decode_attention(q.expand(1, 4, 3, 16), k, v, summaries)
+    with pytest.raises(ValueError, match="multiple of the number of KV heads, got q_heads=3, kv_heads=2"):
+        sparse_decode_attention(q[:, :3], k, v, summaries)
+    with pytest.raises(ValueError, match="k_cache must have rank 4 .*got shape \\(50, 16\\)"):
+        sparse_decode_attention(q, k[0, 0], v, summaries)
+    with pytest.raises(TypeError, match="must share one dtype, got q=torch.float32, k_cache=torch.float16"):
+        sparse_decode_attention(q, k.half(), v.half(), summaries)
+    with pytest.raises(ValueError, match="summaries cover .*\\[1, 2, 49, 16\\], k_cache has \\[1, 2, 50, 16\\]"):
+        sparse_decode_attention(q, k, v, page_summaries(k[:, :, :49], 16))
+    with pytest.raises(TypeError, match="summaries must be a PageSummaries"):
+        sparse_decode_attention(q, k, v, k)
+    with pytest.raises(ValueError, match="page_size must be an int >= 1, got page_size=0"):
+        page_summaries(k, 0)
+    with pytest.raises(ValueError, match="keys must be \\[batch=1, kv_heads=2, new, head_dim=16\\]"):
+        summaries.append(k[:, :1])
+    with pytest.raises(ValueError, match="keys contains NaN or Inf"):
+        summaries.append(torch.full((1, 2, 1, 16), float("nan")))
+    with pytest.raises(ValueError, match="scores must be a tensor \\[batch, kv_heads, n_pages=4\\], got \\(1, 2, 3\\)"):
+        choose_pages(torch.zeros(1, 2, 3), 50, 16, budget=100, sink=0, local=1)
+    with pytest.raises(ValueError, match="summaries cover n_keys=0"):
+        select_pages(q, page_summaries(k[:, :, :0], 16), budget=100, sink=0, local=1)
+
+
+def test_import_does_not_load_triton():
+    code = ("import sys, sparse_prefill.decoding as d; import sparse_prefill as s; "
+            "assert s.sparse_decode_attention is d.sparse_decode_attention; assert 'triton' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": "src"})
+
+
+# --- the Triton kernel -----------------------------------------------------------------------------------
+
+triton = pytest.importorskip("triton")  # the tests above need no Triton
+
+
+def check_kernel(batch, q_heads, kv_heads, n_keys, head_dim, page_size, budget, sink, local, dtype,
+                 slots_per_split=None):
+    from sparse_prefill.kernels.decode import decode_over_pages
+
+    q, k, v = fresh_step(batch, q_heads, kv_heads, n_keys, head_dim, dtype=dtype, device=DEVICE)
+    selection = select_pages(q, page_summaries(k, page_size), budget=budget, sink=sink, local=local)
+    out = torch.full_like(q, float("nan"))  # poisoned: every row must be written
+    out, lse = decode_over_pages(q, k, v, selection.pages, n_keys, page_size, head_dim**-0.5, return_lse=True,
+                                 out=out, slots_per_split=slots_per_split)
+    ref, ref_lse = decode_attention_reference(q.double(), k.double(), v.double(), selection, return_lse=True)
+    error = ((out.double() - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(out).all() and error <= 1e-2, error
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+    return out
+
+
+@pytest.mark.parametrize("n_keys", [1, 63, 64, 65, 200, 513])
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("heads", [(2, 2), (8, 2)])
+def test_kernel_matches_reference(n_keys, page_size, heads):
+    q_heads, kv_heads = heads
+    for budget in (page_size + 64, n_keys + page_size):  # smaller and larger than the cache
+        check_kernel(2, q_heads, kv_heads, n_keys, 64, page_size, max(budget, 80), 16, 64, torch.float16)
+
+
+@given(
+    n_keys=st.one_of(st.sampled_from([1, 63, 64, 65, 200, 513]), st.integers(1, 700)),
+    head_dim=st.sampled_from([16, 64, 80, 128]),
+    heads=st.sampled_from([(1, 1), (4, 1), (8, 2), (3, 3)]),
+    page_size=st.sampled_from([8, 16, 24, 32, 64]),
+    budget=st.integers(20, 800),
+    slots_per_split=st.sampled_from([None, 16, 64, 100, 1000]),
+    batch=st.integers(1, 2),
+    dtype=st.sampled_from(KERNEL_DTYPES),
+)
+def test_kernel_matches_reference_on_random_shapes(n_keys, head_dim, heads, page_size, budget, slots_per_split,
+                                                   batch, dtype):
+    q_heads, kv_heads = heads
+    check_kernel(batch, q_heads, kv_heads, n_keys, head_dim, page_size, budget, 4, 16, dtype,
+                 slots_per_split=slots_per_split)
+
+
+def test_kernel_reads_a_strided_cache_view():
+    """A preallocated cache read up to its current length, and transformers' transposed queries."""
+    from sparse_prefill.kernels.decode import decode_over_pages
+
+    storage = fresh(1, 2, 400, 64, dtype=torch.float16, device=DEVICE)  # [batch, kv_heads, capacity, dim]
+    values = fresh(1, 2, 400, 64, dtype=torch.float16, device=DEVICE)
+    k, v = storage[:, :, :250], values[:, :, :250]
+    q = fresh(1, 1, 8, 64, dtype=torch.float16, device=DEVICE).transpose(1, 2)  # [batch, 8, 1, 64], strided
+    selection = select_pages(q, page_summaries(k, 16), budget=96, sink=16, local=32)
+    out = decode_over_pages(q, k, v, selection.pages, 250, 16, 0.125)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), selection)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_kernel_rejects_what_it_cannot_run():
+    from sparse_prefill.kernels.decode import decode_over_pages
+
+    q, k, v = fresh_step(1, 2, 1, 64, 16, device=DEVICE)
+    pages = torch.zeros(1, 1, 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(TypeError, match="float16 or bfloat16, got dtype=torch.float32"):
+        decode_over_pages(q, k, v, pages, 64, 16, 0.25)
+    q, k, v = (t.half() for t in (q, k, v))
+    with pytest.raises(ValueError, match="pages must be a non-empty int32 tensor .* got torch.int64"):
+        decode_over_pages(q, k, v, pages.long(), 64, 16, 0.25)
+    with pytest.raises(ValueError, match="slots_per_split must be a positive int"):
+        decode_over_pages(q, k, v, pages, 64, 16, 0.25, slots_per_split=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n_keys", [131072, 131072 + 37])
+def test_real_sizes_on_gpu(n_keys):
+    """Llama-3-8B shapes (32 query / 8 KV heads, head_dim 128), bf16, through the public entry point."""
+    q, k, v = fresh_step(1, 32, 8, n_keys, 128, dtype=torch.bfloat16, device="cuda")
+    summaries = page_summaries(k)
+    for budget in (4096, n_keys):
+        out, lse, selection = sparse_decode_attention(q, k, v, summaries, budget=budget, return_lse=True,
+                                                      return_selection=True)
+        ref, ref_lse = decode_attention_reference(q.float(), k.float(), v.float(), selection, return_lse=True)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+        torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-2)
