@@ -233,7 +233,7 @@ def test_an_interrupted_eval_loses_no_finished_sample(tmp_path, monkeypatch):
         (["eval", "needle", "--haystack", "pg19"], "--haystack 'pg19' is not a known text"),
         (["eval", "ruler", "--tasks", "qa_squad", "--lengths", "1k"], "unknown RULER task(s) qa_squad"),
         (["eval", "needle", "--method", "dense", "--config", "patterns.json"], "add sparse to --method"),
-        (["eval", "needle", "--preset", "quick"], "--preset must be one of default, fast, got 'quick'"),
+        (["eval", "needle", "--preset", "quick"], "--preset must be one of default, fast, dense, got 'quick'"),
     ],
 )
 def test_eval_bad_input_is_a_clear_error(tmp_path, capsys, args, message):

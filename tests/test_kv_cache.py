@@ -24,7 +24,6 @@ from sparse_prefill.kv_cache import (  # noqa: E402
     PyramidKVCache,
     SnapKVCache,
     StreamingLLMCache,
-    awaiting_compression,
     cache_stats,
     check_kv_options,
     make_kv_cache,
@@ -122,10 +121,10 @@ def test_snapkv_cache_keeps_each_kv_heads_own_positions():
     cache = SnapKVCache(capacity=4, num_layers=1, window=2, kernel=1)
     keys, values = cache.update(k, v, 0)
     assert keys is k  # the prefill attends to the whole prompt
-    layer = awaiting_compression(keys)
-    assert layer is cache.layers[0]
-    layer.compress_after_attention(q, 1.0)
-    assert awaiting_compression(keys) is None
+    layer = cache.pending_layer(0)
+    assert layer is cache.layers[0] and layer.window == 2
+    layer.compress(window_attention_scores(q, keys, layer.window, 1.0))
+    assert cache.pending_layer(0) is None
     # KV head 0: its two query heads vote for 3 and 7; KV head 1: 5 (both heads), then 9.
     assert cache.kept_positions[0].tolist() == [[[3, 7, 14, 15], [5, 9, 14, 15]]]
     kept = cache.kept_positions[0]
@@ -141,7 +140,7 @@ def test_streaming_cache_hand_built():
     k, v = torch.randn(2, KV_HEADS, 10, 8), torch.randn(2, KV_HEADS, 10, 8)
     cache = StreamingLLMCache(capacity=5, num_layers=1, sink=2)
     cache.update(k, v, 0)
-    awaiting_compression(k).compress_after_attention(torch.randn(2, Q_HEADS, 10, 8), None)
+    cache.pending_layer(0).compress(None)
     assert torch.equal(cache.layers[0].keys, k[:, :, [0, 1, 7, 8, 9]])
     assert torch.equal(cache.layers[0].values, v[:, :, [0, 1, 7, 8, 9]])
 
@@ -153,7 +152,7 @@ def test_capacity_larger_than_the_prompt_keeps_everything():
     k, v = torch.randn(1, KV_HEADS, 10, 8), torch.randn(1, KV_HEADS, 10, 8)
     for cache in (SnapKVCache(64, 1), PyramidKVCache(64, 2), StreamingLLMCache(64, 1)):
         cache.update(k, v, 0)
-        assert awaiting_compression(k) is None  # nothing to compress, nothing waits
+        assert cache.pending_layer(0) is None  # nothing to compress, nothing waits
         assert torch.equal(cache.layers[0].keys, k) and cache.kept_positions[0] is None
 
 
@@ -268,29 +267,45 @@ def test_window_scores_equal_softmax_column_sums(seq, window, heads, batch, dim,
 
 
 def test_only_methods_that_need_scores_compute_them(monkeypatch):
-    """StreamingLLM compresses without scores; SnapKV computes its window's once, from the prefill's queries."""
-    from sparse_prefill import kv_cache
+    """StreamingLLM compresses without scores; SnapKV's are computed once per layer, from the prefill's queries."""
+    from sparse_prefill.integrations import transformers as integration
 
     calls = []
-    original = kv_cache.window_attention_scores
+    original = integration.window_attention_scores
 
     def counting(query, key, window, scale):
-        calls.append(window)
+        calls.append((window, query.shape[-2], key.shape[-2]))
         return original(query, key, window, scale)
 
-    monkeypatch.setattr(kv_cache, "window_attention_scores", counting)
-    q, k, v = (torch.randn(1, h, 80, 16) for h in (Q_HEADS, KV_HEADS, KV_HEADS))
-    streaming = StreamingLLMCache(capacity=20, num_layers=1, sink=4)
-    streaming.update(k, v, 0)
-    awaiting_compression(k).compress_after_attention(q, None)
-    assert calls == []
-    assert torch.equal(streaming.kept_positions[0], streaming_positions(80, 20, 4).expand(1, KV_HEADS, -1))
-    snap = SnapKVCache(capacity=40, num_layers=1, window=8, kernel=1)
-    snap.update(k, v, 0)
-    awaiting_compression(k).compress_after_attention(q, None)
-    assert calls == [8]
-    scores = original(q, k, 8, 16**-0.5).view(1, KV_HEADS, 2, 80).sum(2)
-    assert torch.equal(snap.kept_positions[0], snapkv_positions(scores, 40, 8, kernel=1))
+    monkeypatch.setattr(integration, "window_attention_scores", counting)
+    model = tiny_llama(layers=2)
+    sparse_prefill.enable(model, min_seq_len=64)
+    with torch.no_grad():
+        streaming = make_kv_cache("streamingllm", model, 20)
+        model(prompt(seed=4), past_key_values=streaming, use_cache=True)
+        assert calls == [] and all(layer.kept is not None for layer in streaming.layers)
+        snap = make_kv_cache("snapkv", model, 40, window=8)
+        model(prompt(seed=4), past_key_values=snap, use_cache=True)
+    assert calls == [(8, SEQ, SEQ)] * 2  # each layer once, with the whole prefill's queries and keys
+    assert [layer.keys.shape[-2] for layer in snap.layers] == [40, 40]
+
+
+def test_the_cache_link_is_the_enabled_models_own_and_goes_with_disable():
+    """enable() notes the call's compressing cache through pre-hooks it owns; disable() removes them."""
+    model = tiny_llama(layers=2)
+    attention = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj")]
+    hooks_before = [len(m._forward_pre_hooks) for m in attention]
+    sparse_prefill.enable(model, min_seq_len=64)
+    state = sparse_prefill.enable(model, min_seq_len=64)  # enabling again replaces, does not stack hooks
+    assert [len(m._forward_pre_hooks) for m in attention] == [n + 1 for n in hooks_before]
+    cache = make_kv_cache("snapkv", model, 40)
+    with torch.no_grad():
+        model(prompt(seed=5), past_key_values=cache, use_cache=True)
+        assert state.compressing_cache is cache and cache.pending_layer(0) is None
+        model(prompt(seed=5)[:, :10], use_cache=False)  # a call without the cache forgets it
+        assert state.compressing_cache is None
+    sparse_prefill.disable(model)
+    assert [len(m._forward_pre_hooks) for m in attention] == hooks_before
 
 
 # --- end to end: decoding from a compressed cache equals a full cache that masks the evicted keys --------
@@ -360,7 +375,7 @@ def test_pyramidkv_layers_keep_their_schedule_and_snapkv_choice():
     ids = prompt(seed=2)
     captured = capture_qkv(model, ids, [0, 1, 2])
     # Dense prefill through sparse_prefill's attention (every layer's Q/K then equal the captured ones).
-    sparse_prefill.enable(model, min_seq_len=10_000)
+    sparse_prefill.enable(model, preset="dense")
     cache = make_kv_cache("pyramidkv", model, 64)
     with torch.no_grad():
         out = model.generate(ids, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, do_sample=False)

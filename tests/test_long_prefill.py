@@ -200,7 +200,7 @@ def test_default_crossover_keeps_short_gpu_prompts_dense():
         sparse_prefill.disable(model)
     with pytest.raises(ValueError, match=r"min_seq_len must be a positive int, got min_seq_len=0 \(or None"):
         sparse_prefill.enable(model, min_seq_len=0)
-    with pytest.raises(ValueError, match=r"preset must be one of \['default', 'fast'\], got preset='quick'"):
+    with pytest.raises(ValueError, match=r"preset must be one of \['default', 'dense', 'fast'\], got preset='quick'"):
         sparse_prefill.enable(model, preset="quick")
 
 

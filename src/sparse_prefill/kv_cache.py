@@ -16,16 +16,19 @@ Compression happens once per layer, right after that layer's prefill attention, 
 K/V is freed before the next layer runs. Decoding then appends to the compressed cache; nothing
 more is evicted. A prompt no longer than a layer's capacity is kept whole.
 
-How the scores reach the cache: the prefill's queries exist only inside the attention function.
-transformers hands the attention function the very key tensor the cache's ``update`` returned, so
-the cache registers that tensor (:func:`awaiting_compression`) and sparse_prefill's attention
-function (``integrations/transformers.py``) calls back with the queries. The scores are the
-attention the last ``window`` queries give each key: the statistic Vertical-Slash's estimator
-computes from its last queries, and :func:`window_attention_scores` takes it from there (the fused
-Triton pass on the GPU). A model must therefore run with sparse_prefill's attention
-(:func:`sparse_prefill.enable`; for a dense prefill, ``enable(model, min_seq_len=...)`` above the
-prompt length routes every call to SDPA through it). StreamingLLM needs no scores and also works
-without it: it then compresses at the first decoding step.
+How the scores reach the cache: the prefill's queries exist only inside the attention function,
+and transformers does not hand the cache to it. So the link runs through the integration, one way:
+:func:`sparse_prefill.enable` puts a forward pre-hook on every attention layer that notes the
+compressing cache the layer is called with; sparse_prefill's attention function
+(``integrations/transformers.py``), after the layer's prefill attention, asks that cache for the
+layer waiting for scores (:meth:`pending_layer`), computes them with :func:`window_attention_scores`
+(the attention the last ``window`` queries give each key: the statistic Vertical-Slash's estimator
+computes from its last queries; the fused Triton pass on the GPU) and hands them to the layer's
+``compress``. This module never calls into the attention. A model must therefore run with
+sparse_prefill's attention (:func:`sparse_prefill.enable`; for a dense prefill,
+``enable(model, preset="dense")``: exact attention through transformers' SDPA, every call).
+StreamingLLM needs no scores and also works without it: it then compresses at the first decoding
+step.
 
 Positions: after compression a layer holds fewer keys than tokens were seen. ``get_seq_length``
 reports the tokens seen, so the next token's position (RoPE) is right; ``get_mask_sizes`` reports
@@ -40,7 +43,6 @@ sliding-window layers are refused; a PyramidKV cache takes one token per step af
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Callable
 
 import torch
@@ -75,7 +77,6 @@ __all__ = [
     "snapkv_positions",
     "streaming_positions",
     "pyramid_capacities",
-    "awaiting_compression",
 ]
 
 METHODS = ("full", "snapkv", "pyramidkv", "streamingllm")
@@ -174,20 +175,6 @@ def pyramid_capacities(capacity: int, num_layers: int, window: int = DEFAULT_WIN
 
 # --- the cache ---------------------------------------------------------------------------------------
 
-# id(key tensor a layer's prefill update returned) -> that layer, until it has compressed. Weak
-# values: a cache that is dropped mid-prefill leaves nothing behind.
-_AWAITING: "weakref.WeakValueDictionary[int, _CompressingLayer]" = weakref.WeakValueDictionary()
-
-
-def awaiting_compression(key: torch.Tensor) -> "_CompressingLayer | None":
-    """The cache layer that returned ``key`` from its prefill update and waits for the prefill's queries, or None.
-
-    Called by the attention function for every layer call; a dictionary lookup and an identity check.
-    """
-    layer = _AWAITING.get(id(key))
-    return layer if layer is not None and layer.keys is key and layer.pending else None
-
-
 class _CompressingLayer(DynamicLayer):
     """One layer's cache: holds the whole prompt until its prefill attention has run, then a subset of it.
 
@@ -211,9 +198,7 @@ class _CompressingLayer(DynamicLayer):
             # Prefill: hold the prompt as given (no copy); the attention runs on all of it.
             self.keys, self.values = key_states, value_states
             self.seen = key_states.shape[-2]
-            if self.seen > self.capacity:
-                self.pending = True
-                _AWAITING[id(self.keys)] = self
+            self.pending = self.seen > self.capacity
             return self.keys, self.values
         if key_states.shape[-2] > 1:  # more than one token after the prompt: a continuation, or a reused cache
             self._check_continues(key_states.shape[-2], kwargs)
@@ -222,7 +207,7 @@ class _CompressingLayer(DynamicLayer):
                 raise RuntimeError(
                     f"{type(self).__name__} needs the prefill's attention scores, which only sparse_prefill's attention "
                     "function provides: call sparse_prefill.enable(model) before the prefill (for a dense prefill, "
-                    "enable(model, min_seq_len=<more than the prompt>) routes every layer to SDPA through it)"
+                    "sparse_prefill.enable(model, preset='dense'))"
                 )
             self.compress(None)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -266,15 +251,6 @@ class _CompressingLayer(DynamicLayer):
         self.kept = kept
         self.pending = False
 
-    def compress_after_attention(self, query: torch.Tensor, scale: float | None) -> None:
-        """Called by the attention function after this layer's prefill attention, with its queries."""
-        scores = None
-        if self.window:
-            scale = query.shape[-1] ** -0.5 if scale is None else scale
-            scores = window_attention_scores(query, self.keys, self.window, scale)
-        _AWAITING.pop(id(self.keys), None)
-        self.compress(scores)
-
     def get_seq_length(self) -> int:
         # Tokens seen, not keys held: transformers derives the next token's position from this.
         return self.seen
@@ -286,8 +262,6 @@ class _CompressingLayer(DynamicLayer):
         return held + query_length, self.seen - held
 
     def reset(self) -> None:
-        if self.is_initialized and self.keys is not None:
-            _AWAITING.pop(id(self.keys), None)
         super().reset()
         self.seen, self.pending, self.kept = 0, False, None
 
@@ -322,6 +296,15 @@ class _CompressingCache(DynamicCache):
     def __init__(self, layers: list[_CompressingLayer]):
         # Cache's own constructor: DynamicCache's would build plain DynamicLayers.
         Cache.__init__(self, layers=layers)
+
+    def pending_layer(self, layer_idx: int) -> "_CompressingLayer | None":
+        """The layer ``layer_idx`` if it holds a prompt longer than its capacity, waiting to be compressed.
+
+        Its ``window`` says how many last queries its ``compress(scores)`` needs scores from (0: call
+        ``compress(None)``). Asked by sparse_prefill's attention function after each layer's attention.
+        """
+        layer = self.layers[layer_idx] if 0 <= layer_idx < len(self.layers) else None
+        return layer if layer is not None and layer.pending else None
 
     @property
     def kept_positions(self) -> list[torch.Tensor | None]:

@@ -11,6 +11,9 @@ the model-level evaluation (docs/ACCURACY.md):
   scores), and the saved index time is worth more than the 0.004 of error.
 - ``"fast"``: the fastest measured budget under error 0.08 there (0.077, 4.9x cuDNN). For users
   who measured that their task tolerates it.
+- ``"dense"``: exact attention on every call (transformers' SDPA), still through sparse_prefill's
+  attention function: the baseline, and what a compressing KV cache (:mod:`sparse_prefill.kv_cache`)
+  needs to get its scores from a dense prefill.
 
 Below a preset's ``min_seq_len`` dense attention is faster than sparse attention with its index,
 so the prefill stays dense there (``pattern_for`` returns :class:`~sparse_prefill.patterns.Dense`).
@@ -57,6 +60,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "default": Preset("default", BlockCoverage(0.99, stride=32), min_seq_len_cuda=65536),
     "fast": Preset("fast", BlockCoverage(0.95, stride=32), min_seq_len_cuda=65536),
+    "dense": Preset("dense", Dense(), min_seq_len_cuda=1, min_seq_len_cpu=1),
 }
 
 

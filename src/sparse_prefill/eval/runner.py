@@ -175,7 +175,7 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
                 # the compressing cache the prefill's queries.
                 from ..integrations.transformers import enable
 
-                enable(loaded.model, min_seq_len=2**62)
+                enable(loaded.model, preset="dense")
             record = _evaluate(spec, loaded, item, device)
             record.update(key=item.key, label=label, method=method, config=spec.config or f"preset {spec.preset}", length=length,
                           kv=spec.kv, kv_capacity=spec.kv_capacity, kv_kernel=spec.kv_kernel,

@@ -43,8 +43,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from ..kv_cache import compresses, window_attention_scores
 from ..ops import sparse_attention_op
-from ..kv_cache import awaiting_compression
 from ..patterns import Dense, Pattern, PatternConfig
 from ..presets import PRESETS, Preset, preset as preset_named
 
@@ -84,6 +84,9 @@ class SparsePrefillState:
     sparse_calls, dense_calls : int
         Layer calls that took the sparse path and the dense (SDPA) path since :func:`enable`;
         a prefill of an ``L``-layer model adds ``L`` to one of them, as does every decoding step.
+    compressing_cache : transformers Cache or None
+        The compressing KV cache (:mod:`sparse_prefill.kv_cache`) the current forward call passes to
+        the attention layers, noted by their forward pre-hooks; None for any other cache.
     """
 
     config: PatternConfig | None = field(repr=False)
@@ -92,6 +95,18 @@ class SparsePrefillState:
     restore_implementation: str
     sparse_calls: int = 0
     dense_calls: int = 0
+    compressing_cache: Any = field(default=None, repr=False)
+    hooks: list = field(default_factory=list, repr=False)  # the pre-hooks' handles, removed by disable()
+
+    def note_cache(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of every attention layer: remember the compressing cache it is called with.
+
+        transformers gives the cache to the layer (which fills it) but not to the attention function,
+        which alone sees the prefill's queries that SnapKV scores with. The cache is a keyword
+        argument: ``cache`` in recent transformers, ``past_key_values`` before.
+        """
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self.compressing_cache = cache if compresses(cache) else None
 
     def shortest_sparse(self, query: torch.Tensor) -> int:
         """The shortest prefill of ``query``'s device that runs sparse."""
@@ -160,16 +175,13 @@ def sparse_prefill_attention(
     (Tensor [batch, q_len, q_heads, head_dim], None)
     """
     state = _STATES.get(module, _UNATTACHED)
-    # A compressing KV cache (sparse_prefill.kv_cache) that holds this prefill's keys and needs its queries.
-    compressing = awaiting_compression(key)
     sparse = _takes_sparse_path(state, module, query, key, kwargs)
     # Budgets that follow the prompt length follow the keys: a chunk's context is the whole prefix.
     patterns = state.layer_patterns(module.layer_idx, query.shape[1], key.shape[2]) if sparse else ()
     if not sparse or all(isinstance(pattern, Dense) for pattern in patterns):
         state.dense_calls += 1
         out = _sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if compressing is not None:
-            compressing.compress_after_attention(query, scaling)
+        _compress_cache(state, module, query, key, scaling)
         return out
     if dropout:
         raise ValueError(
@@ -188,12 +200,28 @@ def sparse_prefill_attention(
         out = sparse_attention_op(query, key, value, patterns, scaling)  # [batch, q_heads, q_len, head_dim]
     else:
         out = _padded_sparse_attention(state, module, query, key, value, spans, scaling)
-    if compressing is not None:
-        compressing.compress_after_attention(query, scaling)
+    _compress_cache(state, module, query, key, scaling)
     state.sparse_calls += 1
     # A view, not a copy: transformers' attention layers reshape it (copying then), and at 1M tokens a
     # contiguous copy here would be one more 8 GiB buffer at the peak (sparse_prefill.long_prefill).
     return out.transpose(1, 2), None
+
+
+def _compress_cache(state: SparsePrefillState, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    scaling: float | None) -> None:
+    """After a layer's attention: compress its layer of the call's compressing KV cache, if it waits.
+
+    The scores it needs (the attention of the last ``window`` queries on every key) are computed
+    here, where the queries are; the cache only selects from them.
+    """
+    layer = state.compressing_cache.pending_layer(module.layer_idx) if state.compressing_cache is not None else None
+    if layer is None:
+        return
+    scores = None
+    if layer.window:
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        scores = window_attention_scores(query, key, layer.window, scale)
+    layer.compress(scores)
 
 
 def _takes_sparse_path(
@@ -322,8 +350,10 @@ def enable(
         preset's pattern on every head.
     preset : str
         A name in :data:`sparse_prefill.presets.PRESETS`: ``"default"`` (accurate: output error at
-        most about 0.03 against dense attention on the real 128K workload) or ``"fast"`` (faster,
-        error about 0.08; docs/BENCHMARKS.md). It also sets the default ``min_seq_len``.
+        most about 0.03 against dense attention on the real 128K workload), ``"fast"`` (faster,
+        error about 0.08; docs/BENCHMARKS.md) or ``"dense"`` (exact attention, every call through
+        transformers' SDPA: what a compressing KV cache needs for a dense prefill). It also sets
+        the default ``min_seq_len``.
     min_seq_len : int
         Prefills shorter than this many tokens stay dense. None (default): the preset's crossover
         with dense attention on the prompt's device.
@@ -358,8 +388,11 @@ def enable(
     if restore == ATTENTION_NAME:  # loaded with attn_implementation="sparse_prefill"
         restore = "sdpa"
     state = SparsePrefillState(config=config, preset=chosen, min_seq_len=min_seq_len, restore_implementation=restore)
+    if previous is not None:
+        _remove_hooks(previous)
     for module in attention_modules:
         _STATES[module] = state
+        state.hooks.append(module.register_forward_pre_hook(state.note_cache, with_kwargs=True))
     _set_attn_implementation(model, ATTENTION_NAME)
     return state
 
@@ -376,9 +409,17 @@ def disable(model: torch.nn.Module) -> None:
     for module in attention_modules:
         _STATES.pop(module, None)
     if state is not None:
+        _remove_hooks(state)
         _set_attn_implementation(model, state.restore_implementation)
     elif model_config._attn_implementation == ATTENTION_NAME:
         _set_attn_implementation(model, "sdpa")
+
+
+def _remove_hooks(state: SparsePrefillState) -> None:
+    for handle in state.hooks:
+        handle.remove()
+    state.hooks.clear()
+    state.compressing_cache = None
 
 
 def state_of(model: torch.nn.Module) -> SparsePrefillState | None:
