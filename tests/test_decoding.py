@@ -339,6 +339,20 @@ def test_kernel_matches_reference_on_random_shapes(n_keys, head_dim, heads, page
                  slots_per_split=slots_per_split)
 
 
+@pytest.mark.parametrize("n_keys, page_size, heads, head_dim", [(1, 16, (1, 1), 64), (200, 16, (8, 2), 80),
+                                                                (513, 8, (4, 1), 128), (1500, 16, (3, 3), 16)])
+def test_bounds_kernel_matches_pytorch(n_keys, page_size, heads, head_dim):
+    from sparse_prefill.kernels.decode import page_bounds
+
+    dtype = KERNEL_DTYPES[-1]
+    q_heads, kv_heads = heads
+    q, k, _ = fresh_step(2, q_heads, kv_heads, n_keys, head_dim, dtype=dtype, device=DEVICE)
+    summaries = page_summaries(k, page_size, capacity=n_keys + 100)  # strided views of a larger storage
+    bounds = page_bounds(q, summaries.key_min, summaries.key_max, 0.3)
+    want = page_upper_bounds(q.float(), page_summaries(k.float(), page_size), scale=0.3)
+    torch.testing.assert_close(bounds, want, rtol=1e-5, atol=1e-4)
+
+
 def test_kernel_reads_a_strided_cache_view():
     """A preallocated cache read up to its current length, and transformers' transposed queries."""
     from sparse_prefill.kernels.decode import decode_over_pages

@@ -307,13 +307,19 @@ def page_upper_bounds(q: torch.Tensor, summaries: PageSummaries, scale: float | 
 
     Returns
     -------
-    Tensor [batch, q_heads, n_pages], float32 (float64 for float64 inputs).
+    Tensor [batch, q_heads, n_pages], float32 (float64 for float64 inputs). On CUDA with float16 or
+    bfloat16 inputs a Triton kernel computes it from the summaries as stored (exact products, float32
+    sums in another order than PyTorch's).
     """
     batch, kv_heads, _, head_dim = summaries.shape
     group = _check_query(q, kv_heads, head_dim, batch, "summaries")
     scale = check_scale(scale, head_dim)
+    if q.is_cuda and q.dtype in LOW_PRECISION and summaries.dtype == q.dtype:
+        from .kernels.decode import page_bounds  # reads the summaries once, in their dtype
+
+        return page_bounds(q, summaries.key_min, summaries.key_max, scale)
     dtype = _score_dtype(q.dtype)
-    queries = q.to(dtype).view(batch, kv_heads, group, head_dim)
+    queries = q.to(dtype).reshape(batch, kv_heads, group, head_dim)
     # max(q c_min, q c_max) is q c_max where q >= 0 and q c_min where q < 0: two products, no
     # [group, pages, head_dim] temporary.
     bound = (torch.matmul(queries.clamp(min=0), summaries.key_max.to(dtype).transpose(-1, -2))
@@ -531,7 +537,7 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     scale = check_scale(scale, q.shape[-1])
     dtype = _score_dtype(q.dtype)
     batch, kv_heads, n_keys, head_dim = k.shape
-    queries = q.to(dtype).view(batch, kv_heads, group, head_dim)
+    queries = q.to(dtype).reshape(batch, kv_heads, group, head_dim)
     logits = torch.matmul(queries, k.to(dtype).transpose(-1, -2)) * scale  # [batch, kv_heads, group, n_keys]
     if selection is not None:
         logits = logits.masked_fill(~selection.kept_mask()[:, :, None], float("-inf"))
@@ -634,7 +640,7 @@ def recovery_ratio(q: torch.Tensor, k: torch.Tensor, selection: PageSelection, *
     scale = check_scale(scale, q.shape[-1])
     dtype = _score_dtype(q.dtype)
     batch, kv_heads, n_keys, head_dim = k.shape
-    logits = torch.matmul(q.to(dtype).view(batch, kv_heads, group, head_dim), k.to(dtype).transpose(-1, -2)) * scale
+    logits = torch.matmul(q.to(dtype).reshape(batch, kv_heads, group, head_dim), k.to(dtype).transpose(-1, -2)) * scale
     probabilities = logits.softmax(dim=-1)  # [batch, kv_heads, group, n_keys]
     kept = (probabilities * selection.kept_mask()[:, :, None]).sum(dim=-1)
     return kept.view(batch, kv_heads * group)

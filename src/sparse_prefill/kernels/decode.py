@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_HEAD_DIM", "decode_over_pages", "split_layout"]
+__all__ = ["MAX_HEAD_DIM", "decode_over_pages", "page_bounds", "split_layout"]
 
 LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): a base-2 log-sum-exp times LN2 is the natural one
@@ -127,6 +127,39 @@ def _merge_splits(
         tl.store(Lse + row, (m + tl.log2(total)) * LN2)
 
 
+@triton.jit
+def _page_bounds(
+    Q, Min, Max, Bounds,
+    stride_qb, stride_qh,
+    stride_sb, stride_sh, stride_sp,
+    kv_heads, n_pages, scale,
+    GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    block = tl.program_id(0)
+    bh = tl.program_id(1)  # batch * kv_heads + kv_head
+    batch = bh // kv_heads
+    kv_head = bh % kv_heads
+    heads = tl.arange(0, GROUP_PADDED)
+    head_ok = heads < GROUP
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    dim_ok = dims < HEAD_DIM
+    q_rows = Q + batch.to(tl.int64) * stride_qb + (kv_head * GROUP + heads)[:, None].to(tl.int64) * stride_qh
+    q = tl.load(q_rows + dims[None, :], mask=head_ok[:, None] & dim_ok[None, :], other=0.0)  # [GROUP_PADDED, D]
+    pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    page_ok = pages < n_pages
+    summary = batch.to(tl.int64) * stride_sb + kv_head.to(tl.int64) * stride_sh + pages[:, None].to(tl.int64) * stride_sp
+    key_max = tl.load(Max + summary + dims[None, :], mask=page_ok[:, None] & dim_ok[None, :], other=0.0)
+    key_min = tl.load(Min + summary + dims[None, :], mask=page_ok[:, None] & dim_ok[None, :], other=0.0)
+    # max(q c_min, q c_max) = q+ c_max + q- c_min: two products with exact fp16/bf16 terms and
+    # float32 sums, no [pages, head_dim] elementwise temporary.
+    q_pos = tl.maximum(q, 0.0).to(key_max.dtype)
+    q_neg = tl.minimum(q, 0.0).to(key_min.dtype)
+    bound = tl.dot(q_neg, tl.trans(key_min), tl.dot(q_pos, tl.trans(key_max))) * scale  # [GROUP_PADDED, BLOCK_P]
+    rows = (batch * kv_heads * GROUP + kv_head * GROUP + heads).to(tl.int64) * n_pages
+    tl.store(Bounds + rows[:, None] + pages[None, :], bound, mask=head_ok[:, None] & page_ok[None, :])
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -227,3 +260,42 @@ def decode_over_pages(
         RETURN_LSE=lse is not None,
     )
     return (out, lse) if return_lse else out
+
+
+def page_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, scale: float) -> torch.Tensor:
+    """Every page's logit bound per query head, :func:`sparse_prefill.decoding.page_upper_bounds` on the GPU.
+
+    Parameters
+    ----------
+    q : Tensor [batch, q_heads, 1, head_dim], float16 or bfloat16 (last dimension contiguous)
+    key_min, key_max : Tensor [batch, kv_heads, n_pages, head_dim], dtype of ``q``
+        The page summaries (views of a larger storage are fine; last dimension contiguous).
+    scale : float
+
+    Returns
+    -------
+    Tensor [batch, q_heads, n_pages], float32.
+    """
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads, n_pages = key_min.shape[1], key_min.shape[2]
+    if q.dtype not in (torch.float16, torch.bfloat16) or key_min.dtype != q.dtype or key_max.dtype != q.dtype:
+        raise TypeError(f"page_bounds takes float16 or bfloat16 queries and summaries of the same dtype, got "
+                        f"q={q.dtype}, key_min={key_min.dtype}, key_max={key_max.dtype}")
+    if key_min.stride() != key_max.stride():
+        raise ValueError(f"key_min and key_max must share one layout, got strides {key_min.stride()} and {key_max.stride()}")
+    for name, tensor in (("q", q), ("key_min", key_min), ("key_max", key_max)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got stride {tensor.stride()}")
+    group = q_heads // kv_heads
+    bounds = torch.empty(batch, q_heads, n_pages, dtype=torch.float32, device=q.device)
+    block_p = 64
+    _page_bounds[(triton.cdiv(n_pages, block_p), batch * kv_heads)](
+        q, key_min, key_max, bounds,
+        q.stride(0), q.stride(1),
+        key_min.stride(0), key_min.stride(1), key_min.stride(2),
+        kv_heads, n_pages, scale,
+        GROUP=group, GROUP_PADDED=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)), BLOCK_P=block_p,
+        num_warps=4,
+    )
+    return bounds
