@@ -377,8 +377,9 @@ class PageSelection:
         pages.scatter_(2, self.pages.long(), True)
         return pages.repeat_interleave(self.page_size, dim=2)[:, :, : self.n_keys]
 
-    def kept_keys(self) -> torch.Tensor:
-        """Tokens kept per batch element and KV head (int, the same everywhere): at most ``n_selected * page_size``."""
+    def kept_keys(self) -> int:
+        """Keys kept per batch element and KV head (the same everywhere), for reports: ``n_selected *
+        page_size`` less the partial last page's missing keys when it is selected (reads the GPU)."""
         last = self.n_pages - 1
         short = self.n_pages * self.page_size - self.n_keys  # the last page's missing keys
         return self.n_selected * self.page_size - short * int(bool((self.pages == last).any()))
