@@ -204,11 +204,17 @@ class PageSummaries:
             new[:, :, : old.shape[2]] = old
             setattr(self, name, new)
 
-    def append(self, keys: torch.Tensor) -> PageSummaries:
+    def append(self, keys: torch.Tensor, *, check_finite: bool = True) -> PageSummaries:
         """Fold ``keys`` [batch, kv_heads, new, head_dim], the keys just appended to the cache (positions
         ``n_keys .. n_keys + new - 1``), into the summaries: the partial last page is updated, new
-        pages are added. Returns ``self``. ``keys`` may live on another device (an offloaded cache)."""
+        pages are added. Returns ``self``. ``keys`` may live on another device (an offloaded cache).
+
+        ``check_finite=False`` skips the NaN/Inf check, which reads the GPU: a decoder appending one
+        key per layer and step would otherwise wait for the GPU that often. A decoded NaN key has
+        already made its own step's attention NaN (its page is in the forced window)."""
         _check_tensor(keys, "keys", "[batch, kv_heads, new, head_dim]")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__} {check_finite!r}")
         batch, kv_heads, n_keys, head_dim = self.shape
         if (keys.shape[0], keys.shape[1], keys.shape[3]) != (batch, kv_heads, head_dim):
             raise ValueError(f"keys must be [batch={batch}, kv_heads={kv_heads}, new, head_dim={head_dim}], "
@@ -220,7 +226,7 @@ class PageSummaries:
             return self
         # Checked here, once per appended block, not per decode step's attention: a NaN key would
         # make every bound of its page NaN and its page's rank undefined.
-        if not bool(torch.isfinite(torch.stack([keys.amax(), keys.amin()])).all()):
+        if check_finite and not bool(torch.isfinite(torch.stack([keys.amax(), keys.amin()])).all()):
             raise ValueError("keys contains NaN or Inf; page summaries need finite keys")
         keys = keys.to(self.device)
         page_size = self.page_size
