@@ -550,17 +550,26 @@ def test_bad_tensors(make, error, message):
         sparse_attention(*make(q, k, v), Dense())
 
 
-def test_cpu_path_builds_no_autograd_graph():
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_cpu_path_keeps_nothing_for_autograd_and_refuses_a_backward(return_lse):
     """Prefill is inference: under autograd the CPU path kept every chunk's mask and probabilities
-    for a backward (twice dense's memory); it runs under no_grad, like the GPU kernel, whose output
-    has no backward either."""
+    for a backward (twice dense's memory). Inputs that require grad are attended with autograd off,
+    and a backward through the output says why it cannot be, instead of treating attention as a
+    constant."""
+    patterns = [VerticalSlash(4, 32), BlockCoverage(0.9), AShape(2, 16), Dense()]
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 4, 2, 130, 16))
+    saved = []
     assert torch.is_grad_enabled()
-    out = sparse_attention(q, k, v, [VerticalSlash(4, 32), BlockCoverage(0.9), AShape(2, 16), Dense()])
-    assert out.grad_fn is None and not out.requires_grad
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        result = sparse_attention(q, k, v, patterns, return_lse=return_lse)
+    assert saved == []  # the old CPU path saved masks, logits and probabilities here
+    out = result[0] if return_lse else result
     with torch.no_grad():
-        expected = reference_attention(q, k, v, [VerticalSlash(4, 32), BlockCoverage(0.9), AShape(2, 16), Dense()]).out
+        expected = reference_attention(q, k, v, patterns).out
     torch.testing.assert_close(out, expected.to(out.dtype))
+    with pytest.raises(RuntimeError, match=r"sparse attention is for inference \(prefill\) and has no backward: run "
+                                           r"the model under torch.no_grad\(\)"):
+        out.sum().backward()
 
 
 def test_bad_patterns_and_scale():

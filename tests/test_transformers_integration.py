@@ -315,6 +315,24 @@ def test_compiles_with_fullgraph():
     assert (model(ids).logits - eager).abs().max() > 1e-3  # it was the sparse model, not the dense one
 
 
+def test_a_model_called_under_autograd_runs_sparse_and_refuses_a_backward():
+    """Without torch.no_grad() the weights make every query require grad. The forward gives the
+    no_grad logits; a backward names the fix (torch's own message asked to register a formula)."""
+    model = _model("llama")
+    ids = _ids()
+    state = sparse_prefill.enable(model, _mixed_config(), min_seq_len=MIN_SEQ)
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert torch.is_grad_enabled()
+    logits = model(ids).logits
+    assert state.sparse_calls == 2 * N_LAYERS and logits.requires_grad
+    torch.testing.assert_close(logits.detach(), expected)
+    with pytest.raises(RuntimeError, match=r"has no backward: run the model under torch.no_grad\(\) or "
+                                           r"torch.inference_mode\(\).*or sparse_prefill.disable\(model\)"):
+        logits.sum().backward()
+    sparse_prefill.disable(model)
+
+
 def test_custom_operator_passes_opcheck():
     """torch.library.opcheck: the fake (meta) implementation agrees with the real one (shapes, strides,
     dtypes) and the operator is registered consistently."""

@@ -11,7 +11,33 @@ from .kinds import estimate_layer
 from .masked_attention import masked_attention
 from .patterns import Pattern
 
-__all__ = ["sparse_attention"]
+__all__ = ["INFERENCE_ONLY", "sparse_attention"]
+
+
+INFERENCE_ONLY = (
+    "sparse attention is for inference (prefill) and has no backward: run the model under torch.no_grad() or "
+    "torch.inference_mode() (generate() does), or sparse_prefill.disable(model) to train through dense attention"
+)
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Sparse attention of inputs that require grad (a model called without ``torch.no_grad()``: its
+    weights require grad, so its queries do).
+
+    The forward runs with autograd off, so nothing is kept for a backward: under autograd the CPU
+    path kept every chunk's mask and attention probabilities, twice dense's memory (12.9 vs 6.5 GB
+    at 3K tokens on SmolLM2). A backward is refused with :data:`INFERENCE_ONLY` rather than silently
+    treating attention as a constant, which an output detached from q, k and v would do. Refusing
+    such inputs outright would break a plain ``model(input_ids)``, which dense attention runs.
+    """
+
+    @staticmethod
+    def forward(ctx, attend, q, k, v):
+        return attend(q, k, v)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(INFERENCE_ONLY)
 
 
 def sparse_attention(
@@ -49,22 +75,24 @@ def sparse_attention(
     CUDA tensors in float16/bfloat16 run the Triton kernels; anything else runs PyTorch's SDPA with
     each head's kept set as a mask: the same kept sets (docs/semantics.md), at dense cost.
 
-    Inference only: the output carries no gradient on either path, whatever ``requires_grad`` says.
+    Inference only: inputs that require grad are attended with autograd off (nothing is kept for
+    a backward), and a backward through the output raises :data:`INFERENCE_ONLY`.
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}")
-    if isinstance(q, torch.Tensor) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        from .kernels import triton_sparse_attention  # lazy: importing the package never imports Triton
 
-        return triton_sparse_attention(q, k, v, patterns, scale=scale, return_lse=return_lse)
-    shape = check_qkv(q, k, v)
-    head_patterns = check_layer_patterns(patterns, shape.q_heads)
-    scale = check_scale(scale, shape.head_dim)
-    # Prefill is inference, so the CPU path builds no autograd graph. Under autograd (a model called
-    # without torch.no_grad()) it kept every chunk's mask and attention probabilities for a backward
-    # that never comes: twice dense's memory (12.9 vs 6.5 GB at 3K tokens on SmolLM2). Running under
-    # no_grad rather than refusing requires_grad inputs keeps a plain `model(input_ids)` working, and
-    # matches the GPU path, whose Triton kernel writes a fresh tensor that has no backward either.
-    with torch.no_grad():
-        indices = estimate_layer(q, k, head_patterns, scale)
-        return masked_attention(q, k, v, indices, scale=scale, return_lse=return_lse)
+    def attend(q, k, v):
+        if isinstance(q, torch.Tensor) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            from .kernels import triton_sparse_attention  # lazy: importing the package never imports Triton
+
+            return triton_sparse_attention(q, k, v, patterns, scale=scale, return_lse=return_lse)
+        shape = check_qkv(q, k, v)
+        head_patterns = check_layer_patterns(patterns, shape.q_heads)
+        softmax_scale = check_scale(scale, shape.head_dim)
+        indices = estimate_layer(q, k, head_patterns, softmax_scale)
+        return masked_attention(q, k, v, indices, scale=softmax_scale, return_lse=return_lse)
+
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
+        return _InferenceOnly.apply(attend, q, k, v)
+    return attend(q, k, v)
+

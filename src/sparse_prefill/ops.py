@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .attention import sparse_attention
+from .attention import INFERENCE_ONLY, sparse_attention
 from .patterns import Pattern
 
 __all__ = ["sparse_attention_op"]
@@ -53,6 +53,14 @@ def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
 @_sparse_attention.register_fake
 def _(q, k, v, patterns, scale):
     return _output_like(q, v)
+
+
+def _refuse_backward(ctx, grad):
+    # Registered so that a backward says why: without it torch's message asks the user to register one.
+    raise RuntimeError(INFERENCE_ONLY)
+
+
+_sparse_attention.register_autograd(_refuse_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patterns: Sequence[Pattern],
