@@ -19,6 +19,12 @@ beyond that they run one layer (same code, same buffers) and are **estimated** a
 run's non-attention time plus 32 times the measured layer's attention; FlashAttention-2 beyond
 ``--fa2-max`` is extrapolated quadratically from its last measured layer.
 
+The non-attention work (norms, projections, RoPE, MLP, residual adds) runs fused by
+``torch.compile`` on every path alike (``--fuse off``: as written). Its floor, the **matmul floor**, is
+measured in the same run: the bare GEMMs of one layer (q/k/v/o projections, gate/up/down) at the
+chunk size, times layers and chunks; each row records it next to its non-attention time
+(``rest_over_floor``; the target is at most 1.25).
+
 Also: GPU checks (chunked prefill against transformers' own forward, cuDNN with GQA, the fit
 check's refusal, recovery from an out-of-memory error mid-prefill), the KV cache modes at 128K
 (none / on the GPU / offloaded bf16 / offloaded FP8, with generation), and generation after a 1M
@@ -82,6 +88,9 @@ class Bench:
         self.weights_gib = sum(p.numel() * p.element_size() for p in self.model.parameters()) / GIB
         self.results["model"] = {"config": TINY if args.tiny else LLAMA3_8B, "weights_gib": self.weights_gib}
         self.crossover: dict[str, int] = {}
+        self.fuse = {"auto": None, "on": True, "off": False}[args.fuse]
+        self.results["meta"]["fuse"] = {"auto": "on" if self.cuda else "off"}.get(args.fuse, args.fuse)
+        self.gemm_ms: dict[int, float] = {}  # rows -> one layer's bare GEMMs (matmul_floor)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -139,7 +148,8 @@ class Bench:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         begin = time.perf_counter()
-        result = lp.prefill(self.model, ids, attention=attention, profile=True, chunk_size=self.args.chunk_size, **kwargs)
+        result = lp.prefill(self.model, ids, attention=attention, profile=True, chunk_size=self.args.chunk_size,
+                            fuse=self.fuse, **kwargs)
         if self.cuda:
             end.record()
             torch.cuda.synchronize()
@@ -159,6 +169,49 @@ class Bench:
             "predicted_peak_gib": self.weights_gib + predicted.device / GIB,
             "_result": result,
         }
+
+    # -- the matmul floor -----------------------------------------------------------------------
+
+    def layer_gemms_ms(self, rows: int) -> float:
+        """Milliseconds of one layer's bare GEMMs on ``rows`` tokens: q/k/v/o projections, gate/up/down."""
+        if rows not in self.gemm_ms:
+            layer = self.model.get_decoder().layers[0]
+            attention, mlp = layer.self_attn, layer.mlp
+            dtype = attention.q_proj.weight.dtype
+
+            def inputs(width: int) -> torch.Tensor:
+                return torch.randn(rows, width, device=self.device, dtype=dtype)
+
+            normed, attended = inputs(attention.q_proj.in_features), inputs(attention.o_proj.in_features)
+            up = inputs(mlp.down_proj.in_features)
+            # The GEMMs alone: no bias, norm, RoPE or activation; outputs allocated as the forward does.
+            products = [(normed, attention.q_proj), (normed, attention.k_proj), (normed, attention.v_proj),
+                        (attended, attention.o_proj), (normed, mlp.gate_proj), (normed, mlp.up_proj),
+                        (up, mlp.down_proj)]
+
+            def run() -> None:
+                for x, linear in products:
+                    F.linear(x, linear.weight)
+
+            self.gemm_ms[rows] = cuda_ms(run, repeats=5, warmup=2)
+            del normed, attended, up, products
+        return self.gemm_ms[rows]
+
+    def matmul_floor(self, seq: int) -> dict:
+        """The non-attention GEMMs of a whole prefill of ``seq`` tokens: one layer's, measured at the
+        chunk size (and at the last, shorter chunk), times layers and chunks."""
+        chunk = min(self.args.chunk_size, seq)
+        full, last = divmod(seq, chunk)
+        per_layer_ms = full * self.layer_gemms_ms(chunk) + (self.layer_gemms_ms(last) if last else 0.0)
+        floor_s = self.n_layers * per_layer_ms / 1e3
+        layer = self.model.get_decoder().layers[0]
+        # 2 FLOPs per multiply-add: every weight element meets every token once per layer.
+        weights = sum(m.weight.numel() for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                                 layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                                                 layer.mlp.down_proj))
+        flops = 2 * seq * weights * self.n_layers
+        return {"seq": seq, "chunk": chunk, "layer_chunk_ms": self.layer_gemms_ms(chunk), "floor_s": floor_s,
+                "tflops": flops / floor_s / 1e12}
 
 
 def build_model(shape: dict, device: torch.device):
@@ -215,6 +268,29 @@ def one_layer(model):
         decoder.layers = layers
 
 
+def warm_long_fused(bench: Bench, seq: int) -> None:
+    """Compile the fused bodies' variant for buffers past 2**31 elements, out of the timed runs.
+
+    Inductor indexes with 32-bit integers while every buffer a kernel touches fits, guarding on it:
+    Llama-3-8B's residual stream and Q buffer pass 2**31 elements at 512K tokens, where the fused
+    bodies compile once more with 64-bit indices. One layer at the longest length, with an
+    attention that returns its queries (the bodies' inputs have the same shapes and strides as
+    after real attention), compiles it in a second or two instead of inside a timed prefill.
+    """
+    if not bench.cuda or bench.fuse is False:
+        return
+
+    def no_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
+        return q.transpose(1, 2), None  # [batch, seq, heads, head_dim], as attention returns it
+
+    begin = time.perf_counter()
+    with one_layer(bench.model):
+        lp.prefill(bench.model, bench.ids(seq), attention=no_attention, chunk_size=bench.args.chunk_size,
+                   fuse=bench.fuse)
+    bench.clear()
+    bench.log(f"fused bodies warmed at {seq} tokens (one layer): {time.perf_counter() - begin:.1f} s")
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -255,8 +331,9 @@ def stage_checks(bench: Bench) -> None:
     # The chunked prefill against transformers' own forward, dense and sparse.
     with torch.no_grad():
         expected = model(ids, logits_to_keep=1).logits[:, -1]
-    got = lp.prefill(model, ids, chunk_size=seq // 8).logits
-    checks["chunked_vs_transformers_dense"] = {"seq": seq, "rel_err": rel(got, expected),
+    got = lp.prefill(model, ids, chunk_size=seq // 8, fuse=bench.fuse).logits
+    checks["chunked_vs_transformers_dense"] = {"seq": seq, "fuse": bench.results["meta"]["fuse"],
+                                               "rel_err": rel(got, expected),
                                                "top1_equal": bool(torch.equal(got.argmax(-1), expected.argmax(-1)))}
     config = PatternConfig.uniform(bench.n_layers, model.config.num_attention_heads, bench.patterns["vertical_slash"])
     state = sparse_prefill.enable(model, config, min_seq_len=1)
@@ -264,7 +341,7 @@ def stage_checks(bench: Bench) -> None:
         with torch.no_grad():
             expected_sparse = model(ids, logits_to_keep=1).logits[:, -1]
         calls = state.sparse_calls
-        got_sparse = lp.prefill(model, ids, chunk_size=seq // 8).logits
+        got_sparse = lp.prefill(model, ids, chunk_size=seq // 8, fuse=bench.fuse).logits
         sparse_layers = state.sparse_calls - calls
     finally:
         sparse_prefill.disable(model)
@@ -302,7 +379,7 @@ def stage_checks(bench: Bench) -> None:
         torch.cuda.set_per_process_memory_fraction((baseline + need * 0.4) / total)
         raised = None
         try:
-            lp.prefill(model, oom_ids)
+            lp.prefill(model, oom_ids, fuse=bench.fuse)
         except RuntimeError as error:  # torch.OutOfMemoryError expected; anything else is recorded
             raised = (type(error), str(error)[:300])
         finally:
@@ -315,7 +392,7 @@ def stage_checks(bench: Bench) -> None:
             checks["oom_leaked_bytes"] = torch.cuda.memory_allocated() - baseline
             checks["oom_recovery"] = raised[0] is torch.OutOfMemoryError and checks["oom_leaked_bytes"] == 0
         del oom_ids
-        after = lp.prefill(model, bench.ids(4096)).logits
+        after = lp.prefill(model, bench.ids(4096), fuse=bench.fuse).logits
         checks["oom_next_call_ok"] = bool(torch.isfinite(after.float()).all())
         bench.log(f"OOM recovery: {checks['oom_recovery']}, leaked {checks.get('oom_leaked_bytes')} B, "
                   f"next call ok {checks['oom_next_call_ok']}")
@@ -358,10 +435,17 @@ def enabled(bench: Bench, name: str, min_seq_len: int):
 def stage_length(bench: Bench, seq: int) -> None:
     """All four paths at one length (dense measured whole, per layer, or extrapolated)."""
     rows = bench.results["rows"]
+    floor = bench.matmul_floor(seq)
+    bench.results.setdefault("matmul_floor", []).append(floor)
+    bench.log(f"{seq:>8} matmul floor {floor['floor_s']:.2f} s ({floor['tflops']:.0f} TF/s; one layer's GEMMs on "
+              f"{floor['chunk']} tokens: {floor['layer_chunk_ms']:.2f} ms)")
 
     def record(row: dict) -> dict:
         row.pop("_result", None)
         row["seq"] = seq
+        if "rest_s" in row:
+            row["matmul_floor_s"] = floor["floor_s"]
+            row["rest_over_floor"] = row["rest_s"] / floor["floor_s"]
         rows.append(row)
         bench.save()
         bench.log(f"{seq:>8} {row['path']:<22} {row.get('measured', ''):<12} TTFT {row.get('ttft_s', float('nan')):8.2f} s"
@@ -549,17 +633,19 @@ def table(results: dict) -> str:
     rows = [r for r in results["rows"] if "ttft_s" in r]
     dense = {r["seq"]: r["ttft_s"] for r in rows if r["path"] == "dense_cudnn"}
     how = {"full": "measured", "one_layer": "**estimated** (1 layer measured)"}
-    lines = ["| seq | path | TTFT s | × cuDNN | attention s | share in attention | peak GiB | how |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| seq | path | TTFT s | × cuDNN | attention s | rest s | rest / matmul floor | share in attention | "
+             "peak GiB | how |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["seq"], list(PATH_STYLE).index(r["path"].replace("_forced", "")), r["path"])):
         ratio = dense.get(r["seq"], float("nan")) / r["ttft_s"]
         measured = how.get(r["measured"], f"**estimated** (layer time {r['measured']} tokens, quadratic)")
         if r.get("note"):
             measured += f"; {r['note']}"
         peak = "–" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}"
+        over_floor = f"{r['rest_over_floor']:.2f}" if "rest_over_floor" in r else "–"  # runs before the floor
         lines.append(
             f"| {tokens(r['seq'])} | {r['path']} | {r['ttft_s']:.2f} | {ratio:.2f} | {r['attention_s']:.2f} | "
-            f"{r['attention_share']:.0%} | {peak} | {measured} |"
+            f"{r['rest_s']:.2f} | {over_floor} | {r['attention_share']:.0%} | {peak} | {measured} |"
         )
     return "\n".join(lines)
 
@@ -574,8 +660,8 @@ def plot(results: dict, path: Path) -> None:
     if not rows:  # a run of the checks or cache stages only: nothing to draw
         return
     meta = results["meta"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    (ax_ttft, ax_speed), (ax_mem, ax_share) = axes
+    fig, axes = plt.subplots(3, 2, figsize=(12, 12.5))
+    (ax_ttft, ax_speed), (ax_attention, ax_rest), (ax_mem, ax_share) = axes
     dense = {r["seq"]: r for r in rows if r["path"] == "dense_cudnn"}
     for name, (label, color) in PATH_STYLE.items():
         mine = sorted((r for r in rows if r["path"] == name), key=lambda r: r["seq"])
@@ -588,8 +674,11 @@ def plot(results: dict, path: Path) -> None:
         ax_ttft.annotate(f"{last['ttft_s']:.0f} s" if last["ttft_s"] >= 10 else f"{last['ttft_s']:.1f} s",
                          (last["seq"], last["ttft_s"]), textcoords="offset points",
                          xytext=(-34, -12 if name == "vertical_slash" else 4), fontsize=8, color=color)
-        for x, r, f in zip(xs, mine, full):
-            ax_ttft.plot(x, r["ttft_s"], "o", color=color, markerfacecolor=color if f else "white")
+        for ax, key in ((ax_ttft, "ttft_s"), (ax_attention, "attention_s"), (ax_rest, "rest_s")):
+            if ax is not ax_ttft:
+                ax.plot(xs, [r[key] for r in mine], "-", color=color, label=label)
+            for x, r, f in zip(xs, mine, full):
+                ax.plot(x, r[key], "o", color=color, markerfacecolor=color if f else "white")
         peaks = [(x, r["peak_gib"]) for x, r in zip(xs, mine) if r["peak_gib"] == r["peak_gib"]]
         if peaks:
             # Both sparse paths peak alike: draw A-shape dashed over Vertical-Slash so both show.
@@ -610,8 +699,16 @@ def plot(results: dict, path: Path) -> None:
     caps = sorted((s, r["ttft_s"] / r["rest_s"]) for s, r in dense.items())
     if caps:
         ax_speed.plot(*zip(*caps), ":", color="0.4", label="bound: attention free")
+    # The matmul floor: the non-attention GEMMs alone, measured in the same run (the last
+    # measurement of a length wins).
+    floor = sorted({f["seq"]: f["floor_s"] for f in results.get("matmul_floor", [])}.items())
+    if floor:
+        xs, ys = zip(*floor)
+        ax_rest.plot(xs, ys, "--", color="k", lw=1.5, label="matmul floor (bare GEMMs, same run)")
+        ax_rest.plot(xs, [1.25 * y for y in ys], ":", color="r", lw=1.2, label="target: 1.25 × floor")
+        ax_ttft.plot(xs, ys, "--", color="0.5", lw=1, label="matmul floor of the rest")
     longest = max((r["seq"] for r in rows), default=0)
-    for x, target in ((131072, 3), (1048576, 10)):
+    for x, target in ((131072, 3), (1048576, 20)):
         if x > longest:
             continue
         ax_speed.plot(x, target, "r*", markersize=12)
@@ -638,6 +735,14 @@ def plot(results: dict, path: Path) -> None:
     ax_mem.set_ylim(bottom=0)
     ax_mem.set_title("peak GPU memory, no KV cache kept (dense from 256K: one layer)")
     ax_mem.legend(fontsize=8, loc="center left")
+    ax_attention.set_yscale("log")
+    ax_attention.set_ylabel("attention time (s, all layers)")
+    ax_attention.set_title("attention (hollow markers: dense estimated from one layer)")
+    ax_attention.legend(fontsize=8)
+    ax_rest.set_yscale("log")
+    ax_rest.set_ylabel("everything but attention (s)")
+    ax_rest.set_title(f"the rest of the model (fuse: {meta.get('fuse', 'off')}) and its matmul floor")
+    ax_rest.legend(fontsize=8)
     ax_share.set_ylabel("share of TTFT in attention (%)")
     ax_share.set_ylim(0, 100)
     ax_share.set_title("share of time in attention")
@@ -665,6 +770,8 @@ def main() -> None:
     parser.add_argument("--cache-seq", type=int, default=131072, help="length of the cache-mode comparison")
     parser.add_argument("--gen-tokens", type=int, default=4)
     parser.add_argument("--chunk-size", type=int, default=lp.DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
+                        help="the non-attention work compiled with torch.compile (auto: on a GPU)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip what is left after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run with a tiny model and short lengths")
     parser.add_argument("--replot", type=Path, help="redraw the PNG and print the table from a saved JSON")
@@ -696,11 +803,13 @@ def main() -> None:
     # Compile and warm every path once at a short length.
     warm = bench.ids(256 if args.tiny else 4096)
     for attention in (bench.dense("cudnn"), bench.dense("fa2"), None):
-        lp.prefill(bench.model, warm, attention=attention)
+        lp.prefill(bench.model, warm, attention=attention, fuse=bench.fuse)
     for name in bench.patterns:
         enabled(bench, name, 1)
-        lp.prefill(bench.model, warm)
+        lp.prefill(bench.model, warm, fuse=bench.fuse)
         sparse_prefill.disable(bench.model)
+    warm_long_fused(bench, max(args.lengths))
+
     def stage(name: str, fn, *fn_args) -> None:
         # One failing stage must not lose the others' numbers: record it and go on.
         try:

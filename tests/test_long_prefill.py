@@ -8,6 +8,7 @@ not rounding. Prompts are 100 tokens, chunks of 7 (chunks that do not divide the
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -204,6 +205,83 @@ def test_default_crossover_keeps_short_gpu_prompts_dense():
         sparse_prefill.enable(model, preset="quick")
 
 
+def test_fused_bodies_compile_once_for_every_layer_chunk_and_prompt_length(monkeypatch):
+    """One graph per body for all layers, chunk lengths (the last chunk is shorter) and prompt lengths."""
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward  # run what dynamo traced, uncompiled: the same operations as the bodies
+
+    monkeypatch.setattr(lp.layer, "_BACKEND", counting_backend)
+    monkeypatch.setattr(lp.layer, "_FUSED", {})
+    model = _model(dtype=torch.float32)
+    lp.prefill(model, _ids(), chunk_size=CHUNK)
+    assert not graphs  # the default on the CPU: unfused
+    for seq, chunk_size in ((SEQ, CHUNK), (64, 16), (130, 32)):
+        ids = _ids(seq=seq)
+        fused = lp.prefill(model, ids, chunk_size=chunk_size, fuse=True, cache="device")
+        plain = lp.prefill(model, ids, chunk_size=chunk_size, fuse=False, cache="device")
+        assert torch.equal(fused.logits, plain.logits)
+        assert torch.equal(fused.cache.keys[1], plain.cache.keys[1]) and torch.equal(fused.cache.values[1], plain.cache.values[1])
+    assert len(graphs) == 2, [graph.code for graph in graphs]  # pre-attention, post-attention
+    dead = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dead() is None  # the compiled bodies do not keep a model (its weights) alive
+
+
+@pytest.mark.parametrize("failure", ["compiler", "recompile_limit"])
+def test_fused_falls_back_to_unfused_when_compiling_fails(monkeypatch, failure):
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler (simulated)")
+
+    def eager_backend(graph, example_inputs):
+        return graph.forward
+
+    monkeypatch.setattr(lp.layer, "_FUSED", {})
+    if failure == "compiler":
+        monkeypatch.setattr(lp.layer, "_BACKEND", failing_backend)
+        expected = "no C++ compiler (simulated)"
+    else:  # a second kind of layer, with dynamo allowed a single graph per function
+        monkeypatch.setattr(lp.layer, "_BACKEND", eager_backend)
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+        with warnings.catch_warnings():  # it takes dynamo's one graph, unless an earlier test did
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lp.prefill(_model("qwen3"), _ids(), chunk_size=CHUNK, fuse=True)
+        expected = "FailOnRecompileLimitHit"
+    model, ids = _model(), _ids()
+    with pytest.warns(RuntimeWarning) as warned:
+        fused = lp.prefill(model, ids, chunk_size=CHUNK, fuse=True)
+    assert [str(w.message).split(" (prefill")[0] for w in warned] == [
+        f"long prefill: torch.compile of {body} failed for LlamaDecoderLayer, which runs unfused from now on"
+        for body in ("pre_attention", "post_attention")
+    ]
+    assert all(expected in str(w.message) for w in warned), [str(w.message) for w in warned]
+    assert torch.equal(fused.logits, lp.prefill(model, ids, chunk_size=CHUNK, fuse=False).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the layer type is not compiled again
+        assert torch.equal(lp.prefill(model, ids, chunk_size=CHUNK, fuse=True).logits, fused.logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fused_prefill_equals_unfused(arch):
+    """torch.compile's inductor on the CPU (about 20 s per architecture on 2 cores): the fused bodies
+    give the unfused result up to float32 rounding, logits and cache alike, at any prompt length."""
+    model = _model(arch, dtype=torch.float32)
+    for seq, chunk_size in ((SEQ, CHUNK), (130, 32)):
+        ids = _ids(seq=seq)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed compile falls back with a warning
+            fused = lp.prefill(model, ids, chunk_size=chunk_size, fuse=True, cache="device")
+        plain = lp.prefill(model, ids, chunk_size=chunk_size, fuse=False, cache="device")
+        assert _rel(fused.logits, plain.logits) < 1e-5
+        for layer in range(2):
+            assert _rel(fused.cache.keys[layer], plain.cache.keys[layer]) < 1e-5
+            assert _rel(fused.cache.values[layer], plain.cache.values[layer]) < 1e-5
+
+
 def test_profile_times_attention():
     model, ids = _model(), _ids()
     result = lp.prefill(model, ids, chunk_size=CHUNK, profile=True)
@@ -267,6 +345,8 @@ def test_bad_inputs_name_the_argument():
         lp.prefill(model, ids, cache="device", kv_dtype=torch.float16)
     with pytest.raises(ValueError, match="chunk_size must be a positive int, got chunk_size=0"):
         lp.prefill(model, ids, chunk_size=0)
+    with pytest.raises(TypeError, match="fuse must be True, False or None .*, got fuse='yes'"):
+        lp.prefill(model, ids, fuse="yes")
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
         lp.generate(model, lp.prefill(model, ids, cache="device"), 0)
     with pytest.raises(ValueError, match="kept no cache"):

@@ -8,7 +8,8 @@ attention needs lives at full length:
 
 - everything but attention (norms, projections, RoPE, MLP, residual adds) runs in chunks of
   ``chunk_size`` tokens, writing into full-length Q/K/V buffers or adding into the residual
-  stream in place;
+  stream in place, compiled with ``torch.compile`` on a GPU so that its elementwise passes fuse
+  (``fuse=``);
 - attention runs once per layer over the whole sequence: sparse prefill's attention on a model
   switched with :func:`sparse_prefill.enable`, dense SDPA otherwise, or a function passed in;
 - logits are computed for the last position only;
@@ -32,8 +33,8 @@ window), Qwen2 and Qwen3 qualify; anything else is refused with the reason.
 
 Where things are: :mod:`.adapter` (which models qualify, and their pieces), :mod:`.memory` (the
 memory model and the fit check), :mod:`.cache` (the KV cache modes), :mod:`.attention` (the
-attention each layer calls), :mod:`.forward` (the chunked forward) and :mod:`.decode` (decoding
-from a kept cache).
+attention each layer calls), :mod:`.layer` (a layer's per-chunk work, fused or not),
+:mod:`.forward` (the chunked forward) and :mod:`.decode` (decoding from a kept cache).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The chunked forward: a whole prompt through the model, attention at full length, the rest in chunks.
 
 :func:`prefill` checks its arguments and the fit before allocating anything, runs the layers
-(norms, projections, RoPE, MLP and residual adds chunk by chunk; one attention call per layer),
+(norms, projections, RoPE, MLP and residual adds chunk by chunk, through the per-chunk bodies of
+:mod:`.layer`, fused or not; one attention call per layer),
 keeps the KV cache if asked, and returns the last position's logits as a :class:`PrefillResult`.
 An out-of-memory error mid-prefill frees the prefill's buffers before it is raised again.
 """
@@ -15,9 +16,10 @@ from typing import Any, Iterator
 
 import torch
 
-from .adapter import _check_windows, _Parts, _parts, _project_qkv, _rope
+from .adapter import _check_windows, _Parts, _parts
 from .attention import AttentionFn, _model_attention
 from .cache import KVCache, _check_kv_dtype, _check_placement
+from .layer import LayerBodies, layer_bodies
 from .memory import DEFAULT_CHUNK_SIZE, _check_fits, memory_needed
 
 
@@ -69,6 +71,7 @@ def prefill(
     kv_dtype: torch.dtype | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     attention: AttentionFn | None = None,
+    fuse: bool | None = None,
     profile: bool = False,
 ) -> PrefillResult:
     """Run a Llama-like model over a long prompt; return the last position's logits and, if asked, the cache.
@@ -97,6 +100,15 @@ def prefill(
         :func:`sparse_prefill.enable` (with that state's patterns and ``min_seq_len``),
         :func:`sdpa_attention` on a model set to one of transformers' dense implementations
         ("sdpa", "eager", "flash_attention_2", ...); any other implementation must be passed here.
+    fuse : bool, optional
+        Run the per-chunk work around attention (norms, projections, RoPE, MLP, residual adds)
+        compiled with ``torch.compile``, which fuses its elementwise passes (same result up to
+        rounding; :mod:`sparse_prefill.long_prefill.layer`). Default: on a GPU, where those passes
+        are a third of the non-attention time; not on the CPU, where compiling (C++) takes longer
+        than a CPU-sized prompt. The first fused prefill in a process compiles (tens of seconds);
+        later ones, of any length and with any same-shaped model, reuse the compiled code, except
+        once more on a GPU for the first prompt whose buffers pass 2**31 elements (64-bit
+        indexing: 512K tokens at Llama-3-8B shapes).
     profile : bool
         Also time the attention calls (CUDA events on a GPU): ``PrefillResult.attention_seconds``.
 
@@ -123,6 +135,8 @@ def prefill(
         raise ValueError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
     placement = _check_placement(cache)
     kv_dtype = _check_kv_dtype(kv_dtype, parts.dtype)
+    if fuse is not None and not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True, False or None (fused on a GPU), got fuse={fuse!r}")
     _check_windows(parts, seq_len)
     need = memory_needed(model, seq_len, batch=batch, cache=placement, kv_dtype=kv_dtype, chunk_size=chunk_size)
     _check_fits(need, parts.device, seq_len, batch, placement, kv_dtype)
@@ -130,10 +144,11 @@ def prefill(
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= parts.vocab:
         raise ValueError(f"input_ids must lie in [0, {parts.vocab}), got values in [{low}, {high}]")
+    bodies = layer_bodies(parts.device.type == "cuda" if fuse is None else fuse)
     attention_fn = attention if attention is not None else _model_attention(model)
     try:
         with torch.no_grad():
-            return _prefill(parts, input_ids, placement, kv_dtype, chunk_size, attention_fn, profile)
+            return _prefill(parts, input_ids, placement, kv_dtype, chunk_size, attention_fn, bodies, profile)
     except torch.OutOfMemoryError as error:
         message = str(error)
     # Outside the except block the traceback, and with it every frame holding the prefill's tensors,
@@ -154,6 +169,7 @@ def _prefill(
     kv_dtype: torch.dtype,
     chunk_size: int,
     attention_fn: AttentionFn,
+    bodies: LayerBodies,
     profile: bool,
 ) -> PrefillResult:
     batch, seq_len = input_ids.shape
@@ -174,23 +190,22 @@ def _prefill(
         k = hidden.new_empty(batch, parts.kv_heads, seq_len, head_dim)
         v = hidden.new_empty(batch, parts.kv_heads, seq_len, head_dim)
         for start, end in chunks:
-            q_chunk, k_chunk, v_chunk = _project_qkv(module, layer.input_layernorm(hidden[:, start:end]), head_dim)
-            q[:, :, start:end] = _rope(q_chunk, cos[:, start:end], sin[:, start:end])
-            k[:, :, start:end] = _rope(k_chunk, cos[:, start:end], sin[:, start:end])
-            v[:, :, start:end] = v_chunk
-            del q_chunk, k_chunk, v_chunk
+            rows = slice(start, end)
+            bodies.pre_attention(
+                layer, hidden[:, rows], cos[:, rows], sin[:, rows], q[:, :, rows], k[:, :, rows], v[:, :, rows]
+            )
         with stopwatch.region() if stopwatch else _nothing():
             out, _ = attention_fn(module, q, k, v, None, scaling=module.scaling, dropout=0.0)  # [batch, seq, heads, dim]
         del q
         if cache is not None:
             cache.store(index, k, v, copy_stream)
         del k, v
+        # Both residual adds of a chunk in one body: every chunk's output projection before any
+        # MLP gave the same values but read the residual stream twice. The attention output then
+        # lives through the MLPs; it is no larger than the Q/K/V it outlives (PrefillMemory.qkv).
         for start, end in chunks:
-            hidden[:, start:end].add_(module.o_proj(out[:, start:end].reshape(batch, end - start, -1)))
+            bodies.post_attention(layer, hidden[:, start:end], out[:, start:end])
         del out
-        for start, end in chunks:
-            residual = hidden[:, start:end]
-            residual += layer.mlp(layer.post_attention_layernorm(residual))
     logits = parts.head(decoder.norm(hidden[:, -1:]))[:, 0]  # [batch, vocab]
     del hidden
     if copy_stream is not None:
