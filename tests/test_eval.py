@@ -261,6 +261,8 @@ def test_eval_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
         (["ruler", "--tasks", "qa_squad"], "unknown RULER task(s) qa_squad"),
         (["needle", "--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu9'"),
         (["needle", "--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),
+        (["needle", "--config", "fast"], "--config 'fast': pattern config file not found: 'fast'; presets are chosen "
+                                         "with --preset"),
     ],
 )
 def test_eval_checks_options_before_loading_the_model(tmp_path, capsys, args, message):

@@ -195,6 +195,9 @@ def test_run_refuses_unknown_model_and_bad_config(tmp_path, capsys):
         (["--kv", "full", "--kv-capacity", "512"], "--kv full keeps every token, got --kv-capacity 512"),
         (["--demo-tokens", "512"], "--demo-tokens sets the length of the --demo prompt"),  # was ignored
         (["--preset", "fast", "--config", "patterns.json"], "--preset and --config both choose the patterns"),
+        # eval once took --config uniform: a preset's name as --config says where presets go.
+        (["--config", "uniform"], "--config 'uniform': pattern config file not found: 'uniform'; presets are chosen "
+                                  "with --preset (default, fast, dense)"),
     ],
 )
 def test_run_checks_options_before_loading_the_model(tmp_path, capsys, extra, message):

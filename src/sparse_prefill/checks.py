@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .patterns import Pattern, check_is_pattern
+from .patterns import Pattern, PatternConfig, check_is_pattern
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -121,6 +121,23 @@ def read_text_file(path: str | os.PathLike, option: str) -> str:
     if "\x00" in text:
         raise ValueError(f"{option} {os.fspath(path)!r} holds NUL bytes: it looks like a binary file, not text")
     return text
+
+
+def load_config_option(path: str | os.PathLike, option: str = "--config") -> PatternConfig:
+    """The pattern config file ``path``, or ``ValueError`` naming ``option`` and what is wrong.
+
+    A name that is not a file but a preset's (``--config fast``), or ``uniform`` (which ``eval
+    --config`` once took), gets told that presets are chosen with ``--preset``.
+    """
+    from .presets import PRESETS
+
+    try:
+        return PatternConfig.load(path)
+    except (ValueError, TypeError) as error:
+        hint = ""
+        if not os.path.exists(path) and os.fspath(path) in (*PRESETS, "uniform"):
+            hint = f"; presets are chosen with --preset ({', '.join(PRESETS)}), --config takes a JSON file"
+        raise ValueError(f"{option} {os.fspath(path)!r}: {error}{hint}") from None
 
 
 def check_device(device: str | torch.device | None, name: str = "device") -> torch.device:

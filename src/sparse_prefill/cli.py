@@ -89,7 +89,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Prefill a real model sparsely, answer greedily, optionally against the dense model."""
     from . import disable, enable
-    from .checks import read_text_file
+    from .checks import load_config_option, read_text_file
     from .generation import check_cpu_prefill_fits
     from .long_prefill import PrefillMemoryError
     from .models import load_model, needle_prompt
@@ -138,9 +138,9 @@ def _run(args: argparse.Namespace) -> int:
     config = None
     if args.config is not None:
         try:
-            config = PatternConfig.load(args.config)
-        except (ValueError, TypeError) as error:
-            return fail(f"--config {args.config!r}: {error}")
+            config = load_config_option(args.config)
+        except ValueError as error:
+            return fail(str(error))
 
     try:
         loaded = load_model(args.model)

@@ -12,7 +12,6 @@ import torch
 
 from ..generation import eos_ids, greedy_generate
 from ..models import load_model
-from ..patterns import PatternConfig
 from .methods import METHODS, apply_method
 from .needle import DEFAULT_DEPTHS, needle_samples
 from .perplexity import position_losses, text_windows
@@ -20,7 +19,7 @@ from .report import write_report
 from .ruler import TASKS as RULER_TASKS
 from .ruler import ruler_samples
 from .scoring import string_match_all
-from ..checks import check_device, check_writable_directory
+from ..checks import check_device, check_writable_directory, load_config_option
 from .store import ResultStore
 from .texts import TEXTS
 
@@ -127,12 +126,7 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
     device = check_device(spec.device, "--device")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # None: the preset on every head; anything else: a PatternConfig file.
-    config = None
-    if spec.config is not None:
-        try:
-            config = PatternConfig.load(spec.config)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"--config {spec.config!r}: {error}") from None
+    config = load_config_option(spec.config) if spec.config is not None else None
     out = check_writable_directory(spec.out, "--out")
     base = load_model(spec.model, dtype=dtype, device=device)
     # What needs the model is checked once it is loaded, before any sample runs.
