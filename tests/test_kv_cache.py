@@ -294,18 +294,21 @@ def test_the_cache_link_is_the_enabled_models_own_and_goes_with_disable():
     """enable() notes the call's compressing cache through pre-hooks it owns; disable() removes them."""
     model = tiny_llama(layers=2)
     attention = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj")]
-    hooks_before = [len(m._forward_pre_hooks) for m in attention]
+    hooks = lambda: [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in attention]  # noqa: E731
+    before = hooks()
     sparse_prefill.enable(model, min_seq_len=64)
     state = sparse_prefill.enable(model, min_seq_len=64)  # enabling again replaces, does not stack hooks
-    assert [len(m._forward_pre_hooks) for m in attention] == [n + 1 for n in hooks_before]
+    assert hooks() == [(pre + 1, post + 1) for pre, post in before]
     cache = make_kv_cache("snapkv", model, 40)
+    seen = []
+    handle = attention[1].register_forward_pre_hook(lambda *_: seen.append(state.compressing_cache))
     with torch.no_grad():
         model(prompt(seed=5), past_key_values=cache, use_cache=True)
-        assert state.compressing_cache is cache and cache.pending_layer(0) is None
-        model(prompt(seed=5)[:, :10], use_cache=False)  # a call without the cache forgets it
-        assert state.compressing_cache is None
+    handle.remove()
+    assert seen == [cache] and cache.pending_layer(0) is None and cache.pending_layer(1) is None
+    assert state.cache is None and state.compressing_cache is None  # forgotten once the layer's call is over
     sparse_prefill.disable(model)
-    assert [len(m._forward_pre_hooks) for m in attention] == hooks_before
+    assert hooks() == before
 
 
 # --- end to end: decoding from a compressed cache equals a full cache that masks the evicted keys --------

@@ -441,3 +441,82 @@ def test_import_stays_light():
         "import torch; assert not torch.cuda.is_initialized(), 'CUDA initialised'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- sparse decoding (issue 17): decode steps read only the pages their query selects ----------------------
+
+DECODING = dict(budget=64, sink=16, local=16, page_size=16)
+
+
+def _reference_decode_fn():
+    """Test-only attention: SDPA, except that a decode step attends over the pages selected afresh from
+    summaries of all its keys (decoding.py's reference, not the integration's incremental summaries)."""
+    from sparse_prefill.decoding import decode_attention_reference, page_summaries, select_pages
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if query.shape[2] == 1 and key.shape[2] > DECODING["budget"]:
+            summaries = page_summaries(key, DECODING["page_size"])
+            selection = select_pages(query, summaries, budget=DECODING["budget"], sink=DECODING["sink"],
+                                     local=DECODING["local"], scale=scaling)
+            out = decode_attention_reference(query, key, value, selection, scale=scaling)
+            return out.transpose(1, 2), None
+        return integration._sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    return attention
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_sparse_decoding_steps_equal_the_page_reference(arch):
+    from sparse_prefill.decoding import SparseDecoding
+
+    model = _model(arch)
+    ids = _ids()
+    name = f"sparse_prefill_test_decode_{arch}"
+    transformers.AttentionInterface.register(name, _reference_decode_fn())
+    transformers.masking_utils.AttentionMaskInterface.register(name, transformers.masking_utils.sdpa_mask)
+    model.set_attn_implementation(name)
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    expected = model.generate(ids, **kwargs)
+    dense_state = sparse_prefill.enable(model, min_seq_len=10_000)
+    dense = model.generate(ids, **kwargs)
+    state = sparse_prefill.enable(model, min_seq_len=10_000, decode=SparseDecoding(**DECODING))
+    got = model.generate(ids, **kwargs)
+    assert dense_state.sparse_decode_calls == 0
+    assert state.sparse_decode_calls == 3 * N_LAYERS  # the prefill gives the first token; three steps follow
+    assert torch.equal(got.sequences, expected.sequences)
+    for step_got, step_want, step_dense in zip(got.scores[1:], expected.scores[1:], dense.scores[1:]):
+        torch.testing.assert_close(step_got, step_want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(step_got, step_dense, rtol=1e-4, atol=1e-5)  # 64 of 200+ keys: not dense
+    # A budget that covers the cache decodes dense, exactly.
+    state = sparse_prefill.enable(model, min_seq_len=10_000, decode=SparseDecoding(budget=4096))
+    assert torch.equal(model.generate(ids, **kwargs).sequences, dense.sequences) and state.sparse_decode_calls == 0
+    sparse_prefill.disable(model)
+
+
+@torch.no_grad()
+def test_sparse_decoding_on_a_compressed_cache_and_its_errors():
+    from sparse_prefill.decoding import SparseDecoding
+    from sparse_prefill.kv_cache import make_kv_cache
+
+    model = _model("llama")
+    ids = _ids()
+    state = sparse_prefill.enable(model, min_seq_len=MIN_SEQ, decode=SparseDecoding(**DECODING))
+    cache = make_kv_cache("snapkv", model, 128, window=16)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, SEQ + 3) and state.sparse_decode_calls == 2 * N_LAYERS
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [128 + 2] * N_LAYERS
+    # The summaries followed the compressed keys, not the prompt.
+    assert {s.n_keys for per_layer in state.summaries.values() for s in per_layer.values()} == {128 + 2}
+    # A padded batch cannot decode sparse yet: refused, not silently dense.
+    batch = _ids(batch=2)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, :20] = 0
+    with pytest.raises(ValueError, match="a padded batch .* cannot decode sparse"):
+        model.generate(batch, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="decode must be 'dense', 'sparse' or a SparseDecoding, got decode='quest'"):
+        sparse_prefill.enable(model, decode="quest")
+    with pytest.raises(ValueError, match="budget must be at least sink \\+ local"):
+        SparseDecoding(budget=32, sink=16, local=32)
+    sparse_prefill.disable(model)

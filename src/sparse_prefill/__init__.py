@@ -12,14 +12,14 @@ from .reference import ReferenceResult, reference_attention
 __version__ = "0.1.0"
 
 
-def enable(model, config=None, *, preset="default", min_seq_len=None):
+def enable(model, config=None, *, preset="default", min_seq_len=None, decode="dense"):
     """Switch a transformers model to sparse prefill; see :func:`sparse_prefill.integrations.transformers.enable`.
 
     transformers is imported on this first call, not when ``sparse_prefill`` is imported.
     """
     from .integrations import transformers as integration
 
-    return integration.enable(model, config, preset=preset, min_seq_len=min_seq_len)
+    return integration.enable(model, config, preset=preset, min_seq_len=min_seq_len, decode=decode)
 
 
 def disable(model):

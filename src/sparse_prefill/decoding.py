@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_SINK",
     "PageSelection",
     "PageSummaries",
+    "SparseDecoding",
     "choose_pages",
     "decode_attention",
     "decode_attention_reference",
@@ -134,6 +135,28 @@ def _check_budget(budget: int, sink: int, local: int) -> None:
     if budget < sink + local:
         raise ValueError(f"budget must be at least sink + local (the always-kept tokens), got budget={budget}, "
                          f"sink={sink}, local={local}")
+
+
+@dataclass(frozen=True)
+class SparseDecoding:
+    """How decoding steps attend: the settings of :func:`sparse_decode_attention`, checked once.
+
+    budget : int
+        Keys per KV head and step, in whole pages, the forced ones included (default 2048).
+    sink, local : int
+        The first and the last keys, always kept (defaults 16 and 64).
+    page_size : int
+        Keys per page of the summaries (default 16).
+    """
+
+    budget: int = DEFAULT_BUDGET
+    sink: int = DEFAULT_SINK
+    local: int = DEFAULT_LOCAL
+    page_size: int = DEFAULT_PAGE_SIZE
+
+    def __post_init__(self) -> None:
+        _check_budget(self.budget, self.sink, self.local)
+        _check_int(self.page_size, "page_size", 1)
 
 
 # --- 1. page summaries --------------------------------------------------------------------------------

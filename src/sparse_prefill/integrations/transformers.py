@@ -43,6 +43,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from ..decoding import SparseDecoding, page_summaries, sparse_decode_attention
 from ..kv_cache import compresses, window_attention_scores
 from ..ops import sparse_attention_op
 from ..patterns import Dense, Pattern, PatternConfig
@@ -84,9 +85,13 @@ class SparsePrefillState:
     sparse_calls, dense_calls : int
         Layer calls that took the sparse path and the dense (SDPA) path since :func:`enable`;
         a prefill of an ``L``-layer model adds ``L`` to one of them, as does every decoding step.
-    compressing_cache : transformers Cache or None
-        The compressing KV cache (:mod:`sparse_prefill.kv_cache`) the current forward call passes to
-        the attention layers, noted by their forward pre-hooks; None for any other cache.
+    decoding : SparseDecoding or None
+        Settings of sparse decoding steps (:mod:`sparse_prefill.decoding`); None: decoding is dense.
+    sparse_decode_calls : int
+        Layer calls of decoding steps that read only their selected pages.
+    cache, compressing_cache : transformers Cache or None
+        The KV cache the current forward call passes to the attention layers (noted by their
+        forward pre-hooks), and the same if it is a compressing one (:mod:`sparse_prefill.kv_cache`).
     """
 
     config: PatternConfig | None = field(repr=False)
@@ -95,8 +100,14 @@ class SparsePrefillState:
     restore_implementation: str
     sparse_calls: int = 0
     dense_calls: int = 0
+    decoding: SparseDecoding | None = None
+    sparse_decode_calls: int = 0
+    cache: Any = field(default=None, repr=False)
     compressing_cache: Any = field(default=None, repr=False)
     hooks: list = field(default_factory=list, repr=False)  # the pre-hooks' handles, removed by disable()
+    # Sparse decoding's page summaries: per cache (weakly: a dropped cache takes them along), per layer.
+    summaries: "weakref.WeakKeyDictionary[Any, dict[int, Any]]" = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False)
 
     def note_cache(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of every attention layer: remember the compressing cache it is called with.
@@ -106,7 +117,13 @@ class SparsePrefillState:
         argument: ``cache`` in recent transformers, ``past_key_values`` before.
         """
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self.cache = cache
         self.compressing_cache = cache if compresses(cache) else None
+
+    def forget_cache(self, *_: Any) -> None:
+        """Forward hook (always called, errors included): the noted cache belongs to that layer call only,
+        so an attention call made outside a layer's forward (long_prefill's) never sees a stale one."""
+        self.cache = self.compressing_cache = None
 
     def shortest_sparse(self, query: torch.Tensor) -> int:
         """The shortest prefill of ``query``'s device that runs sparse."""
@@ -175,6 +192,8 @@ def sparse_prefill_attention(
     (Tensor [batch, q_len, q_heads, head_dim], None)
     """
     state = _STATES.get(module, _UNATTACHED)
+    if state.decoding is not None and _is_decode_step(state, query, key, kwargs):
+        return _sparse_decode_step(state, module, query, key, value, attention_mask, scaling, kwargs)
     sparse = _takes_sparse_path(state, module, query, key, kwargs)
     # Budgets that follow the prompt length follow the keys: a chunk's context is the whole prefix.
     patterns = state.layer_patterns(module.layer_idx, query.shape[1], key.shape[2]) if sparse else ()
@@ -188,11 +207,7 @@ def sparse_prefill_attention(
             f"sparse prefill computes attention without dropout (inference only), got dropout={dropout}; "
             "call model.eval() or sparse_prefill.disable(model) for training"
         )
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError(
-            "sparse prefill supports plain softmax attention; this layer passes "
-            f"softcap={kwargs.get('softcap')!r}, s_aux={'set' if kwargs.get('s_aux') is not None else None}"
-        )
+    _check_plain_softmax(kwargs)
     spans = None if attention_mask is None else _sequence_spans(attention_mask, query.shape[2], key.shape[2])
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -222,6 +237,52 @@ def _compress_cache(state: SparsePrefillState, module: torch.nn.Module, query: t
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         scores = window_attention_scores(query, key, layer.window, scale)
     layer.compress(scores)
+
+
+def _check_plain_softmax(kwargs: dict) -> None:
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(
+            "sparse attention supports plain softmax attention; this layer passes "
+            f"softcap={kwargs.get('softcap')!r}, s_aux={'set' if kwargs.get('s_aux') is not None else None}"
+        )
+
+
+def _is_decode_step(state: SparsePrefillState, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
+    """One new token on a cache, in a layer that sees the whole cache (not a sliding-window layer)."""
+    if query.shape[2] != 1 or key.shape[2] <= state.decoding.budget or state.cache is None:
+        return False  # a cache within the budget is read whole: dense is exact and cheaper
+    sliding_window = kwargs.get("sliding_window")
+    return sliding_window is None or sliding_window >= key.shape[2]
+
+
+def _sparse_decode_step(state: SparsePrefillState, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+                        kwargs: dict):
+    """A decoding step over the pages its query selects (docs/semantics.md, "Sparse decoding").
+
+    The layer's page summaries follow the keys it is handed: built from all of them at the first
+    step (after a compressing cache has compressed), then extended by the keys added since.
+    """
+    _check_plain_softmax(kwargs)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "sparse decoding reads each sequence's selected pages and has no per-sequence length yet: a padded "
+            "batch (or a mask that hides cache keys) cannot decode sparse; enable(model, decode='dense') for it"
+        )
+    settings = state.decoding
+    per_layer = state.summaries.setdefault(state.cache, {})
+    summaries = per_layer.get(module.layer_idx)
+    n_keys = key.shape[2]
+    if summaries is None or summaries.n_keys > n_keys or summaries.shape[:2] != tuple(key.shape[:2]):
+        summaries = page_summaries(key, settings.page_size)
+        per_layer[module.layer_idx] = summaries
+    elif summaries.n_keys < n_keys:
+        # A decoded key is finite whenever its step's output is: the NaN check would read the GPU.
+        summaries.append(key[:, :, summaries.n_keys :], check_finite=False)
+    out = sparse_decode_attention(query, key, value, summaries, budget=settings.budget, sink=settings.sink,
+                                  local=settings.local, scale=scaling)
+    state.sparse_decode_calls += 1
+    return out.transpose(1, 2), None
 
 
 def _takes_sparse_path(
@@ -337,6 +398,7 @@ def enable(
     *,
     preset: str = "default",
     min_seq_len: int | None = None,
+    decode: str | SparseDecoding = "dense",
 ) -> SparsePrefillState:
     """Switch ``model`` to sparse prefill: long prefills sparse, everything else transformers' SDPA.
 
@@ -357,6 +419,12 @@ def enable(
     min_seq_len : int
         Prefills shorter than this many tokens stay dense. None (default): the preset's crossover
         with dense attention on the prompt's device.
+    decode : "dense", "sparse" or SparseDecoding
+        How decoding steps attend: ``"dense"`` (default) reads the whole cache through SDPA;
+        ``"sparse"`` (:class:`~sparse_prefill.decoding.SparseDecoding`'s defaults) or a
+        ``SparseDecoding(budget=..., sink=..., local=..., page_size=...)`` reads only the pages each
+        step's query selects, once the cache holds more than ``budget`` keys (any cache, compressed
+        ones included; unpadded batches).
 
     Returns
     -------
@@ -370,6 +438,10 @@ def enable(
         raise ValueError(f"min_seq_len must be a positive int, got min_seq_len={min_seq_len!r} (or None: the preset's)")
     if config is not None and not isinstance(config, PatternConfig):
         raise TypeError(f"config must be a PatternConfig or None (a preset: preset='fast'), got {config!r}")
+    if decode == "sparse":
+        decode = SparseDecoding()
+    elif decode != "dense" and not isinstance(decode, SparseDecoding):
+        raise ValueError(f"decode must be 'dense', 'sparse' or a SparseDecoding, got decode={decode!r}")
     chosen = preset_named(preset)
     model_config = _model_config(model)
     n_layers, n_heads = _model_shape(model_config)
@@ -387,12 +459,14 @@ def enable(
     restore = previous.restore_implementation if previous is not None else current
     if restore == ATTENTION_NAME:  # loaded with attn_implementation="sparse_prefill"
         restore = "sdpa"
-    state = SparsePrefillState(config=config, preset=chosen, min_seq_len=min_seq_len, restore_implementation=restore)
+    state = SparsePrefillState(config=config, preset=chosen, min_seq_len=min_seq_len, restore_implementation=restore,
+                               decoding=decode if isinstance(decode, SparseDecoding) else None)
     if previous is not None:
         _remove_hooks(previous)
     for module in attention_modules:
         _STATES[module] = state
         state.hooks.append(module.register_forward_pre_hook(state.note_cache, with_kwargs=True))
+        state.hooks.append(module.register_forward_hook(state.forget_cache, always_call=True))
     _set_attn_implementation(model, ATTENTION_NAME)
     return state
 
@@ -419,7 +493,7 @@ def _remove_hooks(state: SparsePrefillState) -> None:
     for handle in state.hooks:
         handle.remove()
     state.hooks.clear()
-    state.compressing_cache = None
+    state.cache = state.compressing_cache = None
 
 
 def state_of(model: torch.nn.Module) -> SparsePrefillState | None:
