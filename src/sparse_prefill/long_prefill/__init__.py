@@ -18,8 +18,10 @@ attention needs lives at full length:
   layer computes (``"offload"``); either can store FP8 (``kv_dtype=torch.float8_e4m3fn``, one
   scale per token and KV head), which halves its size.
 
-:func:`generate` continues greedily from a kept cache (decoding is dense; an offloaded cache is
-streamed back layer by layer, the next layer's copy overlapping the current layer's compute).
+:func:`generate` continues greedily from a kept cache: dense by default (an offloaded cache is
+streamed back layer by layer, the next layer's copy overlapping the current layer's compute), or
+sparse with ``decode="sparse"``, each step reading only the cache pages its query selects
+(:mod:`sparse_prefill.decoding`; offloaded, only those pages cross PCIe).
 :func:`memory_needed` says what a prefill will take, and :func:`prefill` refuses a length that
 cannot fit with a :class:`PrefillMemoryError` naming the memory needed, before allocating anything.
 A CUDA out-of-memory error in the middle of a prefill frees everything the prefill allocated
