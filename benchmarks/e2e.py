@@ -1,4 +1,4 @@
-"""End-to-end time to first token of a Llama-3-8B-shaped model, 32K to 1M tokens, on one GPU.
+"""End-to-end time to first token of a Llama-3-8B-shaped model, 32K to 2M tokens, on one GPU.
 
 The model is a ``LlamaConfig`` with Llama-3-8B's shapes (32 layers, 32 query / 8 KV heads,
 head_dim 128, hidden 4096, MLP 14336, vocab 128256) and random bf16 weights made on the GPU:
@@ -761,7 +761,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 262144, 524288, 1048576])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 262144, 524288, 1048576, 2097152])
     parser.add_argument("--stages", nargs="+", default=["checks", "crossover", "lengths", "cache", "generation"],
                         choices=["checks", "crossover", "lengths", "cache", "generation"])
     parser.add_argument("--full-dense-max", type=int, default=131072, help="dense runs the whole model up to this length")
