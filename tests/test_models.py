@@ -198,6 +198,7 @@ def test_run_refuses_unknown_model_and_bad_config(tmp_path, capsys):
         # eval once took --config uniform: a preset's name as --config says where presets go.
         (["--config", "uniform"], "--config 'uniform': pattern config file not found: 'uniform'; presets are chosen "
                                   "with --preset (default, fast, dense)"),
+        (["--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu9'"),
     ],
 )
 def test_run_checks_options_before_loading_the_model(tmp_path, capsys, extra, message):
@@ -269,12 +270,36 @@ def test_run_reports_the_preset_it_ran_and_why_the_cpu_is_slow(tiny_dir, tmp_pat
     assert cli.main(args + ["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["config"] == f"preset default ({PRESETS['default'].pattern})"
-    assert report["cpu_note"] == cli.CPU_NOTE
+    assert report["cpu_note"] == cli.CPU_NOTE and report["device"] == "cpu"
     assert cli.main(args + ["--json", "--preset", "fast"]) == 0
     assert json.loads(capsys.readouterr().out)["config"] == f"preset fast ({PRESETS['fast'].pattern})"
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "note: on a CPU sparse prefill is slower than dense" in out and "docs/BENCHMARKS.md" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_run_refuses_a_gpu_it_does_not_have(tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    assert cli.main(["run", "--prompt-file", str(prompt), "--device", "cuda", "--model", str(tmp_path / "no-model")]) == 2
+    assert "--device 'cuda': no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_run_reports_a_prompt_that_runs_out_of_gpu_memory(tiny_dir, tmp_path, capsys, monkeypatch):
+    """The memory check before the prefill is the CPU's; on a GPU the model's own forward may still run out."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(" ".join(f"w{i % 100}" for i in range(100)))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
+
+    monkeypatch.setattr(cli, "greedy_generate", out_of_memory)
+    args = ["run", "--model", str(tiny_dir), "--prompt-file", str(prompt), "--no-chat-template", "--device", "cpu"]
+    assert cli.main(args) == 2
+    assert (f"--prompt-file '{prompt}' (100 tokens) does not fit in cpu's memory through the model's own forward; "
+            "sparse_prefill.long_prefill") in capsys.readouterr().err
+    assert sparse_prefill.integrations.transformers.state_of(models.load_model(tiny_dir).model) is None  # disabled
 
 
 def test_demo_refuses_a_one_token_input_and_runs_two(capsys):

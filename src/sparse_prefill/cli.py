@@ -25,10 +25,12 @@ DEMO_TOKENS = 6000
 
 # Printed by `run` after a sparse prefill on the CPU, where it is slower than dense (the README's account).
 CPU_NOTE = (
-    "on a CPU sparse prefill is slower than dense: without a GPU the library runs PyTorch's SDPA with each "
-    "head's kept set as a mask, which costs about twice dense. The speed is on the GPU, where the Triton kernels "
-    f"compute only the kept blocks, for prompts of {PRESETS['default'].min_seq_len_cuda // 1024}K tokens and more "
-    "(the presets' crossover with dense attention; docs/BENCHMARKS.md)."
+    "on a CPU sparse prefill is slower than dense: without a GPU the library estimates each head's kept set, then "
+    "runs PyTorch's SDPA over every causal pair with that set as a mask, which cannot use SDPA's fused causal kernel "
+    "(the 6K demo ran at 0.16-0.92x dense's speed on 2 cores, depending on load). The speed is on a GPU (--device "
+    "cuda), where the Triton kernels compute only the kept blocks, for prompts of "
+    f"{PRESETS['default'].min_seq_len_cuda // 1024}K tokens and more (the presets' crossover with dense attention): "
+    "at 128K the default preset's attention is 3.1x faster than cuDNN's on an H200 (docs/BENCHMARKS.md)."
 )
 
 
@@ -89,7 +91,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Prefill a real model sparsely, answer greedily, optionally against the dense model."""
     from . import disable, enable
-    from .checks import load_config_option, read_text_file
+    from .checks import check_device, load_config_option, read_text_file
     from .generation import check_cpu_prefill_fits
     from .long_prefill import PrefillMemoryError
     from .models import load_model, needle_prompt
@@ -115,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.preset is not None and args.config is not None:
         return fail("--preset and --config both choose the patterns: give one (--config FILE sets every head itself)")
     preset = args.preset or "default"
-    from .kv_cache import METHODS, cache_stats, check_kv_options, make_kv_cache
+    from .kv_cache import METHODS, check_kv_options, make_kv_cache
 
     if args.kv not in METHODS:
         return fail(f"--kv must be one of {', '.join(METHODS)}, got {args.kv!r}")
@@ -141,9 +143,15 @@ def _run(args: argparse.Namespace) -> int:
             config = load_config_option(args.config)
         except ValueError as error:
             return fail(str(error))
+    try:
+        device = check_device(args.device, "--device")
+    except ValueError as error:
+        return fail(str(error))
+    # float32 is right on a CPU; on a GPU the Triton kernels take bfloat16 (and so does cuDNN).
+    model_options = {"device": device, "dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
 
     try:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, **model_options)
     except (ValueError, ImportError) as error:
         return fail(str(error))
     tokenizer = loaded.tokenizer
@@ -161,20 +169,21 @@ def _run(args: argparse.Namespace) -> int:
         from .models import chat_prompt
 
         text = prompt_text if args.no_chat_template else chat_prompt(tokenizer, prompt_text)
-    input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     n_tokens = input_ids.shape[1]
     needed = n_tokens + args.max_new_tokens
-    try:  # before YaRN reloads the model and the prefill starts; a prompt of ~1M tokens died in the allocator
-        source = f"--prompt-file {args.prompt_file!r}" if args.prompt_file else "the --demo prompt"
-        check_cpu_prefill_fits(loaded.model, needed, sparse=n_tokens >= min_seq_len,
-                               what=f"{source} is {n_tokens:,} tokens, plus {args.max_new_tokens} to generate")
-    except PrefillMemoryError as error:
-        return fail(str(error))
+    source = f"--prompt-file {args.prompt_file!r}" if args.prompt_file else "the --demo prompt"
+    if device.type == "cpu":
+        try:  # before YaRN reloads the model and the prefill starts; a prompt of ~1M tokens died in the allocator
+            check_cpu_prefill_fits(loaded.model, needed, sparse=n_tokens >= min_seq_len,
+                                   what=f"{source} is {n_tokens:,} tokens, plus {args.max_new_tokens} to generate")
+        except PrefillMemoryError as error:
+            return fail(str(error))
     if needed > loaded.context_length:
         if args.no_rope_scaling:
             loaded.check_prompt_length(needed)
         else:
-            loaded = load_model(args.model, rope_scaling_for=needed)
+            loaded = load_model(args.model, rope_scaling_for=needed, **model_options)
     model = loaded.model
     eos = eos_ids(loaded)
     progress = not args.json and not args.no_progress
@@ -183,37 +192,24 @@ def _run(args: argparse.Namespace) -> int:
         state = enable(model, config, preset=preset, min_seq_len=min_seq_len)
     except ValueError as error:
         return fail(f"--config {args.config!r} does not fit model {args.model!r}: {error}")
-    try:
-        try:
-            cache = make_kv_cache(args.kv, model, args.kv_capacity, **kv_options)
-        except ValueError as error:
-            return fail(f"--kv {args.kv}: {error}")  # what depends on the model (sliding-window layers)
-        kv_capacity = None if args.kv == "full" else cache.capacity
-        sparse = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "sparse prefill", cache)
-        sparse_layers = state.sparse_calls
-        del cache
-        sparse["kv_cache"] = cache_stats(sparse.pop("cache"))  # the dense run's cache then takes its memory
-    finally:
+    try:  # what depends on the model (sliding-window layers); the runs make their own caches
+        kv_capacity = None if args.kv == "full" else make_kv_cache(args.kv, model, args.kv_capacity, **kv_options).capacity
+    except ValueError as error:
         disable(model)
-    dense = None
-    if args.compare_dense:
-        if args.kv != "full":
-            # Dense prefill through sparse_prefill's attention (every call goes to SDPA), which hands
-            # the compressing cache the prefill's queries.
-            enable(model, min_seq_len=sys.maxsize)
-        try:
-            dense = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "dense prefill",
-                                    make_kv_cache(args.kv, model, args.kv_capacity, **kv_options))
-            dense["kv_cache"] = cache_stats(dense.pop("cache"))
-        finally:
-            if args.kv != "full":
-                disable(model)
+        return fail(f"--kv {args.kv}: {error}")
+    try:
+        sparse, dense = _sparse_then_dense(args, model, state, input_ids, eos, progress, kv_options)
+    except torch.OutOfMemoryError:  # on a GPU: the model's own forward holds every layer's activations at full length
+        return fail(f"{source} ({n_tokens:,} tokens) does not fit in {device}'s memory through the model's own forward; "
+                    "sparse_prefill.long_prefill chunks everything but attention and prefills up to ~1M tokens on one GPU")
+    sparse_layers = sparse.pop("sparse_calls")
 
     def answer(tokens):
         return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     report = {
         "model": loaded.source,
+        "device": str(device),
         "prompt_tokens": n_tokens,
         "rope_scaling": loaded.rope_scaling,
         "config": args.config or state.describe(),
@@ -269,7 +265,7 @@ def _run(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=1)
         print()
         return 0
-    print(f"model: {report['model']}")
+    print(f"model: {report['model']} on {report['device']}")
     print(f"prompt: {n_tokens} tokens" + (f", YaRN {loaded.rope_scaling['factor']:.2f}x" if loaded.rope_scaling else "")
           + f"; sparse layers: {sparse_layers}; CPU threads: {report['threads']}")
     if "note" in report:
@@ -296,6 +292,35 @@ def _run(args: argparse.Namespace) -> int:
         found = ", ".join(f"{k}: {'found' if report[k]['needle_found'] else 'missed'}" for k in ("sparse", "dense") if k in report)
         print(f"needle {needle.answer!r}: {found}")
     return 0
+
+
+def _sparse_then_dense(args, model, state, input_ids, eos, progress, kv_options) -> tuple[dict, dict | None]:
+    """The sparse prefill and greedy answer (``state``: sparse_prefill enabled on ``model``; disabled
+    after), then with --compare-dense the dense ones; each result with its KV cache's statistics."""
+    from . import disable, enable
+    from .kv_cache import cache_stats, make_kv_cache
+
+    try:
+        sparse = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "sparse prefill",
+                                 make_kv_cache(args.kv, model, args.kv_capacity, **kv_options))
+        sparse["sparse_calls"] = state.sparse_calls
+        sparse["kv_cache"] = cache_stats(sparse.pop("cache"))  # the dense run's cache then takes its memory
+    finally:
+        disable(model)
+    if not args.compare_dense:
+        return sparse, None
+    if args.kv != "full":
+        # Dense prefill through sparse_prefill's attention (every call goes to SDPA), which hands
+        # the compressing cache the prefill's queries.
+        enable(model, min_seq_len=sys.maxsize)
+    try:
+        dense = greedy_generate(model, input_ids, args.max_new_tokens, eos, progress, "dense prefill",
+                                make_kv_cache(args.kv, model, args.kv_capacity, **kv_options))
+        dense["kv_cache"] = cache_stats(dense.pop("cache"))
+    finally:
+        if args.kv != "full":
+            disable(model)
+    return sparse, dense
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shorter prompts run dense (default: the preset's crossover with dense attention, "
                      "64K tokens on a GPU, 2K on the CPU)")
     run.add_argument("--compare-dense", action="store_true", help="also run dense; report speedup and agreement")
+    run.add_argument("--device", default="auto",
+                     help="auto (the GPU if there is one; default), cpu, cuda or cuda:N. On a GPU the model runs in "
+                     "bfloat16 and sparse attention in the Triton kernels")
     run.add_argument("--kv", default="full", metavar="METHOD",
                      help="KV cache kept for decoding: full (default), snapkv, pyramidkv or streamingllm "
                      "(compressed once, after the prefill)")

@@ -69,10 +69,17 @@ def prefill(model, input_ids: torch.Tensor, progress: bool = False, label: str =
     ``cache``: an empty transformers Cache to fill (e.g. a compressing one from
     :func:`sparse_prefill.kv_cache.make_kv_cache`); None lets the model make its default one.
     """
+    _synchronize(input_ids.device)
     start = time.perf_counter()
     with _layer_progress(model, label, progress):
         output = model(input_ids=input_ids, use_cache=True, **{_cache_kwarg(model): cache, _logits_kwarg(model): 1})
+    _synchronize(input_ids.device)  # CUDA runs asynchronously: the forward returns before the GPU is done
     return output.logits[:, -1], _returned_cache(output), time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
