@@ -255,7 +255,7 @@ def test_run_refuses_a_prompt_that_cannot_fit_in_memory_before_the_prefill(tiny_
 
     monkeypatch.setattr(cli, "greedy_generate", no_prefill)
     args = ["run", "--model", str(tiny_dir), "--prompt-file", str(prompt), "--no-chat-template", "--min-seq-len", "64",
-            "--max-new-tokens", "2"]
+            "--max-new-tokens", "2", "--device", "cpu"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert f"--prompt-file '{prompt}' is 300 tokens, plus 2 to generate: a CPU prefill of 302 tokens needs at least" in err
@@ -266,7 +266,7 @@ def test_run_reports_the_preset_it_ran_and_why_the_cpu_is_slow(tiny_dir, tmp_pat
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(" ".join(f"w{i % 100}" for i in range(150)))
     args = ["run", "--model", str(tiny_dir), "--prompt-file", str(prompt), "--no-chat-template", "--min-seq-len", "64",
-            "--max-new-tokens", "2"]
+            "--max-new-tokens", "2", "--device", "cpu"]
     assert cli.main(args + ["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["config"] == f"preset default ({PRESETS['default'].pattern})"
@@ -413,7 +413,7 @@ def test_smollm2_default_sparse_prefill_finds_the_needle(smollm2):
 @needs_smollm2
 def test_run_demo_on_smollm2_json(smollm2, capsys):
     args = ["run", "--demo", "--demo-tokens", "800", "--min-seq-len", "256", "--max-new-tokens", "16",
-            "--compare-dense", "--json"]
+            "--compare-dense", "--json", "--device", "cpu"]
     assert cli.main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert 800 - 80 <= report["prompt_tokens"] <= 800 + 5 and report["sparse_layers"] == 30
