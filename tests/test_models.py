@@ -302,6 +302,17 @@ def test_run_reports_a_prompt_that_runs_out_of_gpu_memory(tiny_dir, tmp_path, ca
     assert sparse_prefill.integrations.transformers.state_of(models.load_model(tiny_dir).model) is None  # disabled
 
 
+def test_run_says_why_sparse_was_slower_where_it_was():
+    """On a GPU below the presets' crossover (the --demo prompt) sparse prefill is slower than cuDNN too."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert cli._speed_notes(cpu, 6000, 2048, demo=True) == {"cpu_note": cli.CPU_NOTE}
+    note = cli._speed_notes(cuda, 6000, 65536, demo=True)["gpu_note"]
+    assert note.startswith("below 65,536 tokens sparse prefill is slower than dense attention on a GPU too")
+    assert "the --demo prompt runs sparse to show that the answers agree" in note
+    assert "--min-seq-len asked for it" in cli._speed_notes(cuda, 6000, 65536, demo=False)["gpu_note"]
+    assert cli._speed_notes(cuda, 65536, 65536, demo=False) == {}
+
+
 def test_demo_refuses_a_one_token_input_and_runs_two(capsys):
     assert cli.main(["demo", "--seq", "1"]) == 2  # was a traceback from the planted-input generator
     assert "--seq must be >= 2, got 1" in capsys.readouterr().err
