@@ -95,7 +95,6 @@ def _run(args: argparse.Namespace) -> int:
     from .generation import check_cpu_prefill_fits
     from .long_prefill import PrefillMemoryError
     from .models import load_model, needle_prompt
-    from .patterns import PatternConfig
 
     def fail(message: str) -> int:
         print(f"sparse-prefill run: error: {message}", file=sys.stderr)
