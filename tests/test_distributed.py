@@ -70,3 +70,282 @@ def test_needs_an_initialised_process_group():
     q, k, v = _inputs(64)
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         context_parallel_attention(q, k, v, Dense())
+
+
+# -- the zig-zag layout ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("seq", [1024, 1100, 4095, 131072 + 17])
+def test_layout_covers_every_position_once_in_balanced_64_aligned_pieces(world, seq):
+    from sparse_prefill.distributed import context_parallel_layout
+
+    layout = context_parallel_layout(seq, world)
+    assert layout.bounds[0] == 0 and layout.bounds[-1] == seq and len(layout.bounds) == 2 * world + 1
+    assert all(bound % 64 == 0 for bound in layout.bounds[:-1])
+    held = torch.cat([layout.positions(rank) for rank in range(world)])
+    assert torch.equal(held.sort().values, torch.arange(seq))
+    lengths = [layout.local_length(rank) for rank in range(world)]
+    assert max(lengths) - min(lengths) < 128
+    # Dense causal work: sum over queries of (position + 1), the same on every rank up to the blocks
+    # dealt unevenly (< 128 queries of at most seq keys).
+    pairs = [layout.causal_pairs(rank) for rank in range(world)]
+    assert sum(pairs) == seq * (seq + 1) // 2
+    assert max(pairs) - min(pairs) <= 128 * seq
+    for rank in range(world):
+        positions = layout.positions(rank)
+        for start, end, row in layout.local_pieces(rank):
+            assert torch.equal(positions[row : row + end - start], torch.arange(start, end))
+    for piece in range(2 * world):
+        rank, row = layout.owner(piece)
+        assert layout.positions(rank)[row] == layout.bounds[piece]
+    assert layout.last_rank() == 0 and int(layout.positions(0)[-1]) == seq - 1
+
+
+def test_layout_refuses_prompts_shorter_than_two_blocks_per_rank():
+    from sparse_prefill.distributed import context_parallel_layout
+
+    assert context_parallel_layout(256, 2).bounds == (0, 64, 128, 192, 256)
+    with pytest.raises(ValueError, match="at least 256 tokens .* got seq_len=255"):
+        context_parallel_layout(255, 2)
+    with pytest.raises(ValueError, match="world must be a positive int, got world=0"):
+        context_parallel_layout(1024, 0)
+
+
+def _layout_rank_main(rank: int, world: int, init_file: str, seq: int, results) -> None:
+    from sparse_prefill.distributed import context_parallel_attention, context_parallel_layout
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        q, k, v = _inputs(seq)
+        layout = context_parallel_layout(seq, world)
+        rows = layout.positions(rank)
+        results[rank] = context_parallel_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], PATTERNS, layout=layout)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("world, seq", [(2, 300), (3, 420)])
+def test_context_parallel_attention_on_the_zig_zag_layout(world, seq):
+    """With ``layout=``, each of a rank's two pieces is a chunk over the keys up to its end; every piece
+    starts at a multiple of 64, so Dense, A-shape, Block-Sparse and Block-Coverage equal one pass."""
+    from sparse_prefill.distributed import context_parallel_layout
+
+    with tempfile.TemporaryDirectory() as folder:
+        results = mp.Manager().dict()
+        mp.spawn(_layout_rank_main, args=(world, os.path.join(folder, "init"), seq, results), nprocs=world)
+        got = [results[r] for r in range(world)]
+    q, k, v = _inputs(seq)
+    whole = sparse_attention(q, k, v, PATTERNS)
+    layout = context_parallel_layout(seq, world)
+    for rank, mine in enumerate(got):
+        for start, end, row in layout.local_pieces(rank):
+            piece = mine[:, :, row : row + end - start]
+            want = sparse_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], PATTERNS)
+            torch.testing.assert_close(piece, want, rtol=0, atol=0)
+            torch.testing.assert_close(piece[:, SAME_AS_ONE_PASS], whole[:, SAME_AS_ONE_PASS, start:end],
+                                       rtol=1e-5, atol=1e-6)
+
+
+# -- long_prefill.context_parallel_prefill ---------------------------------------------------------------
+#
+# A tiny Llama in float64 (2 layers, 4 query / 2 KV heads), so that the context-parallel prefill can be
+# held to the one-process long_prefill at 1e-10: any difference is a bug, not rounding. Prompts of
+# 300 tokens on 2 ranks and 420 on 3: the prompt's last piece holds a partial 64-token block.
+
+CP_SEQ = {2: 300, 3: 420}
+CP_CHUNK = 37  # chunks of the non-attention work that divide neither the pieces nor the shares
+
+
+def _cp_model():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(torch.float64).eval()
+
+
+def _cp_ids(seq: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _cp_configs():
+    """Configs whose context-parallel rows equal one pass ("must_match": Dense, A-shape, Block-Sparse and
+    Block-Coverage on 64-aligned pieces, with budgets that scale with the prompt's length) and one with
+    Vertical-Slash, estimated per piece (docs/semantics.md)."""
+    from sparse_prefill import AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash
+
+    must_match = PatternConfig(
+        ((Dense(), AShape(4, 40), BlockSparse(2), BlockCoverage(0.8, stride=8)),
+         (BlockCoverage(0.9), BlockSparse(1), AShape(0, 70), BlockCoverage(0.7, stride=4))),
+        reference_length=128, scaling="proportional",
+    )
+    vertical_slash = PatternConfig(
+        ((VerticalSlash(8, 64, last_q=16), Dense(), VerticalSlash(4, 64, last_q=32), AShape(4, 40)),
+         (VerticalSlash(8, 64, last_q=16),) * 4),
+    )
+    return {"must_match": must_match, "vertical_slash": vertical_slash}
+
+
+def _cp_rank_main(rank: int, world: int, init_file: str, results) -> None:
+    import sparse_prefill
+    from sparse_prefill import long_prefill as lp
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, seq = _cp_model(), CP_SEQ[world]
+        ids = _cp_ids(seq)
+        if world == 2:  # refusals first: the group must still work after them
+            results["errors", rank] = _cp_refusals(model, ids, rank)
+        dense = lp.context_parallel_prefill(model, ids, chunk_size=CP_CHUNK, profile=True)
+        results["dense", rank] = dense.logits
+        results["profile", rank] = (dense.attention_seconds, dense.communication_seconds, dense.cache)
+        for name, config in _cp_configs().items():
+            state = sparse_prefill.enable(model, config, min_seq_len=64)
+            try:
+                results[name, rank] = lp.context_parallel_prefill(model, ids, chunk_size=CP_CHUNK).logits
+                results[name, "calls", rank] = (state.sparse_calls, state.dense_calls)
+            finally:
+                sparse_prefill.disable(model)
+    finally:
+        dist.destroy_process_group()
+
+
+def _cp_refusals(model, ids: torch.Tensor, rank: int) -> dict:
+    """(type, message) of each refused call on this rank; every rank must raise, none may hang."""
+    from sparse_prefill import long_prefill as lp
+
+    calls = {
+        "cache": dict(input_ids=ids, cache="device"),
+        "cache_on_rank_1": dict(input_ids=ids, cache="device" if rank == 1 else None),
+        "batch": dict(input_ids=ids[: 2 - rank]),
+        "tokens": dict(input_ids=ids.roll(rank, dims=1)),
+        "too_short": dict(input_ids=ids[:, :255]),
+        "vocab": dict(input_ids=ids + 128 * rank),
+    }
+    errors = {}
+    for name, kwargs in calls.items():
+        try:
+            lp.context_parallel_prefill(model, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            errors[name] = (type(error).__name__, str(error))
+        else:
+            errors[name] = None
+    return errors
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+def cp_run(request):
+    """One spawn per group size runs every scenario; returns (world, results)."""
+    pytest.importorskip("transformers")
+    if not dist.is_available() or sys.platform == "win32":
+        pytest.skip("needs torch.distributed with gloo")
+    world = request.param
+    with tempfile.TemporaryDirectory() as folder:
+        manager = mp.Manager()
+        results = manager.dict()
+        mp.spawn(_cp_rank_main, args=(world, os.path.join(folder, "init"), results), nprocs=world)
+        return world, dict(results)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_context_parallel_prefill_dense_equals_one_process(cp_run):
+    from sparse_prefill import long_prefill as lp
+
+    world, results = cp_run
+    model, ids = _cp_model(), _cp_ids(CP_SEQ[world])
+    want = lp.prefill(model, ids, chunk_size=CP_CHUNK).logits
+    with torch.no_grad():
+        assert _rel(want, model(ids).logits[:, -1]) < 1e-12
+    for rank in range(world):
+        got = results["dense", rank]
+        assert got.shape == (2, 128) and got.dtype == torch.float64
+        assert _rel(got, want) < 1e-10, rank
+        assert torch.equal(got, results["dense", 0])  # broadcast: the very same logits on every rank
+        attention_s, communication_s, cache = results["profile", rank]
+        assert attention_s > 0 and communication_s > 0 and cache is None
+
+
+def _one_process_pieces(config, layout):
+    """One process's attention with the context-parallel semantics: each piece of the layout a chunk over
+    the keys up to its end, with the layer's patterns for the whole prompt."""
+    from sparse_prefill import sparse_attention
+
+    def attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
+        patterns = config.layer_at(module.layer_idx, k.shape[2])
+        out = torch.cat([
+            sparse_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], patterns, scale=scaling)
+            for start, end in zip(layout.bounds[:-1], layout.bounds[1:])
+        ], dim=2)
+        return out.transpose(1, 2), None
+
+    return attention
+
+
+@pytest.mark.parametrize("name", ["must_match", "vertical_slash"])
+def test_context_parallel_prefill_sparse_follows_the_chunk_semantics(cp_run, name):
+    """Every config equals one process running each piece as a chunk (docs/semantics.md); the kinds that keep
+    the same set on 64-aligned chunks (Dense, A-shape, Block-Sparse, Block-Coverage) also equal one sparse
+    pass over the whole prompt, and Vertical-Slash, estimated per piece, differs from it."""
+    import sparse_prefill
+    from sparse_prefill import long_prefill as lp
+    from sparse_prefill.distributed import context_parallel_layout
+
+    world, results = cp_run
+    seq = CP_SEQ[world]
+    model, ids, config = _cp_model(), _cp_ids(seq), _cp_configs()[name]
+    pieces = lp.prefill(model, ids, chunk_size=CP_CHUNK,
+                        attention=_one_process_pieces(config, context_parallel_layout(seq, world))).logits
+    sparse_prefill.enable(model, config, min_seq_len=64)
+    try:
+        one_pass = lp.prefill(model, ids, chunk_size=CP_CHUNK).logits
+    finally:
+        sparse_prefill.disable(model)
+    dense = lp.prefill(model, ids, chunk_size=CP_CHUNK).logits
+    assert _rel(one_pass, dense) > 1e-4  # the patterns really prune
+    for rank in range(world):
+        got = results[name, rank]
+        assert results[name, "calls", rank] == (2, 0)  # both layers sparse, counted on the enable state
+        assert _rel(got, pieces) < 1e-10, rank
+        if name == "must_match":
+            assert _rel(got, one_pass) < 1e-10, rank
+        else:
+            assert _rel(got, one_pass) > 1e-6, rank
+
+
+def test_context_parallel_prefill_refusals_reach_every_rank(cp_run):
+    world, results = cp_run
+    if world != 2:
+        pytest.skip("the refusals run on 2 ranks")
+    errors = [results["errors", rank] for rank in range(world)]
+    for rank in range(world):
+        assert errors[rank]["cache"][0] == "ValueError"
+        assert "keeps no KV cache" in errors[rank]["cache"][1] and "cache='device'" in errors[rank]["cache"][1]
+        assert errors[rank]["batch"] == (
+            "ValueError", "every rank must pass the same input_ids [batch, seq], got rank 0: (2, 300), rank 1: (1, 300)"
+        )
+        assert errors[rank]["tokens"][0] == "ValueError"
+        assert "the tokens differ between ranks" in errors[rank]["tokens"][1]
+        assert errors[rank]["too_short"][0] == "ValueError"
+        assert "at least 256 tokens" in errors[rank]["too_short"][1] and "seq_len=255" in errors[rank]["too_short"][1]
+    # One rank's refusal: that rank raises its own error, the others say which rank refused.
+    assert errors[1]["cache_on_rank_1"][0] == "ValueError" and "keeps no KV cache" in errors[1]["cache_on_rank_1"][1]
+    assert errors[0]["cache_on_rank_1"] == (
+        "RuntimeError", "context_parallel_prefill: rank(s) [1] of 2 refused their arguments (their errors say why); "
+        "nothing was computed"
+    )
+    assert errors[1]["vocab"] == ("ValueError", "input_ids must lie in [0, 128), got values in [131, 255]")
+    assert errors[0]["vocab"][0] == "RuntimeError"
+
+
+def test_context_parallel_prefill_needs_an_initialised_process_group():
+    pytest.importorskip("transformers")
+    from sparse_prefill import long_prefill as lp
+
+    with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
+        lp.context_parallel_prefill(_cp_model(), _cp_ids(300))

@@ -12,12 +12,22 @@ that are the last part of the keys"). So, per rank:
   keeps every causal key;
 - Vertical-Slash: estimated from the rank's own last queries (each rank's own index).
 
-Not yet here (issue 16): balancing the causal work across ranks (the last slice has the most keys),
-passing K/V round a ring instead of gathering them all, and the model-level forward.
+The last slice has the most keys. :func:`context_parallel_layout` balances the causal work with a
+zig-zag: the prompt is cut at multiples of 64 into ``2 * world`` near-equal pieces and rank ``r``
+holds pieces ``r`` and ``2 * world - 1 - r``, so every rank holds as many positions as any other
+and as many causal (query, key) pairs, up to one 64-token block (docs/semantics.md, "Context
+parallelism").
+:func:`context_parallel_attention` takes such a layout (``layout=``) and then runs each of the
+rank's two pieces as a chunk; :func:`sparse_prefill.long_prefill.context_parallel_prefill` runs a
+whole model on it.
+
+Not yet here (issue 16): passing K/V round a ring (merged with the log-sum-exp) instead of
+gathering them all, and tensor parallelism.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -26,7 +36,122 @@ import torch.distributed as dist
 from .attention import sparse_attention
 from .patterns import Pattern
 
-__all__ = ["context_parallel_attention"]
+__all__ = ["BLOCK", "ContextParallelLayout", "context_parallel_attention", "context_parallel_layout", "gather_layout"]
+
+
+# Piece boundaries fall on multiples of the 64-token query block of docs/semantics.md, so that every
+# piece but the prompt's last starts and ends on whole blocks.
+BLOCK = 64
+
+
+@dataclass(frozen=True)
+class ContextParallelLayout:
+    """Which positions of a ``seq_len``-token prompt each of ``world`` ranks holds: a zig-zag.
+
+    ``bounds`` cuts the prompt into ``2 * world`` pieces, piece ``c`` being positions
+    ``bounds[c] .. bounds[c + 1] - 1``; rank ``r`` holds pieces ``r`` and ``2 * world - 1 - r``, in
+    that order (ascending positions), and its rows are those two pieces one after the other.
+    Built by :func:`context_parallel_layout`.
+    """
+
+    seq_len: int
+    world: int
+    bounds: tuple[int, ...]
+
+    @property
+    def n_pieces(self) -> int:
+        return 2 * self.world
+
+    def pieces(self, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The rank's two pieces as ``(start, end)`` positions, ascending."""
+        first, second = rank, self.n_pieces - 1 - rank
+        return (self.bounds[first], self.bounds[first + 1]), (self.bounds[second], self.bounds[second + 1])
+
+    def local_pieces(self, rank: int) -> list[tuple[int, int, int]]:
+        """``(start, end, row)`` per piece of the rank: its positions and the first of its local rows."""
+        rows, out = 0, []
+        for start, end in self.pieces(rank):
+            out.append((start, end, rows))
+            rows += end - start
+        return out
+
+    def local_length(self, rank: int) -> int:
+        return sum(end - start for start, end in self.pieces(rank))
+
+    def positions(self, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """LongTensor [local_length]: the positions of the rank's rows."""
+        return torch.cat([torch.arange(start, end, device=device) for start, end in self.pieces(rank)])
+
+    def owner(self, piece: int) -> tuple[int, int]:
+        """``(rank, row)``: the rank holding piece ``piece`` and the local row it starts at."""
+        if piece < self.world:
+            return piece, 0
+        rank = self.n_pieces - 1 - piece
+        first_start, first_end = self.pieces(rank)[0]
+        return rank, first_end - first_start
+
+    def last_rank(self) -> int:
+        """The rank holding the prompt's last position (rank 0: the last piece is its second)."""
+        return self.owner(self.n_pieces - 1)[0]
+
+    def causal_pairs(self, rank: int) -> int:
+        """Causal (query, key) pairs of the rank's queries: its dense attention work."""
+        # Query i meets keys 0..i: a piece [s, e) holds sum_{i=s}^{e-1} (i + 1) pairs.
+        return sum((end * (end + 1) - start * (start + 1)) // 2 for start, end in self.pieces(rank))
+
+
+def context_parallel_layout(seq_len: int, world: int) -> ContextParallelLayout:
+    """The zig-zag layout of a ``seq_len``-token prompt over ``world`` ranks.
+
+    The ``seq_len // 64`` whole 64-token blocks are dealt over ``2 * world`` pieces as evenly as
+    possible (the first ``blocks % (2 * world)`` pieces one block more), the partial block at the
+    end (``seq_len % 64`` tokens) goes to the last piece, and rank ``r`` holds pieces ``r`` and
+    ``2 * world - 1 - r``. Every rank then holds ``seq_len / world`` positions to within 128, whose
+    mean is the middle of the prompt up to the unevenly dealt blocks, so any per-query cost affine
+    in the position (dense causal attention: ``i + 1`` keys; fixed sparse budgets and the
+    non-attention work: a constant) is the same on every rank up to those blocks: the dense causal
+    pairs differ by at most ``128 * seq_len`` between ranks, of ``seq_len**2 / (2 * world)`` each.
+
+    Raises
+    ------
+    ValueError
+        If ``world < 1`` or the prompt has fewer than ``2 * world`` whole blocks (``128 * world`` tokens).
+    """
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive int, got world={world!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2 * world * BLOCK:
+        raise ValueError(
+            f"context parallelism over {world} ranks needs a prompt of at least {2 * world * BLOCK} tokens "
+            f"(two {BLOCK}-token blocks per rank), got seq_len={seq_len!r}; run shorter prompts on one device"
+        )
+    n_pieces = 2 * world
+    base, extra = divmod(seq_len // BLOCK, n_pieces)
+    sizes = [BLOCK * (base + (piece < extra)) for piece in range(n_pieces)]
+    sizes[-1] += seq_len % BLOCK
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    return ContextParallelLayout(seq_len=seq_len, world=world, bounds=tuple(bounds))
+
+
+def gather_layout(x: torch.Tensor, layout: ContextParallelLayout, group=None) -> torch.Tensor:
+    """Every rank's rows of ``x``, put back in position order: the whole prompt's tensor on every rank.
+
+    x : Tensor [batch, heads, n, dim], this rank's rows (``n = layout.local_length(rank)``), in
+        the layout's order. Returns Tensor [batch, heads, layout.seq_len, dim].
+    """
+    lengths = [layout.local_length(rank) for rank in range(layout.world)]
+    longest = max(lengths)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, longest - x.shape[2])).contiguous()
+    parts = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(parts, padded, group=group)
+    del padded
+    pieces = []
+    for piece in range(layout.n_pieces):
+        rank, row = layout.owner(piece)
+        size = layout.bounds[piece + 1] - layout.bounds[piece]
+        pieces.append(parts[rank][:, :, row : row + size])
+    return torch.cat(pieces, dim=2)
 
 
 def _gather_positions(x: torch.Tensor, lengths: list[int], group) -> torch.Tensor:
@@ -46,6 +171,7 @@ def context_parallel_attention(
     *,
     scale: float | None = None,
     group=None,
+    layout: ContextParallelLayout | None = None,
 ) -> torch.Tensor:
     """Sparse causal attention of this rank's slice of the positions.
 
@@ -53,13 +179,16 @@ def context_parallel_attention(
     ----------
     q : Tensor [batch, q_heads, n, head_dim]
         This rank's queries: positions ``start .. start + n - 1``, where ``start`` is the total length
-        of the lower ranks' slices.
+        of the lower ranks' slices; or, with ``layout``, the positions ``layout.positions(rank)``.
     k, v : Tensor [batch, kv_heads, n, head_dim]
         This rank's keys and values, the same positions.
     patterns, scale
         As :func:`sparse_prefill.sparse_attention`.
     group : ProcessGroup, optional
         The ranks sharing the prompt (default: the whole world).
+    layout : ContextParallelLayout, optional
+        The zig-zag of :func:`context_parallel_layout` (balanced causal work); each of the rank's two
+        pieces is then a chunk over the keys up to its end. Default: contiguous slices in rank order.
 
     Returns
     -------
@@ -72,6 +201,15 @@ def context_parallel_attention(
         raise ValueError(f"q, k and v must hold this rank's same positions, got lengths {q.shape[2]}, {k.shape[2]}, "
                          f"{v.shape[2]}")
     rank = dist.get_rank(group)
+    if layout is not None:
+        _check_layout(layout, q.shape[2], rank, dist.get_world_size(group))
+        keys, values = gather_layout(k, layout, group), gather_layout(v, layout, group)
+        pieces = [
+            sparse_attention(q[:, :, row : row + end - start], keys[:, :, :end], values[:, :, :end], patterns,
+                             scale=scale)
+            for start, end, row in layout.local_pieces(rank)
+        ]
+        return torch.cat(pieces, dim=2)
     sizes = torch.tensor([q.shape[2]], device=q.device)
     gathered = [torch.empty_like(sizes) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, sizes, group=group)
@@ -82,3 +220,17 @@ def context_parallel_attention(
     keys = _gather_positions(k, lengths, group)[:, :, :end]
     values = _gather_positions(v, lengths, group)[:, :, :end]
     return sparse_attention(q, keys, values, patterns, scale=scale)
+
+
+def _check_layout(layout: ContextParallelLayout, n: int, rank: int, world: int) -> None:
+    if not isinstance(layout, ContextParallelLayout):
+        raise TypeError(
+            f"layout must be a ContextParallelLayout (context_parallel_layout), got {type(layout).__name__}"
+        )
+    if layout.world != world:
+        raise ValueError(f"layout is for {layout.world} ranks, but the process group has {world}")
+    if n != layout.local_length(rank):
+        raise ValueError(
+            f"rank {rank} holds {layout.local_length(rank)} positions in the layout of {layout.seq_len} tokens, "
+            f"got {n}"
+        )

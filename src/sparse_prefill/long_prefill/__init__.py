@@ -36,13 +36,16 @@ window), Qwen2 and Qwen3 qualify; anything else is refused with the reason.
 Where things are: :mod:`.adapter` (which models qualify, and their pieces), :mod:`.memory` (the
 memory model and the fit check), :mod:`.cache` (the KV cache modes), :mod:`.attention` (the
 attention each layer calls), :mod:`.layer` (a layer's per-chunk work, fused or not),
-:mod:`.forward` (the chunked forward) and :mod:`.decode` (decoding from a kept cache).
+:mod:`.forward` (the chunked forward), :mod:`.context_parallel` (the same forward with the
+positions split over the ranks of a ``torch.distributed`` group: :func:`context_parallel_prefill`)
+and :mod:`.decode` (decoding from a kept cache).
 """
 
 from __future__ import annotations
 
 from .attention import AttentionFn, sdpa_attention
 from .cache import KVCache
+from .context_parallel import context_parallel_prefill
 from .decode import decode_step, generate
 from .forward import PrefillResult, prefill
 from .memory import DEFAULT_CHUNK_SIZE, PrefillMemory, PrefillMemoryError, memory_needed
@@ -54,6 +57,7 @@ __all__ = [
     "PrefillMemory",
     "PrefillMemoryError",
     "PrefillResult",
+    "context_parallel_prefill",
     "decode_step",
     "generate",
     "memory_needed",

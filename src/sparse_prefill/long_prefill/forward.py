@@ -56,11 +56,15 @@ class PrefillResult:
     cache : KVCache or None
     attention_seconds : float or None
         Time inside the attention calls, summed over layers (``profile=True`` only).
+    communication_seconds : float or None
+        Time inside the collectives of a context-parallel prefill (gathering K/V, broadcasting the
+        logits), summed over layers (:func:`.context_parallel.context_parallel_prefill`, ``profile=True``).
     """
 
     logits: torch.Tensor
     cache: KVCache | None
     attention_seconds: float | None = None
+    communication_seconds: float | None = None
 
 
 def prefill(
@@ -121,18 +125,7 @@ def prefill(
         If an allocation fails anyway; everything the prefill allocated is freed first.
     """
     parts = _parts(model)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(
-            f"input_ids must be a [batch, seq] tensor, got "
-            f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}"
-        )
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids must hold integer token ids (int64 or int32), got dtype={input_ids.dtype}")
-    if input_ids.device != parts.device:
-        raise ValueError(f"input_ids must be on the model's device {parts.device}, got {input_ids.device}")
-    batch, seq_len = input_ids.shape
-    if batch == 0 or seq_len == 0:
-        raise ValueError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
+    batch, seq_len = _check_input_ids(input_ids, parts)
     placement = _check_placement(cache)
     kv_dtype = _check_kv_dtype(kv_dtype, parts.dtype)
     if fuse is not None and not isinstance(fuse, bool):
@@ -141,9 +134,7 @@ def prefill(
     need = memory_needed(model, seq_len, batch=batch, cache=placement, kv_dtype=kv_dtype, chunk_size=chunk_size)
     _check_fits(need, parts.device, seq_len, batch, placement, kv_dtype)
     # Only now read the ids (they may be a view of a much larger request that was just refused).
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= parts.vocab:
-        raise ValueError(f"input_ids must lie in [0, {parts.vocab}), got values in [{low}, {high}]")
+    _check_token_range(input_ids, parts)
     bodies = layer_bodies(parts.device.type == "cuda" if fuse is None else fuse)
     attention_fn = attention if attention is not None else _model_attention(model)
     try:
@@ -160,6 +151,29 @@ def prefill(
         f"out of memory during the prefill of {seq_len:,} tokens (estimated need {need.describe()}); its "
         f"buffers have been freed. {message}"
     )
+
+
+def _check_input_ids(input_ids: Any, parts: _Parts) -> tuple[int, int]:
+    """``(batch, seq)`` of unpadded prompts on the model's device, or the error naming what is wrong."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be a [batch, seq] tensor, got "
+            f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}"
+        )
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold integer token ids (int64 or int32), got dtype={input_ids.dtype}")
+    if input_ids.device != parts.device:
+        raise ValueError(f"input_ids must be on the model's device {parts.device}, got {input_ids.device}")
+    batch, seq_len = input_ids.shape
+    if batch == 0 or seq_len == 0:
+        raise ValueError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
+    return batch, seq_len
+
+
+def _check_token_range(input_ids: torch.Tensor, parts: _Parts) -> None:
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= parts.vocab:
+        raise ValueError(f"input_ids must lie in [0, {parts.vocab}), got values in [{low}, {high}]")
 
 
 def _prefill(
