@@ -349,3 +349,38 @@ def test_context_parallel_prefill_needs_an_initialised_process_group():
 
     with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
         lp.context_parallel_prefill(_cp_model(), _cp_ids(300))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+def test_context_parallel_benchmark_dry_run(tmp_path):
+    """benchmarks/context_parallel.py --tiny under torchrun on two CPU processes: every row, the same logits
+    as one process where the semantics agree, the JSON and the PNG. Its times mean nothing on a CPU."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               str(root / "benchmarks" / "context_parallel.py"), "--tiny", "--out", str(tmp_path),
+               "--lengths", "131072", "262144"]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "context_parallel.json").read_text())
+    assert data["meta"]["env"] == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                                   "NVSHMEM_DISABLE_NVLS": "1"}
+    rows = data["rows"]
+    assert [(row["seq"], row["path"]) for row in rows] == [
+        (seq, path) for seq in (256, 512) for path in ("dense", "vertical_slash", "block_coverage")]
+    for row in rows:
+        ranks = row["context_parallel"]["ranks"]
+        assert [r["positions"] for r in ranks] == [row["seq"] // 2] * 2
+        assert ranks[0]["causal_pairs"] == ranks[1]["causal_pairs"]
+        assert row["context_parallel"]["ttft_s"] == max(r["ttft_s"] for r in ranks)
+        assert row["one_device"]["ttft_s"] > 0 and row["speedup"] > 0
+        if row["same_semantics_as_one_device"]:
+            assert row["logits_rel_err"] < 1e-2, row
+    assert (tmp_path / "context_parallel.png").stat().st_size > 10_000
