@@ -451,3 +451,20 @@ def test_eval_kv_does_not_apply_to_perplexity(tmp_path, capsys):
     args = ["eval", "ppl", "--smoke", "--kv", "snapkv", "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]
     assert cli.main(args) == 2
     assert "applies to needle and ruler, not ppl" in capsys.readouterr().err
+
+
+def test_eval_decode_budget_decodes_sparse_and_labels_it(tmp_path, capsys):
+    from sparse_prefill import cli
+
+    out = tmp_path / "needle"
+    common = ["eval", "needle", "--lengths", "1k", "--depths", "0.5", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert cli.main(common + ["--method", "dense,sparse", "--decode-budget", "256"]) == 0
+    records = [json.loads(line) for line in (out / "needle.jsonl").read_text().splitlines()]
+    assert sorted(r["label"] for r in records) == ["dense + sparse decode 256", "sparse + sparse decode 256"]
+    for r in records:  # every decoding step after the first token read 256 of ~1K keys, in all 30 layers
+        assert r["decode_budget"] == 256 and r["sparse_decode_layers"] > 0 and r["sparse_decode_layers"] % 30 == 0, r
+    assert "| sparse + sparse decode 256 |" in capsys.readouterr().out
+    assert cli.main(["eval", "ppl", "--smoke", "--out", str(tmp_path / "p"), "--decode-budget", "256"]) == 2
+    assert "--decode-budget applies to needle and ruler, not ppl" in capsys.readouterr().err
+    assert cli.main(["eval", "needle", "--smoke", "--out", str(tmp_path / "n"), "--decode-budget", "40"]) == 2
+    assert "--decode-budget: budget must be at least sink + local" in capsys.readouterr().err

@@ -84,6 +84,10 @@ def add_eval_command(commands) -> None:
     parser.add_argument("--kv-capacity", type=int, metavar="C", help="tokens kept per layer by --kv (default 1024)")
     parser.add_argument("--kv-kernel", type=int, metavar="K",
                         help="SnapKV/PyramidKV average-pool width, odd (default 5); labels get ' kK'")
+    parser.add_argument("--decode-budget", type=int, metavar="N",
+                        help="needle, ruler: decode sparse, each step reading only the N keys per KV head its query "
+                        "selects (docs/semantics.md, 'Sparse decoding'; default: dense decoding); labels get "
+                        "' + sparse decode N'")
     parser.add_argument("--smoke", action="store_true",
                         help="CI-sized: 1K tokens, one sample, three depths (sets --lengths, --samples and --depths)")
     parser.add_argument("--no-progress", action="store_true")
@@ -92,7 +96,7 @@ def add_eval_command(commands) -> None:
 
 # Options that only some tasks read: given to another task they would be silently ignored.
 _APPLIES_TO = {"samples": ("ruler", "ppl"), "depths": ("needle",), "tasks": ("ruler",), "haystack": ("needle", "ruler"),
-               "text": ("ppl",)}
+               "text": ("ppl",), "decode_budget": ("needle", "ruler")}
 _DEFAULTS = {"lengths": [2048, 4096, 8192], "depths": list(DEFAULT_DEPTHS), "tasks": list(RULER_TASKS), "haystack": "pg",
              "text": "kjv", "preset": "default"}
 
@@ -108,7 +112,7 @@ def _check_options(args: argparse.Namespace) -> str | None:
                     f"{' and '.join(given)} yourself")
     for name, tasks in _APPLIES_TO.items():
         if getattr(args, name) is not None and args.task in EVAL_TASKS and args.task not in tasks:
-            return f"--{name} applies to {' and '.join(tasks)}, not {args.task}"
+            return f"--{name.replace('_', '-')} applies to {' and '.join(tasks)}, not {args.task}"
     if args.preset is not None and args.config is not None:
         return "--preset and --config both choose the sparse method's patterns: give one"
     if args.preset is not None and "sparse" not in args.method:
@@ -134,7 +138,7 @@ def _handle(args: argparse.Namespace) -> int:
         lengths=args.lengths, samples=args.samples, depths=args.depths, ruler_tasks=args.tasks,
         haystack=args.haystack, text=args.text, device=args.device, seed=args.seed,
         rope_scaling=not args.no_rope_scaling, progress=not args.no_progress, kv=args.kv, kv_capacity=args.kv_capacity,
-        kv_kernel=args.kv_kernel,
+        kv_kernel=args.kv_kernel, decode_budget=args.decode_budget,
     )
     try:
         summary = run_eval(spec)

@@ -22,13 +22,15 @@ def a_shape_pattern(seq_len: int) -> AShape:
 
 
 def apply_method(
-    model: Any, method: str, seq_len: int, config: PatternConfig | None = None, preset: str = "default"
+    model: Any, method: str, seq_len: int, config: PatternConfig | None = None, preset: str = "default",
+    decode: Any = "dense",
 ) -> SparsePrefillState | None:
     """Switch ``model`` to ``method`` for a prompt of ``seq_len`` tokens; returns the sparse state.
 
     ``config`` and ``preset`` (sparse only) are passed to :func:`enable`: a :class:`PatternConfig`,
     or None for the preset on every head. Sparse methods run on every prefill, however short
     (``min_seq_len=1``): an evaluation measures the method, not the short-prompt fallback to dense.
+    ``decode`` (sparse methods) is :func:`enable`'s: ``"dense"`` or a ``SparseDecoding``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -38,4 +40,4 @@ def apply_method(
     if method == "a-shape":
         layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
         config = PatternConfig.uniform(layers, heads, a_shape_pattern(seq_len), source="a-shape baseline")
-    return enable(model, config, preset=preset, min_seq_len=1)
+    return enable(model, config, preset=preset, min_seq_len=1, decode=decode)

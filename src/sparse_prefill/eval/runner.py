@@ -52,6 +52,7 @@ class EvalSpec:
     kv: str = "full"  # KV cache kept for decoding (sparse_prefill.kv_cache.METHODS)
     kv_capacity: int | None = None
     kv_kernel: int | None = None  # SnapKV/PyramidKV pooling width (None: the method's default, 5)
+    decode_budget: int | None = None  # sparse decoding with this budget in tokens (None: dense decoding)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -94,7 +95,20 @@ class EvalSpec:
             check_kv_options(self.kv, self.kv_capacity, **self.kv_options())
         except ValueError as error:
             raise ValueError(f"--kv {self.kv}: {error}") from None
+        if self.decode_budget is not None:
+            if self.task == "ppl":
+                raise ValueError("--decode-budget sets how decoding steps attend: it applies to needle and ruler, not ppl")
+            try:
+                self.decoding()
+            except ValueError as error:
+                raise ValueError(f"--decode-budget: {error}") from None
         check_device(self.device, "--device")
+
+    def decoding(self):
+        """The sparse decoding asked for (``SparseDecoding``), or ``"dense"``."""
+        from ..decoding import SparseDecoding
+
+        return "dense" if self.decode_budget is None else SparseDecoding(budget=self.decode_budget)
 
     def kv_options(self) -> dict[str, int]:
         return {} if self.kv_kernel is None else {"kernel": self.kv_kernel}
@@ -111,13 +125,17 @@ def _label(method: str, config: str | None, preset: str = "default") -> str:
 
 
 def _kv_suffix(spec: EvalSpec) -> str:
-    """A compressed KV cache is part of the method's name: results of several --kv runs share a table."""
-    if spec.kv == "full":
-        return ""
-    from ..kv_cache import DEFAULT_CAPACITY
+    """A compressed KV cache and sparse decoding are part of the method's name: results of several
+    --kv and --decode-budget runs share a table."""
+    suffix = ""
+    if spec.kv != "full":
+        from ..kv_cache import DEFAULT_CAPACITY
 
-    kernel = f" k{spec.kv_kernel}" if spec.kv_kernel is not None else ""
-    return f" + {spec.kv} {spec.kv_capacity or DEFAULT_CAPACITY}{kernel}"
+        kernel = f" k{spec.kv_kernel}" if spec.kv_kernel is not None else ""
+        suffix = f" + {spec.kv} {spec.kv_capacity or DEFAULT_CAPACITY}{kernel}"
+    if spec.decode_budget is not None:
+        suffix += f" + sparse decode {spec.decode_budget}"
+    return suffix
 
 
 def run_eval(spec: EvalSpec) -> dict[str, Any]:
@@ -163,18 +181,21 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
         loaded = load_model(spec.model, dtype=dtype, device=device, rope_scaling_for=scaled)
         for item, method in sorted(pending, key=lambda pair: spec.methods.index(pair[1])):
             label = _label(method, spec.config, spec.preset) + _kv_suffix(spec)
-            state = apply_method(loaded.model, method, length, config if method == "sparse" else None, spec.preset)
-            if method == "dense" and spec.kv != "full":
+            state = apply_method(loaded.model, method, length, config if method == "sparse" else None, spec.preset,
+                                 decode=spec.decoding())
+            if method == "dense" and (spec.kv != "full" or spec.decode_budget is not None):
                 # Dense prefill through sparse_prefill's attention (every call goes to SDPA): it hands
-                # the compressing cache the prefill's queries.
+                # the compressing cache the prefill's queries, and decodes sparse if asked.
                 from ..integrations.transformers import enable
 
-                enable(loaded.model, preset="dense")
+                state = enable(loaded.model, preset="dense", decode=spec.decoding())
             record = _evaluate(spec, loaded, item, device)
             record.update(key=item.key, label=label, method=method, config=spec.config or f"preset {spec.preset}", length=length,
                           kv=spec.kv, kv_capacity=spec.kv_capacity, kv_kernel=spec.kv_kernel,
+                          decode_budget=spec.decode_budget,
                           yarn=loaded.rope_scaling is not None,
-                          sparse_layers=state.sparse_calls if state is not None else 0)
+                          sparse_layers=state.sparse_calls if state is not None else 0,
+                          sparse_decode_layers=state.sparse_decode_calls if state is not None else 0)
             store.add(record)
             bar.update(1)
         apply_method(loaded.model, "dense", length)
