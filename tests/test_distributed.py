@@ -384,3 +384,156 @@ def test_context_parallel_benchmark_dry_run(tmp_path):
         if row["same_semantics_as_one_device"]:
             assert row["logits_rel_err"] < 1e-2, row
     assert (tmp_path / "context_parallel.png").stat().st_size > 10_000
+
+
+# -- tensor parallelism through transformers (tp_plan="auto") -------------------------------------------
+
+TP_SEQ = 256
+
+
+def _tp_config():
+    """A different pattern on every head of each layer, so a rank that ran another rank's patterns (or the
+    first heads' on every rank) would change the logits."""
+    from sparse_prefill import AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash
+
+    return PatternConfig(
+        ((VerticalSlash(8, 64, last_q=16), AShape(4, 40), BlockSparse(1), Dense()),
+         (AShape(0, 70), BlockCoverage(0.7, stride=4), Dense(), VerticalSlash(4, 64, last_q=32))),
+    )
+
+
+def _tp_inputs():
+    """Two prompts: one whole, one left-padded by 40 tokens (the padded path, one sequence at a time)."""
+    ids = _cp_ids(TP_SEQ)
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    return ids, mask
+
+
+def _tp_save_model(folder: str) -> str:
+    path = os.path.join(folder, "model")
+    _cp_model().save_pretrained(path)  # 4 query heads, 2 KV heads, 2 layers, float64
+    return path
+
+
+def _tp_rank_main(rank: int, world: int, init_file: str, path: str, results) -> None:
+    import sparse_prefill
+    from transformers import AutoModelForCausalLM, DistributedConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, distributed_config=DistributedConfig(tp_plan="auto", tp_size=world), dtype=torch.float64,
+            attn_implementation="sdpa").eval()
+        attention = model.model.layers[0].self_attn
+        results["sharding", rank] = (model.tp_size, type(attention.q_proj.weight).__name__,
+                                     tuple(attention.q_proj.weight.to_local().shape),
+                                     tuple(attention.k_proj.weight.to_local().shape))
+        ids, mask = _tp_inputs()
+        state = sparse_prefill.enable(model, _tp_config(), min_seq_len=64)
+        results["state", rank] = (state.tp_rank, state.tp_size, state.heads)
+        with torch.no_grad():
+            results["sparse", rank] = model(ids, attention_mask=mask).logits
+            results["calls", rank] = (state.sparse_calls, state.dense_calls)
+            state.tp_rank = world - 1 - rank  # another rank's heads: what a wrong mapping computes
+            results["swapped", rank] = model(ids, attention_mask=mask).logits
+        sparse_prefill.disable(model)
+        with torch.no_grad():
+            results["dense", rank] = model(ids, attention_mask=mask).logits
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tp_run():
+    """Two gloo processes load the same saved tiny Llama with transformers' tensor parallelism; returns
+    (the saved model, each rank's results)."""
+    pytest.importorskip("transformers")
+    if not dist.is_available() or sys.platform == "win32":
+        pytest.skip("needs torch.distributed with gloo")
+    from transformers import AutoModelForCausalLM
+
+    world = 2
+    with tempfile.TemporaryDirectory() as folder:
+        path = _tp_save_model(folder)
+        manager = mp.Manager()
+        results = manager.dict()
+        mp.spawn(_tp_rank_main, args=(world, os.path.join(folder, "init"), path, results), nprocs=world)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="sdpa").eval()
+        return model, dict(results)
+
+
+def test_tensor_parallel_model_splits_heads_in_contiguous_rank_slices(tp_run):
+    _, results = tp_run
+    for rank in range(2):
+        # q_proj [4 heads x 16, 64] and k_proj [2 heads x 16, 64] in halves: 2 query heads, 1 KV head per rank.
+        assert results["sharding", rank] == (2, "DTensor", (32, 64), (16, 64))
+        assert results["state", rank] == (rank, 2, (4, 2))
+
+
+def test_tensor_parallel_sparse_prefill_equals_one_process(tp_run):
+    """Each rank runs the patterns of its own global heads (rank r: heads 2r, 2r + 1): the logits equal one
+    process's, and running another rank's patterns does not."""
+    import sparse_prefill
+
+    model, results = tp_run
+    ids, mask = _tp_inputs()
+    with torch.no_grad():
+        dense = model(ids, attention_mask=mask).logits
+        state = sparse_prefill.enable(model, _tp_config(), min_seq_len=64)
+        try:
+            sparse = model(ids, attention_mask=mask).logits
+        finally:
+            sparse_prefill.disable(model)
+    assert (state.tp_rank, state.tp_size, state.sparse_calls) == (0, 1, 2)
+    real = mask.bool()
+    assert _rel(sparse[real], dense[real]) > 1e-3  # the patterns really prune
+    for rank in range(2):
+        assert results["calls", rank] == (2, 0)  # both layers sparse on every rank
+        assert _rel(results["dense", rank][real], dense[real]) < 1e-12, rank
+        assert _rel(results["sparse", rank][real], sparse[real]) < 1e-12, rank
+        assert _rel(results["swapped", rank][real], sparse[real]) > 1e-3, rank
+
+
+def test_layer_patterns_are_the_rank_slice_of_the_global_heads():
+    from sparse_prefill import Dense
+    from sparse_prefill.integrations.transformers import SparsePrefillState
+    from sparse_prefill.presets import PRESETS
+
+    config = _tp_config()
+
+    def state(rank, size, **kwargs):
+        return SparsePrefillState(config=config, preset=PRESETS["default"], min_seq_len=64,
+                                  restore_implementation="sdpa", heads=(4, 2), tp_rank=rank, tp_size=size, **kwargs)
+
+    assert state(0, 1).layer_patterns(1, 4, TP_SEQ, 2) == config.layer(1)
+    assert state(0, 2).layer_patterns(1, 2, TP_SEQ, 1) == config.layer(1)[:2]
+    assert state(1, 2).layer_patterns(1, 2, TP_SEQ, 1) == config.layer(1)[2:]
+    assert state(3, 4).layer_patterns(0, 1, TP_SEQ) == (Dense(),)
+    with pytest.raises(ValueError, match="layer 0 attends with 3 query heads on tensor-parallel rank 1 of 2, "
+                                         "but the model has 4 query heads"):
+        state(1, 2).layer_patterns(0, 3, TP_SEQ)
+    with pytest.raises(ValueError, match="layer 0 attends with 2 query heads, but the model has 4"):
+        state(0, 1).layer_patterns(0, 2, TP_SEQ)  # a split the state was not told of
+    with pytest.raises(ValueError, match="layer 1 attends with 2 key/value heads on tensor-parallel rank 0 of 2"):
+        state(0, 2).layer_patterns(1, 2, TP_SEQ, 2)
+    # The preset's pattern is the same on every head; under tensor parallelism the share is still checked.
+    preset = SparsePrefillState(config=None, preset=PRESETS["fast"], min_seq_len=64, restore_implementation="sdpa",
+                                heads=(4, 2), tp_rank=1, tp_size=2)
+    assert preset.layer_patterns(0, 2, TP_SEQ, 1) == (PRESETS["fast"].pattern,) * 2
+    with pytest.raises(ValueError, match="attends with 4 query heads on tensor-parallel rank 1 of 2"):
+        preset.layer_patterns(0, 4, TP_SEQ, 2)
+
+
+def test_enable_on_an_unsplit_model_is_rank_0_of_1():
+    pytest.importorskip("transformers")
+    import sparse_prefill
+    from sparse_prefill import PatternConfig
+
+    model = _cp_model()
+    state = sparse_prefill.enable(model, _tp_config())
+    assert (state.tp_rank, state.tp_size, state.heads) == (0, 1, (4, 2))
+    sparse_prefill.disable(model)
+    with pytest.raises(ValueError, match="pattern config is for 2 layers x 2 query heads, but the model has "
+                                         "2 layers x 4 query heads"):
+        sparse_prefill.enable(model, PatternConfig(tuple(heads[:2] for heads in _tp_config())))

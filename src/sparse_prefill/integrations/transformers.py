@@ -31,6 +31,18 @@ keys (such layers are already local; they stay with SDPA). Decoding steps (one q
 A padded batch (left or right padding through ``attention_mask``) runs one sequence at a time,
 each with its own index over its own tokens; a mask that is not causal-with-padding raises
 ``ValueError`` rather than being silently ignored.
+
+Tensor parallelism
+------------------
+A model loaded with transformers' tensor parallelism (``tp_plan="auto"`` or
+``distributed_config=DistributedConfig(tp_plan="auto")`` under ``torchrun``) calls the attention
+function on each rank with that rank's heads only. transformers shards ``q_proj``/``k_proj``/``v_proj``
+column-wise into contiguous, equal slices of their output features, so rank ``r`` of ``W`` holds
+query heads ``r H/W .. (r+1) H/W - 1`` and key/value heads ``r KV/W .. (r+1) KV/W - 1`` (which
+keeps every query head with its own KV head). :func:`enable` reads ``W`` from the model's
+``tp_size`` and ``r`` from the device mesh its attention weights are sharded over; each call then
+runs the patterns of its global head ids, and raises ``ValueError`` when the heads it receives are
+not ``H/W`` and ``KV/W`` (heads that do not split evenly, or a sharding this rule does not describe).
 """
 
 from __future__ import annotations
@@ -85,6 +97,12 @@ class SparsePrefillState:
     sparse_calls, dense_calls : int
         Layer calls that took the sparse path and the dense (SDPA) path since :func:`enable`;
         a prefill of an ``L``-layer model adds ``L`` to one of them, as does every decoding step.
+    heads : (int, int) or None
+        The model's query and key/value heads per layer, all ranks together; None when unknown (a
+        model selected by name and never enabled).
+    tp_rank, tp_size : int
+        This process's rank in the model's tensor-parallel group and the group's size (0 and 1
+        without tensor parallelism): a layer call holds query heads ``tp_rank * H / tp_size`` on.
     decoding : SparseDecoding or None
         Settings of sparse decoding steps (:mod:`sparse_prefill.decoding`); None: decoding is dense.
     sparse_decode_calls : int
@@ -100,6 +118,9 @@ class SparsePrefillState:
     restore_implementation: str
     sparse_calls: int = 0
     dense_calls: int = 0
+    heads: tuple[int, int] | None = None
+    tp_rank: int = 0
+    tp_size: int = 1
     decoding: SparseDecoding | None = None
     sparse_decode_calls: int = 0
     cache: Any = field(default=None, repr=False)
@@ -131,10 +152,42 @@ class SparsePrefillState:
             return self.min_seq_len
         return self.preset.min_seq_len(query.is_cuda)
 
-    def layer_patterns(self, layer_idx: int, n_heads: int, seq_len: int) -> tuple[Pattern, ...]:
+    def layer_patterns(self, layer_idx: int, n_heads: int, seq_len: int,
+                       n_kv_heads: int | None = None) -> tuple[Pattern, ...]:
+        """The patterns of the ``n_heads`` query heads a call of layer ``layer_idx`` holds, in its order.
+
+        Under tensor parallelism those are this rank's slice of the layer's heads (global ids
+        ``tp_rank * n_heads`` on); ``n_kv_heads``, when given, is checked against that slice too.
+        """
+        first = self._first_head(layer_idx, n_heads, n_kv_heads)
         if self.config is None:
             return (self.preset.pattern,) * n_heads
-        return self.config.layer_at(layer_idx, seq_len)  # budgets scaled by the config's rule
+        # Budgets scaled by the config's rule.
+        return self.config.layer_at(layer_idx, seq_len)[first : first + n_heads]
+
+    def _first_head(self, layer_idx: int, n_heads: int, n_kv_heads: int | None) -> int:
+        """Global id of the first of ``n_heads`` local query heads; ``ValueError`` unless they are an even share."""
+        if self.heads is None:
+            global_heads = self.config.n_heads if self.config is not None else None
+            global_kv_heads = None
+        else:
+            global_heads, global_kv_heads = self.heads
+        if self.config is None and self.tp_size == 1:
+            return 0  # the same pattern on every head: nothing to map
+        parallel = f" on tensor-parallel rank {self.tp_rank} of {self.tp_size}" if self.tp_size > 1 else ""
+        if global_heads is not None and n_heads * self.tp_size != global_heads:
+            raise ValueError(
+                f"layer {layer_idx} attends with {n_heads} query heads{parallel}, but the model has "
+                f"{global_heads} query heads per layer: sparse prefill maps a rank's heads to their global ids "
+                f"(and its pattern config) only when every rank holds {global_heads} / {self.tp_size} of them"
+            )
+        if (n_kv_heads is not None and global_kv_heads is not None and self.tp_size > 1
+                and n_kv_heads * self.tp_size != global_kv_heads):
+            raise ValueError(
+                f"layer {layer_idx} attends with {n_kv_heads} key/value heads{parallel}, but the model has "
+                f"{global_kv_heads}: tensor-parallel sparse prefill needs them split evenly, as the query heads"
+            )
+        return self.tp_rank * n_heads
 
     def describe(self) -> str:
         """What runs, for reports: ``preset default (BlockCoverage(coverage=0.99, stride=16))`` or the config's source."""
@@ -196,7 +249,7 @@ def sparse_prefill_attention(
         return _sparse_decode_step(state, module, query, key, value, attention_mask, scaling, kwargs)
     sparse = _takes_sparse_path(state, module, query, key, kwargs)
     # Budgets that follow the prompt length follow the keys: a chunk's context is the whole prefix.
-    patterns = state.layer_patterns(module.layer_idx, query.shape[1], key.shape[2]) if sparse else ()
+    patterns = state.layer_patterns(module.layer_idx, query.shape[1], key.shape[2], key.shape[1]) if sparse else ()
     if not sparse or all(isinstance(pattern, Dense) for pattern in patterns):
         state.dense_calls += 1
         out = _sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -385,8 +438,8 @@ def _padded_sparse_attention(state, module, query, key, value, spans, scaling) -
         n_rows, n_keys = rows.stop - rows.start, end - first
         if n_rows <= 0:
             continue
-        patterns = (state.layer_patterns(module.layer_idx, query.shape[1], n_keys) if n_rows >= state.shortest_sparse(query)
-                    else (Dense(),) * query.shape[1])
+        patterns = (state.layer_patterns(module.layer_idx, query.shape[1], n_keys, key.shape[1])
+                    if n_rows >= state.shortest_sparse(query) else (Dense(),) * query.shape[1])
         out[b : b + 1, :, rows] = sparse_attention_op(query[b : b + 1, :, rows], key[b : b + 1, :, first:end],
                                                       value[b : b + 1, :, first:end], patterns, scaling)
     return out
@@ -444,7 +497,7 @@ def enable(
         raise ValueError(f"decode must be 'dense', 'sparse' or a SparseDecoding, got decode={decode!r}")
     chosen = preset_named(preset)
     model_config = _model_config(model)
-    n_layers, n_heads = _model_shape(model_config)
+    n_layers, n_heads, n_kv_heads = _model_shape(model_config)
     if config is not None:
         config.check_model(n_layers, n_heads)
     attention_modules = _attention_modules(model)
@@ -453,6 +506,12 @@ def enable(
             f"found no attention layers (modules with an integer layer_idx) in {type(model).__name__}; "
             "sparse prefill works with models that use transformers' AttentionInterface"
         )
+    tp_rank, tp_size = _tensor_parallel_rank(model, attention_modules)
+    if n_heads % tp_size or n_kv_heads % tp_size:
+        raise ValueError(
+            f"the model is split over {tp_size} tensor-parallel ranks, but its {n_heads} query and {n_kv_heads} "
+            f"key/value heads do not split evenly: sparse prefill cannot tell which heads a rank holds"
+        )
     register()
     current = model_config._attn_implementation
     previous = _state_of_modules(attention_modules)
@@ -460,6 +519,7 @@ def enable(
     if restore == ATTENTION_NAME:  # loaded with attn_implementation="sparse_prefill"
         restore = "sdpa"
     state = SparsePrefillState(config=config, preset=chosen, min_seq_len=min_seq_len, restore_implementation=restore,
+                               heads=(n_heads, n_kv_heads), tp_rank=tp_rank, tp_size=tp_size,
                                decoding=decode if isinstance(decode, SparseDecoding) else None)
     if previous is not None:
         _remove_hooks(previous)
@@ -512,15 +572,48 @@ def _model_config(model: torch.nn.Module) -> Any:
     return config
 
 
-def _model_shape(model_config: Any) -> tuple[int, int]:
+def _model_shape(model_config: Any) -> tuple[int, int, int]:
+    """(layers, query heads, key/value heads) of the whole model, all tensor-parallel ranks together."""
     # Multimodal configs keep the language model's shape in a sub-config.
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     try:
-        return int(text_config.num_hidden_layers), int(text_config.num_attention_heads)
+        n_heads = int(text_config.num_attention_heads)
+        n_kv_heads = getattr(text_config, "num_key_value_heads", None)
+        return int(text_config.num_hidden_layers), n_heads, n_heads if n_kv_heads is None else int(n_kv_heads)
     except AttributeError as error:
         raise ValueError(
             f"cannot read num_hidden_layers / num_attention_heads from {type(text_config).__name__}: {error}"
         ) from None
+
+
+def _tensor_parallel_rank(model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> tuple[int, int]:
+    """(rank, size) of ``model``'s tensor-parallel group; (0, 1) for a model that is not split.
+
+    The size is transformers' public ``model.tp_size`` (None when not split). The rank is this
+    process's coordinate in the device mesh the attention layers' weights are sharded over (DTensor
+    parameters, as transformers' tensor parallelism makes them): its ``"tp"`` dimension, or its only
+    one. That is the rank whose contiguous slice of ``q_proj``'s output features this process holds.
+    """
+    size = getattr(model, "tp_size", None) or 1
+    if size == 1:
+        return 0, 1
+    for module in attention_modules:
+        for parameter in module.parameters():
+            mesh = getattr(parameter, "device_mesh", None)  # a DTensor's
+            if mesh is None:
+                continue
+            names = mesh.mesh_dim_names or ()
+            if mesh.ndim != 1 and "tp" not in names:
+                continue
+            dim = "tp" if "tp" in names else None
+            if mesh.size(0 if dim is None else names.index(dim)) != size:
+                raise ValueError(f"the model says tp_size={size}, but its attention weights are sharded over "
+                                 f"{mesh.size()} ranks ({mesh})")
+            return mesh.get_local_rank(dim), size
+    raise ValueError(
+        f"the model is split over tp_size={size} tensor-parallel ranks, but no attention weight is a DTensor on a "
+        "tensor-parallel device mesh: sparse prefill cannot tell which heads this rank holds"
+    )
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
