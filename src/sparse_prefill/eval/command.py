@@ -57,7 +57,8 @@ def add_eval_command(commands) -> None:
         "time (a rerun skips what is there), then OUT/<task>.md, OUT/<task>_summary.json and PNG plots.",
     )
     parser.add_argument("task", help="needle, ruler or ppl")
-    parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a model directory")
+    parser.add_argument("--model", default="default",
+                        help="'default' (SmolLM2-135M-Instruct), 'gemma3-270m' (Gemma 3 270M, opt-in), a .gguf file or a model directory")
     parser.add_argument("--method", type=_names, default=list(METHODS),
                         help=f"comma-separated, from {', '.join(METHODS)} (default: all three)")
     parser.add_argument("--config", help="sparse method's patterns: a config JSON (default: the --preset on every head)")
@@ -88,6 +89,11 @@ def add_eval_command(commands) -> None:
                         help="needle, ruler: decode sparse, each step reading only the N keys per KV head its query "
                         "selects (docs/semantics.md, 'Sparse decoding'; default: dense decoding); labels get "
                         "' + sparse decode N'")
+    parser.add_argument("--prompt-style", choices=("auto", "chat", "completion"),
+                        help="needle, ruler: chat (the question as the user's turn of the chat template) or completion "
+                        "(document, question, then 'Answer: ...' for a base model to continue); auto (default): "
+                        "completion for base models such as gemma3-270m and for tokenizers without a chat template, "
+                        "chat otherwise. One --out holds one style")
     parser.add_argument("--smoke", action="store_true",
                         help="CI-sized: 1K tokens, one sample, three depths (sets --lengths, --samples and --depths)")
     parser.add_argument("--no-progress", action="store_true")
@@ -96,9 +102,9 @@ def add_eval_command(commands) -> None:
 
 # Options that only some tasks read: given to another task they would be silently ignored.
 _APPLIES_TO = {"samples": ("ruler", "ppl"), "depths": ("needle",), "tasks": ("ruler",), "haystack": ("needle", "ruler"),
-               "text": ("ppl",), "decode_budget": ("needle", "ruler")}
+               "text": ("ppl",), "decode_budget": ("needle", "ruler"), "prompt_style": ("needle", "ruler")}
 _DEFAULTS = {"lengths": [2048, 4096, 8192], "depths": list(DEFAULT_DEPTHS), "tasks": list(RULER_TASKS), "haystack": "pg",
-             "text": "kjv", "preset": "default"}
+             "text": "kjv", "preset": "default", "prompt_style": "auto"}
 
 
 def _check_options(args: argparse.Namespace) -> str | None:
@@ -138,7 +144,7 @@ def _handle(args: argparse.Namespace) -> int:
         lengths=args.lengths, samples=args.samples, depths=args.depths, ruler_tasks=args.tasks,
         haystack=args.haystack, text=args.text, device=args.device, seed=args.seed,
         rope_scaling=not args.no_rope_scaling, progress=not args.no_progress, kv=args.kv, kv_capacity=args.kv_capacity,
-        kv_kernel=args.kv_kernel, decode_budget=args.decode_budget,
+        kv_kernel=args.kv_kernel, decode_budget=args.decode_budget, prompt_style=args.prompt_style,
     )
     try:
         summary = run_eval(spec)

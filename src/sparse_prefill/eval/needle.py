@@ -20,10 +20,12 @@ def needle_samples(
     *,
     haystack: str = "pg",
     seed: int = 0,
+    style: str = "chat",
 ) -> list[Sample]:
     """One sample per (length, depth): ``"The secret passphrase is NNNNN."`` with a random five-digit
     number (fixed by ``seed``, length and depth) hidden at ``depth`` of ``haystack``'s first tokens,
-    then the question. Exact match: the answer must contain the number.
+    then the question, framed in ``style`` (``"chat"`` or ``"completion"``, see
+    :func:`~sparse_prefill.eval.prompts.frame_prompt`). Exact match: the answer must contain the number.
     """
     for depth in depths:
         if not 0.0 <= depth <= 1.0:
@@ -44,10 +46,10 @@ def needle_samples(
 
             # The answer starts primed, so that the few new tokens hold the number, not a preamble.
             prompt, n_tokens = fill_to_length(
-                tokenizer, text, length, message, [(depth, needle)], answer_prefix="The secret passphrase is"
+                tokenizer, text, length, message, [(depth, needle)], answer_prefix="The secret passphrase is", style=style
             )
             samples.append(
                 Sample("needle", length, 0, prompt, n_tokens, (answer,), max_new_tokens=10,
-                       meta={"depth": round(depth, 4), "haystack": haystack})
+                       meta={"depth": round(depth, 4), "haystack": haystack}, prompt_style=style)
             )
     return samples

@@ -5,19 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..models import chat_prompt
+from ..models import PROMPT_STYLES, chat_prompt, completion_prompt
 
-__all__ = ["Sample", "fill_to_length", "fit_items_to_length", "token_count"]
+__all__ = ["Sample", "fill_to_length", "fit_items_to_length", "frame_prompt", "token_count"]
 
 
 @dataclass(frozen=True)
 class Sample:
     """One generation prompt and what a correct answer must contain.
 
-    ``prompt`` is chat-formatted and ends where the model starts answering (after ``answer_prefix``
-    when a task primes the answer). ``references``: strings the answer must contain (scored by
-    :func:`sparse_prefill.eval.scoring.string_match_all`). ``length``: the requested length;
-    ``n_tokens``: the prompt's real length.
+    ``prompt`` is framed in ``prompt_style`` (:func:`frame_prompt`) and ends where the model starts
+    answering (after ``answer_prefix`` when a task primes the answer). ``references``: strings the
+    answer must contain (scored by :func:`sparse_prefill.eval.scoring.score_answer`). ``length``: the
+    requested length; ``n_tokens``: the prompt's real length.
     """
 
     task: str
@@ -28,6 +28,7 @@ class Sample:
     references: tuple[str, ...]
     max_new_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
+    prompt_style: str = "chat"
 
     @property
     def key(self) -> str:
@@ -39,8 +40,18 @@ def token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _chat(tokenizer: Any, message: str, answer_prefix: str) -> str:
-    return chat_prompt(tokenizer, message) + answer_prefix
+def frame_prompt(tokenizer: Any, message: str, answer_prefix: str = "", style: str = "chat") -> str:
+    """A task's ``message`` (document and question) as the model reads it, ending in ``answer_prefix``.
+
+    ``"chat"``: the message as the user's turn of the tokenizer's chat template, the prefix opening
+    the assistant's turn. ``"completion"`` (base models): the message as a document, then a line
+    ``Answer: <answer_prefix>`` (:func:`sparse_prefill.models.completion_prompt`).
+    """
+    if style == "chat":
+        return chat_prompt(tokenizer, message) + answer_prefix
+    if style == "completion":
+        return completion_prompt(tokenizer, message, answer_prefix)
+    raise ValueError(f"style must be one of {', '.join(PROMPT_STYLES)}, got style={style!r}")
 
 
 def fill_to_length(
@@ -50,13 +61,14 @@ def fill_to_length(
     make_message: Callable[[str], str],
     inserts: Sequence[tuple[float, str]] = (),
     answer_prefix: str = "",
+    style: str = "chat",
 ) -> tuple[str, int]:
-    """A chat prompt of at most ``length`` tokens: ``make_message(body)`` where body is the start of
-    ``filler`` with each ``(depth, sentence)`` of ``inserts`` placed at that fraction of it, on a
-    sentence boundary. Returns ``(prompt, n_tokens)``; the prompt falls short of ``length`` by at
-    most about one sentence of filler.
+    """A prompt of at most ``length`` tokens: ``make_message(body)`` framed in ``style``
+    (:func:`frame_prompt`), where body is the start of ``filler`` with each ``(depth, sentence)`` of
+    ``inserts`` placed at that fraction of it, on a sentence boundary. Returns ``(prompt, n_tokens)``;
+    the prompt falls short of ``length`` by at most about one sentence of filler.
     """
-    fixed = _chat(tokenizer, make_message(" ".join(sentence for _, sentence in inserts)), answer_prefix)
+    fixed = frame_prompt(tokenizer, make_message(" ".join(sentence for _, sentence in inserts)), answer_prefix, style)
     budget = length - token_count(tokenizer, fixed) - 2 * len(inserts)
     if budget < 16:
         raise ValueError(f"length={length} tokens leaves no room for filler after the task's own text")
@@ -70,7 +82,7 @@ def fill_to_length(
     for depth, sentence in sorted(inserts, key=lambda insert: -insert[0]):  # deepest first: earlier offsets stay valid
         at = _boundary(body, int(depth * len(body)))
         body = f"{body[:at]} {sentence}{body[at:]}" if at else f"{sentence} {body}"
-    prompt = _chat(tokenizer, make_message(body), answer_prefix)
+    prompt = frame_prompt(tokenizer, make_message(body), answer_prefix, style)
     return prompt, token_count(tokenizer, prompt)
 
 

@@ -13,8 +13,9 @@ Seven of RULER's tasks (Hsieh et al., 2024), in our own wording:
   three most frequent.
 
 Keys are adjective-noun pairs and the word lists come from ``wonderwords``; values are seven-digit
-numbers. Every task is scored by :func:`~sparse_prefill.eval.scoring.string_match_all`, as in RULER:
-exact match with one reference, recall with several.
+numbers. Every task is scored by :func:`~sparse_prefill.eval.scoring.score_answer`, as in RULER:
+exact match with one reference, recall with several. Prompts are chat- or completion-style
+(:func:`~sparse_prefill.eval.prompts.frame_prompt`): the same message and answer prefix either way.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import random
 import string
 from typing import Any, Callable, Sequence
 
-from .prompts import Sample, fill_to_length, fit_items_to_length
+from .prompts import Sample, fill_to_length, fit_items_to_length, frame_prompt
 from .texts import load_text
 
 __all__ = ["TASKS", "ruler_samples"]
@@ -85,7 +86,7 @@ def _niah(task: str, rng: random.Random) -> tuple[list[str], str, str, tuple[str
     return [_fact(k, v) for k, v in zip(keys, values)], question, "The special codes are:", tuple(values), 48
 
 
-def _variable_tracking(tokenizer: Any, length: int, rng: random.Random) -> tuple[str, int, tuple[str, ...], int]:
+def _variable_tracking(tokenizer: Any, length: int, rng: random.Random, style: str) -> tuple[str, int, tuple[str, ...], int]:
     names: list[str] = []
     while len(names) < _CHAIN:
         name = "".join(rng.choices(string.ascii_uppercase, k=5))
@@ -104,11 +105,11 @@ def _variable_tracking(tokenizer: Any, length: int, rng: random.Random) -> tuple
         )
 
     prompt, n_tokens = fill_to_length(tokenizer, filler, length, message, list(zip(depths, chain)),
-                                      answer_prefix=f"The variables that hold {value} are:")
+                                      answer_prefix=f"The variables that hold {value} are:", style=style)
     return prompt, n_tokens, tuple(names), 32
 
 
-def _common_words(tokenizer: Any, length: int, rng: random.Random) -> tuple[str, int, tuple[str, ...], int]:
+def _common_words(tokenizer: Any, length: int, rng: random.Random, style: str) -> tuple[str, int, tuple[str, ...], int]:
     nouns = _words("noun")
     rng.shuffle(nouns)
     common, rare = nouns[:10], nouns[10:]
@@ -120,16 +121,16 @@ def _common_words(tokenizer: Any, length: int, rng: random.Random) -> tuple[str,
         words = common * common_times + rare[:n_rare] * rare_times
         random.Random(f"{base}/{n_rare}").shuffle(words)  # the same n, the same list: the length search needs it
         listing = "\n".join(f"{i + 1}. {word}" for i, word in enumerate(words))
-        return _chat(tokenizer, (
+        return frame_prompt(tokenizer, (
             f"Below is a numbered list of words. Ten of them appear more often than the rest.\n\n{listing}\n\n"
             "Question: Which ten words appear most often in the list above?"
-        ), "The ten most frequent words are:")
+        ), "The ten most frequent words are:", style)
 
     _, prompt, n_tokens = fit_items_to_length(tokenizer, length, render, most=len(rare))
     return prompt, n_tokens, tuple(common), 64
 
 
-def _frequent_words(tokenizer: Any, length: int, rng: random.Random) -> tuple[str, int, tuple[str, ...], int]:
+def _frequent_words(tokenizer: Any, length: int, rng: random.Random, style: str) -> tuple[str, int, tuple[str, ...], int]:
     vocabulary: list[str] = []
     while len(vocabulary) < 1000:
         word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 6)))
@@ -139,10 +140,10 @@ def _frequent_words(tokenizer: Any, length: int, rng: random.Random) -> tuple[st
     stream = rng.choices(vocabulary, weights=weights, k=4 * length)
 
     def render(n: int) -> str:
-        return _chat(tokenizer, (
+        return frame_prompt(tokenizer, (
             "Below is a text of coded words. Keep count of how often each coded word appears.\n\n"
             f"{' '.join(stream[:n])}\n\nQuestion: Which three coded words appear most often in the text above?"
-        ), "The three most frequent coded words are:")
+        ), "The three most frequent coded words are:", style)
 
     n, prompt, n_tokens = fit_items_to_length(tokenizer, length, render, most=len(stream))
     counts: dict[str, int] = {}
@@ -150,12 +151,6 @@ def _frequent_words(tokenizer: Any, length: int, rng: random.Random) -> tuple[st
         counts[word] = counts.get(word, 0) + 1
     top = sorted(counts, key=lambda word: -counts[word])[:3]
     return prompt, n_tokens, tuple(top), 24
-
-
-def _chat(tokenizer: Any, message: str, answer_prefix: str) -> str:
-    from ..models import chat_prompt
-
-    return chat_prompt(tokenizer, message) + answer_prefix
 
 
 def ruler_samples(
@@ -166,15 +161,17 @@ def ruler_samples(
     samples: int = 10,
     haystack: str = "pg",
     seed: int = 0,
+    style: str = "chat",
 ) -> list[Sample]:
-    """``samples`` prompts per (task, length); the needle tasks hide their facts in ``haystack``."""
+    """``samples`` prompts per (task, length), framed in ``style`` (``"chat"`` or ``"completion"``); the
+    needle tasks hide their facts in ``haystack``."""
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise ValueError(f"unknown RULER task(s) {', '.join(unknown)}; expected some of {', '.join(TASKS)}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got samples={samples!r}")
     text = load_text(haystack) if any(task.startswith("niah") for task in tasks) else ""
-    builders: dict[str, Callable[[Any, int, random.Random], tuple[str, int, tuple[str, ...], int]]] = {
+    builders: dict[str, Callable[[Any, int, random.Random, str], tuple[str, int, tuple[str, ...], int]]] = {
         "vt": _variable_tracking, "cwe": _common_words, "fwe": _frequent_words,
     }
     out = []
@@ -183,7 +180,7 @@ def ruler_samples(
             for index in range(samples):
                 rng = random.Random(f"ruler/{task}/{seed}/{length}/{index}")
                 if task in builders:
-                    prompt, n_tokens, references, new_tokens = builders[task](tokenizer, length, rng)
+                    prompt, n_tokens, references, new_tokens = builders[task](tokenizer, length, rng, style)
                 else:
                     facts, question, prefix, references, new_tokens = _niah(task, rng)
                     depths = [rng.uniform(0.0, 1.0) for _ in facts]
@@ -192,7 +189,7 @@ def ruler_samples(
                         return f"Read the following text.\n\n{body}\n\nQuestion: {question}"
 
                     prompt, n_tokens = fill_to_length(
-                        tokenizer, text, length, message, list(zip(depths, facts)), answer_prefix=prefix
+                        tokenizer, text, length, message, list(zip(depths, facts)), answer_prefix=prefix, style=style
                     )
-                out.append(Sample(task, length, index, prompt, n_tokens, references, new_tokens))
+                out.append(Sample(task, length, index, prompt, n_tokens, references, new_tokens, prompt_style=style))
     return out

@@ -11,14 +11,14 @@ from typing import Any, Sequence
 import torch
 
 from ..generation import eos_ids, greedy_generate
-from ..models import load_model
+from ..models import PROMPT_STYLES, load_model, resolve_prompt_style
 from .methods import METHODS, apply_method
 from .needle import DEFAULT_DEPTHS, needle_samples
 from .perplexity import position_losses, text_windows
 from .report import write_report
 from .ruler import TASKS as RULER_TASKS
 from .ruler import ruler_samples
-from .scoring import string_match_all
+from .scoring import score_answer
 from ..checks import check_device, check_writable_directory, load_config_option
 from .store import ResultStore
 from .texts import TEXTS
@@ -53,6 +53,7 @@ class EvalSpec:
     kv_capacity: int | None = None
     kv_kernel: int | None = None  # SnapKV/PyramidKV pooling width (None: the method's default, 5)
     decode_budget: int | None = None  # sparse decoding with this budget in tokens (None: dense decoding)
+    prompt_style: str = "auto"  # needle, ruler: chat, completion, or auto (the loaded model's own)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -102,6 +103,10 @@ class EvalSpec:
                 self.decoding()
             except ValueError as error:
                 raise ValueError(f"--decode-budget: {error}") from None
+        if self.prompt_style not in ("auto", *PROMPT_STYLES):
+            raise ValueError(f"--prompt-style must be auto, {' or '.join(PROMPT_STYLES)}, got {self.prompt_style!r}")
+        if self.prompt_style != "auto" and self.task == "ppl":
+            raise ValueError("--prompt-style frames the needle and ruler questions; ppl reads plain text")
         check_device(self.device, "--device")
 
     def decoding(self):
@@ -169,7 +174,19 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
         check_cpu_prefill_fits(base.model, max(spec.lengths), sparse=any(m != "dense" for m in spec.methods),
                                cache=spec.task != "ppl", what=f"--lengths {max(spec.lengths)}")
     store = ResultStore(out / f"{spec.task}.jsonl")
-    items = _items(spec, base.tokenizer)
+    style = None
+    if spec.task != "ppl":
+        try:
+            style = base.prompt_style if spec.prompt_style == "auto" else resolve_prompt_style(spec.prompt_style, base.tokenizer)
+        except ValueError as error:
+            raise ValueError(f"--prompt-style {spec.prompt_style}: model {spec.model!r}: {error}") from None
+        # Scores of chat and completion prompts are not comparable: one results directory holds one style.
+        # Records from before prompt styles existed were all chat.
+        stored = sorted({r.get("prompt_style", "chat") for r in store})
+        if stored and stored != [style]:
+            raise ValueError(f"--out {str(out)!r} holds {spec.task} results with {' and '.join(stored)} prompts and this run "
+                             f"asks {style} prompts (--prompt-style {spec.prompt_style}): give another --out")
+    items = _items(spec, base.tokenizer, style)
     todo = [(item, method) for item in items for method in spec.methods
             if not store.done(item.key, _label(method, spec.config, spec.preset) + _kv_suffix(spec))]
     bar = _bar(len(items) * len(spec.methods), len(items) * len(spec.methods) - len(todo), spec)
@@ -209,12 +226,12 @@ def _model_shape(model: Any) -> tuple[int, int]:
     return int(config.num_hidden_layers), int(config.num_attention_heads)
 
 
-def _items(spec: EvalSpec, tokenizer: Any) -> list[Any]:
+def _items(spec: EvalSpec, tokenizer: Any, style: str | None) -> list[Any]:
     if spec.task == "needle":
-        return needle_samples(tokenizer, spec.lengths, spec.depths, haystack=spec.haystack, seed=spec.seed)
+        return needle_samples(tokenizer, spec.lengths, spec.depths, haystack=spec.haystack, seed=spec.seed, style=style)
     if spec.task == "ruler":
         return ruler_samples(tokenizer, spec.lengths, spec.ruler_tasks, samples=spec.samples or 10,
-                             haystack=spec.haystack, seed=spec.seed)
+                             haystack=spec.haystack, seed=spec.seed, style=style)
     return text_windows(tokenizer, spec.lengths, spec.samples or 4, text=spec.text, seed=spec.seed)
 
 
@@ -235,8 +252,8 @@ def _evaluate(spec: EvalSpec, loaded: Any, item: Any, device: torch.device) -> d
     result = greedy_generate(loaded.model, ids, item.max_new_tokens, eos_ids(loaded), cache=cache)
     prediction = loaded.tokenizer.decode(result["tokens"], skip_special_tokens=True)
     record = {"task": item.task, "index": item.index, "n_tokens": item.n_tokens, **item.meta,
-              "references": list(item.references), "prediction": prediction,
-              "score": string_match_all(prediction, item.references),
+              "references": list(item.references), "prediction": prediction, "prompt_style": item.prompt_style,
+              "score": score_answer(prediction, item.references, item.prompt_style),
               "prefill_seconds": round(result["prefill_seconds"], 3)}
     if cache is not None:  # keys per layer at the end of decoding: the kept prompt plus the new tokens
         from ..kv_cache import cache_stats
