@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
+import hashlib
+import importlib.util
 import json
 import shutil
 import struct
@@ -19,13 +22,14 @@ from sparse_prefill import cli  # noqa: E402
 from sparse_prefill.eval import rdata, runner  # noqa: E402
 from sparse_prefill.eval.methods import a_shape_pattern  # noqa: E402
 from sparse_prefill.eval.perplexity import position_losses  # noqa: E402
+from sparse_prefill.eval.needle import needle_samples  # noqa: E402
 from sparse_prefill.eval.prompts import fill_to_length, fit_items_to_length, token_count  # noqa: E402
 from sparse_prefill.eval.ruler import TASKS, ruler_samples  # noqa: E402
-from sparse_prefill.eval.scoring import string_match_all  # noqa: E402
+from sparse_prefill.eval.scoring import answer_text, score_answer, string_match_all  # noqa: E402
 from sparse_prefill.eval.store import ResultStore  # noqa: E402
 from sparse_prefill.eval.texts import load_text  # noqa: E402
 from sparse_prefill.kinds.vertical_slash import minference_budget  # noqa: E402
-from sparse_prefill.models import load_model  # noqa: E402
+from sparse_prefill.models import GEMMA3_PACKAGE, load_model, needle_prompt, resolve_prompt_style  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +119,109 @@ def test_ruler_samples_are_seeded_fit_their_length_and_hold_their_answers(tokeni
                 assert reference in sample.prompt[:question_at], (sample.key, reference)
 
 
+# --- prompt styles: chat for instruction-tuned models, completion for base models -------------------
+
+@pytest.fixture(scope="module")
+def base_tokenizer(tokenizer):
+    """SmolLM2's tokenizer as a base model's would be: no chat template, a BOS token before plain text."""
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None
+    base.add_bos_token = True
+    assert base("a").input_ids[0] == base.bos_token_id
+    return base
+
+
+def _prompts_digest(tokenizer) -> str:
+    samples = needle_samples(tokenizer, [1024], [0.0, 0.5, 1.0]) + ruler_samples(tokenizer, [1024], samples=1)
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(json.dumps([sample.key, sample.prompt, sample.n_tokens, list(sample.references),
+                                  sample.max_new_tokens]).encode())
+    digest.update(needle_prompt(tokenizer, 1000).text.encode())  # run --demo's prompt
+    return digest.hexdigest()
+
+
+def test_chat_prompts_are_unchanged_by_prompt_styles(tokenizer):
+    """SmolLM2's needle and RULER-style prompts, byte for byte as before completion-style prompts
+    existed (digest taken from that code): its results stay comparable with the earlier ones."""
+    assert resolve_prompt_style("auto", tokenizer) == "chat" and load_model().prompt_style == "chat"
+    assert _prompts_digest(tokenizer) == "267f06a195bfad789e1ebb96c6b0c98a3ba81da52bb53fdc83988fc41894082d"
+    sample = needle_samples(tokenizer, [1024], [0.5])[0]
+    assert sample.prompt_style == "chat"
+    assert sample.prompt.endswith("<|im_end|>\n<|im_start|>assistant\nThe secret passphrase is")
+
+
+def test_completion_prompts_end_in_an_answer_line_for_the_model_to_continue(tokenizer, base_tokenizer):
+    """Document, question, then ``Answer: <the task's answer prefix>``; the tokenizer's BOS first,
+    no chat markup; the same prefix as the chat form's, so that the continuation is the answer."""
+    [needle] = needle_samples(base_tokenizer, [1024], [0.5], style="completion")
+    assert needle.prompt_style == "completion" and 900 < needle.n_tokens <= 1024
+    assert needle.prompt.startswith(f"{base_tokenizer.bos_token}Read the following text.\n\n")
+    assert needle.prompt.count(base_tokenizer.bos_token) == 1 and "<|im_end|>" not in needle.prompt
+    assert needle.prompt.endswith("\n\nQuestion: What is the secret passphrase mentioned in the text above? Answer with "
+                                  "the passphrase only.\nAnswer: The secret passphrase is")
+    assert f"The secret passphrase is {needle.references[0]}." in needle.prompt[: needle.prompt.index("Question:")]
+    assert base_tokenizer(needle.prompt, add_special_tokens=False).input_ids[:2].count(base_tokenizer.bos_token_id) == 1
+    chat = ruler_samples(tokenizer, [1024], samples=1)
+    completion = ruler_samples(base_tokenizer, [1024], samples=1, style="completion")
+    for chat_sample, sample in zip(chat, completion):
+        prefix = chat_sample.prompt.rsplit("<|im_start|>assistant\n", 1)[1]
+        assert sample.prompt.endswith(f"?\nAnswer: {prefix}") or sample.prompt.endswith(f".\nAnswer: {prefix}"), sample.key
+        assert sample.prompt.startswith(base_tokenizer.bos_token) and sample.prompt.count("<|im_start|>") == 1
+        assert sample.references == chat_sample.references and sample.prompt_style == "completion"
+        assert 700 < sample.n_tokens <= 1024, sample.key
+    # A tokenizer that adds no BOS to plain text (SmolLM2's) gets none.
+    [plain] = needle_samples(tokenizer, [1024], [0.5], style="completion")
+    assert plain.prompt.startswith("Read the following text.") and tokenizer.bos_token not in plain.prompt
+    with pytest.raises(ValueError, match="style must be one of chat, completion, got style='plain'"):
+        needle_samples(tokenizer, [1024], [0.5], style="plain")
+
+
+def test_prompt_style_auto_follows_the_model_and_an_explicit_style_overrides_it(tokenizer, base_tokenizer):
+    assert resolve_prompt_style("auto", tokenizer) == "chat"  # a chat template
+    assert resolve_prompt_style("auto", base_tokenizer) == "completion"  # none
+    assert resolve_prompt_style("auto", tokenizer, base=True) == "completion"  # a base model that ships a template
+    assert resolve_prompt_style("completion", tokenizer) == "completion"
+    assert resolve_prompt_style("chat", tokenizer, base=True) == "chat"
+    with pytest.raises(ValueError, match="prompt style chat needs the tokenizer's chat template"):
+        resolve_prompt_style("chat", base_tokenizer)
+    with pytest.raises(ValueError, match="prompt style must be auto, chat or completion, got 'instruct'"):
+        resolve_prompt_style("instruct", tokenizer)
+    assert needle_prompt(base_tokenizer, 1000).text.endswith("\nAnswer: The secret passphrase is")
+
+
+def test_completion_answers_end_where_the_model_starts_a_new_question_or_answer():
+    """A base model does not stop after answering: what it writes after its answer does not score."""
+    continued = " 48213.\nQuestion: What is the secret passphrase?\nAnswer: The secret passphrase is 51234"
+    assert answer_text(continued, "completion") == " 48213."
+    assert score_answer(continued, ["48213"], "completion") == 1.0
+    assert score_answer(continued, ["51234"], "completion") == 0.0  # a second try, after the answer
+    assert score_answer(continued, ["51234"], "chat") == 1.0  # a chat model's turn is all answer
+    assert score_answer(" 48213. And Joseph said", ["48213"], "completion") == 1.0
+    assert score_answer(" ABCDE, FGHIJ\n\nAnswer: KLMNO", ["abcde", "fghij", "klmno"], "completion") == 2 / 3
+    assert score_answer("\nQuestion: Which variables hold 11850?", ["11850"], "completion") == 0.0
+    with pytest.raises(ValueError, match="prompt_style must be chat or completion"):
+        answer_text("x", "base")
+
+
+@pytest.mark.skipif(importlib.util.find_spec(GEMMA3_PACKAGE) is None,
+                    reason="Gemma 3 270M is opt-in: scripts/setup.sh eval,gemma3")
+@torch.no_grad()
+def test_gemma3_gets_completion_prompts_and_answers_them():
+    """Gemma 3 270M is a base model: prompted completion-style, BOS first, and its dense greedy
+    answer to a 1K-token needle prompt is the needle (the chat-style message made it repeat the question)."""
+    from sparse_prefill.generation import eos_ids, greedy_generate
+
+    loaded = load_model("gemma3-270m")
+    assert loaded.prompt_style == "completion"
+    [sample] = needle_samples(loaded.tokenizer, [1024], [0.5], style=loaded.prompt_style)
+    ids = loaded.tokenizer(sample.prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids[0, 0] == loaded.tokenizer.bos_token_id and ids[0, 1] != loaded.tokenizer.bos_token_id
+    tokens = greedy_generate(loaded.model, ids, sample.max_new_tokens, eos_ids(loaded))["tokens"]
+    prediction = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert score_answer(prediction, sample.references, "completion") == 1.0, prediction
+
+
 def test_ruler_rejects_unknown_tasks_and_bad_counts(tokenizer):
     with pytest.raises(ValueError, match="unknown RULER task.*niah_single"):
         ruler_samples(tokenizer, [1024], ["niah_single", "qa_hotpot"])
@@ -184,6 +291,7 @@ def test_eval_needle_smoke_scores_known_answers_and_resumes(tmp_path, capsys, mo
     assert all(r["score"] == 1.0 for r in dense), [r["prediction"] for r in dense]
     assert all(r["sparse_layers"] == 0 for r in dense)
     assert all(r["sparse_layers"] == 30 for r in records if r["method"] != "dense")  # the sparse path ran
+    assert all(r["prompt_style"] == "chat" for r in records)
     summary = json.loads((out / "needle_summary.json").read_text())
     assert summary["methods"]["dense"]["average"] == 100.0
     for name in ("needle.md", "needle_dense.png", "needle_sparse.png", "needle_a-shape.png", "needle_side_by_side.png"):
@@ -196,6 +304,24 @@ def test_eval_needle_smoke_scores_known_answers_and_resumes(tmp_path, capsys, mo
 
     monkeypatch.setattr(runner, "_evaluate", fail)
     assert cli.main(["eval", "needle", "--smoke", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+
+
+def test_eval_prompt_style_override_is_recorded_and_not_mixed_with_another(tmp_path, capsys):
+    """--prompt-style completion on SmolLM2 (a chat model): completion prompts, scored as such, the
+    style in every record; a later run of another style into the same --out is refused."""
+    out = tmp_path / "needle"
+    args = ["eval", "needle", "--method", "dense", "--lengths", "1k", "--depths", "0.5", "--out", str(out),
+            "--no-progress", "--device", "cpu"]
+    assert cli.main(args + ["--prompt-style", "completion"]) == 0
+    [record] = [json.loads(line) for line in (out / "needle.jsonl").read_text().splitlines()]
+    assert record["prompt_style"] == "completion" and record["score"] == 1.0, record["prediction"]
+    capsys.readouterr()
+    assert cli.main(args) == 2  # auto: chat for SmolLM2
+    assert "holds needle results with completion prompts and this run asks chat prompts" in capsys.readouterr().err
+    assert len((out / "needle.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--prompt-style", "base"])
+    assert "invalid choice: 'base'" in capsys.readouterr().err
 
 
 def test_an_interrupted_eval_loses_no_finished_sample(tmp_path, monkeypatch):
@@ -263,6 +389,7 @@ def test_eval_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
         (["needle", "--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),
         (["needle", "--config", "fast"], "--config 'fast': pattern config file not found: 'fast'; presets are chosen "
                                          "with --preset"),
+        (["ppl", "--prompt-style", "completion"], "--prompt-style applies to needle and ruler, not ppl"),
     ],
 )
 def test_eval_checks_options_before_loading_the_model(tmp_path, capsys, args, message):
