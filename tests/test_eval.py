@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 from sparse_prefill import cli  # noqa: E402
 from sparse_prefill.eval import rdata, runner  # noqa: E402
 from sparse_prefill.eval.methods import a_shape_pattern  # noqa: E402
-from sparse_prefill.eval.perplexity import position_losses  # noqa: E402
+from sparse_prefill.eval.perplexity import position_losses, text_windows  # noqa: E402
 from sparse_prefill.eval.needle import needle_samples  # noqa: E402
 from sparse_prefill.eval.prompts import fill_to_length, fit_items_to_length, token_count  # noqa: E402
 from sparse_prefill.eval.ruler import TASKS, ruler_samples  # noqa: E402
@@ -261,6 +261,17 @@ def test_position_losses_match_the_models_own_loss():
     with torch.no_grad():
         expected = model(input_ids=ids[None], labels=ids[None]).loss
     torch.testing.assert_close(losses.mean(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_text_windows_start_with_bos_only_where_the_tokenizer_adds_one(tokenizer, base_tokenizer):
+    """SmolLM2 (no BOS before plain text): windows are plain slices of the text, as before. A
+    tokenizer that adds BOS (Gemma's): BOS, then the window's first length - 1 tokens."""
+    ids = tokenizer(load_text("kjv"), add_special_tokens=False).input_ids
+    for window in text_windows(tokenizer, [1024, 2048], 2):
+        assert window.ids.tolist() == ids[window.start : window.start + window.length]
+    for window in text_windows(base_tokenizer, [1024], 2):
+        assert len(window.ids) == 1024 and window.ids[0] == base_tokenizer.bos_token_id
+        assert window.ids[1:].tolist() == ids[window.start : window.start + 1023]
 
 
 # --- the resumable store ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ __all__ = [
     "load_model",
     "clear_cache",
     "kjv_text",
+    "adds_bos_token",
     "chat_prompt",
     "completion_prompt",
     "PROMPT_STYLES",
@@ -360,11 +361,12 @@ def completion_prompt(tokenizer: Any, text: str, answer_prefix: str = "") -> str
     document and the question), then a line ``Answer: <answer_prefix>``, so that the continuation
     is the answer itself. RULER frames base models the same way.
     """
-    bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
+    bos = tokenizer.bos_token if adds_bos_token(tokenizer) else ""
     return f"{bos}{text}\nAnswer: {answer_prefix}"
 
 
-def _adds_bos(tokenizer: Any) -> bool:
+def adds_bos_token(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts plain text with its BOS token (Gemma's does; SmolLM2's does not)."""
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos_id is None or not getattr(tokenizer, "bos_token", None):
         return False

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..models import adds_bos_token
 from .texts import load_text
 
 __all__ = ["Window", "text_windows", "position_losses"]
@@ -15,7 +16,8 @@ __all__ = ["Window", "text_windows", "position_losses"]
 
 @dataclass(frozen=True)
 class Window:
-    """``ids`` [length] tokens of ``text`` starting at token ``start``."""
+    """``ids`` [length] tokens of ``text`` starting at token ``start``, after the BOS token where the
+    tokenizer adds one (:func:`text_windows`)."""
 
     text: str
     length: int
@@ -31,10 +33,16 @@ class Window:
 def text_windows(
     tokenizer: Any, lengths: Sequence[int], samples: int, *, text: str = "kjv", seed: int = 0
 ) -> list[Window]:
-    """``samples`` windows per length at seeded offsets spread over the whole text, not overlapping."""
+    """``samples`` windows per length at seeded offsets spread over the whole text, not overlapping.
+
+    A window starts with the tokenizer's BOS token where the tokenizer puts one before plain text, as
+    the model saw in training: Gemma 3 270M's perplexity on 1K-2K windows of the Bible is 1.5-1.9x
+    higher without it, and not only at the start (the last half of a window: 1.3-1.6x).
+    """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got samples={samples!r}")
     ids = torch.tensor(tokenizer(load_text(text), add_special_tokens=False).input_ids)
+    bos = torch.tensor([tokenizer.bos_token_id] if adds_bos_token(tokenizer) else [], dtype=ids.dtype)
     windows = []
     for length in lengths:
         slots = len(ids) // length
@@ -43,7 +51,8 @@ def text_windows(
                 f"text {text!r} holds {len(ids)} tokens: room for {slots} windows of {length}, not samples={samples}"
             )
         chosen = sorted(random.Random(f"ppl/{text}/{seed}/{length}").sample(range(slots), samples))
-        windows += [Window(text, length, i, s * length, ids[s * length : (s + 1) * length]) for i, s in enumerate(chosen)]
+        windows += [Window(text, length, i, s * length, torch.cat([bos, ids[s * length : (s + 1) * length - len(bos)]]))
+                    for i, s in enumerate(chosen)]
     return windows
 
 
