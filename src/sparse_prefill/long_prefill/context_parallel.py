@@ -31,7 +31,7 @@ from ..patterns import Dense, Pattern
 from .adapter import _check_windows, _Parts, _parts
 from .attention import _DENSE_IMPLEMENTATIONS
 from .forward import PrefillResult, _check_input_ids, _check_token_range, _nothing, _Stopwatch
-from .layer import LayerBodies, layer_bodies
+from .layer import LayerBodies, layer_bodies, rope_tables
 from .memory import DEFAULT_CHUNK_SIZE, _check_fits, _kv_bytes_per_layer, memory_needed
 
 __all__ = ["context_parallel_prefill"]
@@ -301,24 +301,14 @@ def _forward(
     # The prompt's last position rides along: RoPE variants that rescale with the length (dynamic
     # NTK, LongRoPE) read the largest position id, which must be the whole prompt's on every rank.
     with_last = torch.cat((positions, positions.new_tensor([seq_len - 1])))[None]  # [1, n + 1]
-    cos, sin = decoder.rotary_emb(torch.empty(0, dtype=parts.dtype, device=device), with_last)
-    if cos.shape[-1] != head_dim:
-        raise ValueError(f"long prefill needs RoPE over the whole head ({head_dim}), got rotary dim {cos.shape[-1]}")
+    cos, sin = rope_tables(decoder.rotary_emb, with_last, parts.dtype, head_dim)
     cos, sin = cos[:, :n], sin[:, :n]  # [1, n, head_dim]
     hidden = decoder.embed_tokens(input_ids[:, positions])  # [batch, n, hidden]: this rank's residual stream
     del positions, with_last
-    chunks = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
     pieces = layout.local_pieces(rank)
     for index, layer in enumerate(parts.layers):
         module = layer.self_attn
-        q = hidden.new_empty(batch, parts.q_heads, n, head_dim)
-        k = hidden.new_empty(batch, parts.kv_heads, n, head_dim)
-        v = hidden.new_empty(batch, parts.kv_heads, n, head_dim)
-        for start, end in chunks:
-            rows = slice(start, end)
-            bodies.pre_attention(
-                layer, hidden[:, rows], cos[:, rows], sin[:, rows], q[:, :, rows], k[:, :, rows], v[:, :, rows]
-            )
+        q, k, v = bodies.project(layer, hidden, cos, sin, (parts.q_heads, parts.kv_heads, head_dim), chunk_size)
         with communication_watch.region() if communication_watch else _nothing():
             keys = gather_layout(k, layout, group)  # [batch, kv_heads, seq, head_dim]
             del k
@@ -338,8 +328,7 @@ def _forward(
                 state.sparse_calls += 1
         del q, keys, values
         attention_out = out.transpose(1, 2)  # [batch, n, q_heads, head_dim], as the one-device forward hands it on
-        for start, end in chunks:
-            bodies.post_attention(layer, hidden[:, start:end], attention_out[:, start:end])
+        bodies.finish(layer, hidden, attention_out, chunk_size)
         del out, attention_out
     last = layout.last_rank()
     if rank == last:  # the prompt's last position is this rank's last row

@@ -19,7 +19,7 @@ import torch
 from .adapter import _check_windows, _Parts, _parts
 from .attention import AttentionFn, _model_attention
 from .cache import KVCache, _check_kv_dtype, _check_placement
-from .layer import LayerBodies, layer_bodies
+from .layer import LayerBodies, layer_bodies, rope_tables
 from .memory import DEFAULT_CHUNK_SIZE, _check_fits, memory_needed
 
 
@@ -192,33 +192,21 @@ def _prefill(
     copy_stream = torch.cuda.Stream(device) if placement == "offload" and device.type == "cuda" else None
     stopwatch = _Stopwatch(device) if profile else None
     positions = torch.arange(seq_len, device=device)[None]  # [1, seq]
-    cos, sin = decoder.rotary_emb(torch.empty(0, dtype=parts.dtype, device=device), positions)  # [1, seq, head_dim]
-    if cos.shape[-1] != head_dim:
-        raise ValueError(f"long prefill needs RoPE over the whole head ({head_dim}), got rotary dim {cos.shape[-1]}")
+    cos, sin = rope_tables(decoder.rotary_emb, positions, parts.dtype, head_dim)  # [1, seq, head_dim]
     del positions
     hidden = decoder.embed_tokens(input_ids)  # [batch, seq, hidden]: the residual stream, updated in place
-    chunks = [(start, min(start + chunk_size, seq_len)) for start in range(0, seq_len, chunk_size)]
     for index, layer in enumerate(parts.layers):
         module = layer.self_attn
-        q = hidden.new_empty(batch, parts.q_heads, seq_len, head_dim)
-        k = hidden.new_empty(batch, parts.kv_heads, seq_len, head_dim)
-        v = hidden.new_empty(batch, parts.kv_heads, seq_len, head_dim)
-        for start, end in chunks:
-            rows = slice(start, end)
-            bodies.pre_attention(
-                layer, hidden[:, rows], cos[:, rows], sin[:, rows], q[:, :, rows], k[:, :, rows], v[:, :, rows]
-            )
+        q, k, v = bodies.project(layer, hidden, cos, sin, (parts.q_heads, parts.kv_heads, head_dim), chunk_size)
         with stopwatch.region() if stopwatch else _nothing():
             out, _ = attention_fn(module, q, k, v, None, scaling=module.scaling, dropout=0.0)  # [batch, seq, heads, dim]
         del q
         if cache is not None:
             cache.store(index, k, v, copy_stream)
         del k, v
-        # Both residual adds of a chunk in one body: every chunk's output projection before any
-        # MLP gave the same values but read the residual stream twice. The attention output then
-        # lives through the MLPs; it is no larger than the Q/K/V it outlives (PrefillMemory.qkv).
-        for start, end in chunks:
-            bodies.post_attention(layer, hidden[:, start:end], out[:, start:end])
+        # The attention output lives through the MLPs; it is no larger than the Q/K/V it outlives
+        # (PrefillMemory.qkv).
+        bodies.finish(layer, hidden, out, chunk_size)
         del out
     logits = parts.head(decoder.norm(hidden[:, -1:]))[:, 0]  # [batch, vocab]
     del hidden

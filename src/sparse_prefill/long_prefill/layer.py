@@ -30,7 +30,7 @@ import torch
 
 from .adapter import _project_qkv, _rope
 
-__all__ = ["LayerBodies", "layer_bodies", "post_attention", "pre_attention"]
+__all__ = ["LayerBodies", "layer_bodies", "post_attention", "pre_attention", "rope_tables"]
 
 
 def pre_attention(
@@ -74,6 +74,42 @@ class LayerBodies:
 
     pre_attention: Callable[..., None]
     post_attention: Callable[..., None]
+
+    def project(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                shape: tuple[int, int, int], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V of every row of ``hidden`` [batch, n, hidden], RoPE'd, ``chunk_size`` rows at a time.
+
+        ``shape`` is (q_heads, kv_heads, head_dim); returns [batch, heads, n, head_dim] buffers.
+        """
+        batch, n = hidden.shape[:2]
+        q_heads, kv_heads, head_dim = shape
+        q = hidden.new_empty(batch, q_heads, n, head_dim)
+        k = hidden.new_empty(batch, kv_heads, n, head_dim)
+        v = hidden.new_empty(batch, kv_heads, n, head_dim)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            self.pre_attention(layer, hidden[:, rows], cos[:, rows], sin[:, rows], q[:, :, rows], k[:, :, rows],
+                               v[:, :, rows])
+        return q, k, v
+
+    def finish(self, layer: torch.nn.Module, hidden: torch.Tensor, attention_out: torch.Tensor, chunk_size: int) -> None:
+        """The rest of the layer over ``attention_out`` [batch, n, q_heads, head_dim], into ``hidden`` in place.
+
+        Both residual adds of a chunk in one body: every chunk's output projection before any MLP
+        gave the same values but read the residual stream twice.
+        """
+        for start in range(0, hidden.shape[1], chunk_size):
+            rows = slice(start, start + chunk_size)
+            self.post_attention(layer, hidden[:, rows], attention_out[:, rows])
+
+
+def rope_tables(rotary_emb: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype,
+                head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's RoPE cos/sin [1, n, head_dim] at ``positions`` [1, n]; refuses partial rotary."""
+    cos, sin = rotary_emb(torch.empty(0, dtype=dtype, device=positions.device), positions)
+    if cos.shape[-1] != head_dim:
+        raise ValueError(f"long prefill needs RoPE over the whole head ({head_dim}), got rotary dim {cos.shape[-1]}")
+    return cos, sin
 
 
 UNFUSED = LayerBodies(pre_attention, post_attention)
