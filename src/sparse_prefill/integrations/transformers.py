@@ -317,7 +317,8 @@ def _sparse_decode_step(state: SparsePrefillState, module: torch.nn.Module, quer
     step (after a compressing cache has compressed), then extended by the keys added since.
     """
     _check_plain_softmax(kwargs)
-    if attention_mask is not None and not bool(attention_mask.all()):
+    # The mask is the same tensor in every layer of a step: checked once per step (_sequence_spans).
+    if attention_mask is not None and _sequence_spans(attention_mask, 1, key.shape[2]) is not None:
         raise ValueError(
             "sparse decoding reads each sequence's selected pages and has no per-sequence length yet: a padded "
             "batch (or a mask that hides cache keys) cannot decode sparse; enable(model, decode='dense') for it"
