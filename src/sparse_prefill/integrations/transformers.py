@@ -107,9 +107,10 @@ class SparsePrefillState:
         Settings of sparse decoding steps (:mod:`sparse_prefill.decoding`); None: decoding is dense.
     sparse_decode_calls : int
         Layer calls of decoding steps that read only their selected pages.
-    cache, compressing_cache : transformers Cache or None
+    cache : transformers Cache or None
         The KV cache the current forward call passes to the attention layers (noted by their
-        forward pre-hooks), and the same if it is a compressing one (:mod:`sparse_prefill.kv_cache`).
+        forward pre-hooks); :attr:`compressing_cache` is it when it compresses
+        (:mod:`sparse_prefill.kv_cache`).
     """
 
     config: PatternConfig | None = field(repr=False)
@@ -124,7 +125,6 @@ class SparsePrefillState:
     decoding: SparseDecoding | None = None
     sparse_decode_calls: int = 0
     cache: Any = field(default=None, repr=False)
-    compressing_cache: Any = field(default=None, repr=False)
     hooks: list = field(default_factory=list, repr=False)  # the pre-hooks' handles, removed by disable()
     # Sparse decoding's page summaries: per cache (weakly: a dropped cache takes them along), per layer.
     summaries: "weakref.WeakKeyDictionary[Any, dict[int, Any]]" = field(
@@ -139,12 +139,15 @@ class SparsePrefillState:
         """
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self.cache = cache
-        self.compressing_cache = cache if compresses(cache) else None
 
     def forget_cache(self, *_: Any) -> None:
         """Forward hook (always called, errors included): the noted cache belongs to that layer call only,
         so an attention call made outside a layer's forward (long_prefill's) never sees a stale one."""
-        self.cache = self.compressing_cache = None
+        self.cache = None
+
+    @property
+    def compressing_cache(self) -> Any:
+        return self.cache if compresses(self.cache) else None
 
     def shortest_sparse(self, query: torch.Tensor) -> int:
         """The shortest prefill of ``query``'s device that runs sparse."""
@@ -282,7 +285,8 @@ def _compress_cache(state: SparsePrefillState, module: torch.nn.Module, query: t
     The scores it needs (the attention of the last ``window`` queries on every key) are computed
     here, where the queries are; the cache only selects from them.
     """
-    layer = state.compressing_cache.pending_layer(module.layer_idx) if state.compressing_cache is not None else None
+    cache = state.compressing_cache
+    layer = cache.pending_layer(module.layer_idx) if cache is not None else None
     if layer is None:
         return
     scores = None
@@ -554,7 +558,7 @@ def _remove_hooks(state: SparsePrefillState) -> None:
     for handle in state.hooks:
         handle.remove()
     state.hooks.clear()
-    state.cache = state.compressing_cache = None
+    state.cache = None
 
 
 def state_of(model: torch.nn.Module) -> SparsePrefillState | None:
