@@ -78,7 +78,8 @@ class Bench:
         self.tiny = args.tiny
         self.device = torch.device("cpu" if args.tiny else "cuda")
         self.cuda = self.device.type == "cuda"
-        self.patterns = TINY_PATTERNS if args.tiny else PATTERNS
+        patterns = TINY_PATTERNS if args.tiny else PATTERNS
+        self.patterns = {name: patterns[name] for name in args.paths}
         self.out = args.out
         self.out.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
@@ -572,13 +573,23 @@ def stage_cache_modes(bench: Bench, seq: int) -> None:
 
 
 def time_generation(bench: Bench, result, row: dict) -> None:
-    """Greedy tokens from a prefill's kept cache: ``row`` gets the seconds per decoded token and the tokens."""
-    begin = time.perf_counter()
-    tokens = lp.generate(bench.model, result, bench.args.gen_tokens)
-    if bench.cuda:
-        torch.cuda.synchronize()
-    row["generate_s_per_token"] = (time.perf_counter() - begin) / max(1, bench.args.gen_tokens - 1)
-    row["tokens"] = tokens[0].tolist()
+    """Greedy decoding from a prefill's kept cache, dense then sparse (the default budget), both from
+    the same prefill (``generate`` starts from it each call). Per token: (time of n tokens - time of 2
+    tokens) / (n - 2), the cost of a step without the set-up each pays once per call (sparse: page
+    summaries of the whole cache and room for the new tokens), which ``*_setup_s`` records."""
+    n = bench.args.gen_tokens
+    for decode, key in (("dense", ""), ("sparse", "_sparse")):
+        seconds = {}
+        for count in (2, n):
+            begin = time.perf_counter()
+            tokens = lp.generate(bench.model, result, count, decode=decode)
+            if bench.cuda:
+                torch.cuda.synchronize()
+            seconds[count] = time.perf_counter() - begin
+        per_token = (seconds[n] - seconds[2]) / (n - 2)
+        row[f"generate{key}_s_per_token"] = per_token
+        row[f"generate{key}_setup_s"] = seconds[2] - per_token
+        row[f"tokens{key}"] = tokens[0].tolist()
 
 
 def stage_long_generation(bench: Bench, seq: int) -> None:
@@ -764,11 +775,14 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 262144, 524288, 1048576, 2097152])
     parser.add_argument("--stages", nargs="+", default=["checks", "crossover", "lengths", "cache", "generation"],
                         choices=["checks", "crossover", "lengths", "cache", "generation"])
+    parser.add_argument("--paths", nargs="+", default=list(PATTERNS), choices=list(PATTERNS),
+                        help="sparse paths to run (default: all); the dense paths always run")
     parser.add_argument("--full-dense-max", type=int, default=131072, help="dense runs the whole model up to this length")
     parser.add_argument("--dense-layer-max", type=int, default=1 << 20, help="cuDNN one-layer measurement up to this length")
     parser.add_argument("--fa2-max", type=int, default=524288, help="FA2 one-layer measurement up to this length")
     parser.add_argument("--cache-seq", type=int, default=131072, help="length of the cache-mode comparison")
-    parser.add_argument("--gen-tokens", type=int, default=4)
+    parser.add_argument("--gen-tokens", type=int, default=8, help="tokens per generation timing (at least 3)")
+    parser.add_argument("--gen-seq", type=int, default=1 << 20, help="prompt length of the generation stage")
     parser.add_argument("--chunk-size", type=int, default=lp.DEFAULT_CHUNK_SIZE)
     parser.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
                         help="the non-attention work compiled with torch.compile (auto: on a GPU)")
@@ -781,7 +795,10 @@ def main() -> None:
         plot(results, args.replot.with_suffix(".png"))
         print(table(results))
         return
+    if args.gen_tokens < 3:
+        parser.error(f"--gen-tokens must be at least 3 (a step is timed as n tokens minus 2), got {args.gen_tokens}")
     if args.tiny:
+        args.gen_seq //= 512
         args.lengths = [n // 512 for n in args.lengths]
         args.full_dense_max //= 512
         args.dense_layer_max //= 512
@@ -830,7 +847,7 @@ def main() -> None:
         if "cache" in args.stages and seq == args.cache_seq:
             stage("cache modes", stage_cache_modes, seq)
     if "generation" in args.stages and not bench.over_budget():
-        stage("generation", stage_long_generation, max(args.lengths))
+        stage("generation", stage_long_generation, args.gen_seq)
     bench.results["elapsed_s"] = bench.elapsed()
     bench.save()
     plot(bench.results, args.out / "e2e.png")

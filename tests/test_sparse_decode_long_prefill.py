@@ -63,6 +63,22 @@ def _whole_cache(cache: lp.KVCache, layer: int, dtype: torch.dtype) -> tuple[tor
 
 
 @pytest.mark.parametrize(("placement", "kv_dtype", "dtype"), MODES, ids=MODE_IDS)
+def test_one_prefill_decoded_several_ways_continues_the_prompt_each_time(placement, kv_dtype, dtype):
+    # generate drops what an earlier call decoded: dense, sparse, sparse again and dense again from one
+    # prefill give what each gives from a prefill of its own.
+    model, ids = _model(dtype), _ids()
+    def fresh():
+        return lp.prefill(model, ids, chunk_size=CHUNK, cache=placement, kv_dtype=kv_dtype)
+    dense, sparse = lp.generate(model, fresh(), NEW), lp.generate(model, fresh(), NEW, decode="sparse", **SMALL)
+    result = fresh()
+    assert torch.equal(lp.generate(model, result, NEW), dense)
+    assert torch.equal(lp.generate(model, result, NEW, decode="sparse", **SMALL), sparse)
+    assert torch.equal(lp.generate(model, result, NEW, decode="sparse", **SMALL), sparse)
+    assert torch.equal(lp.generate(model, result, NEW), dense)
+    assert result.cache.seq_len == SEQ + NEW - 1
+
+
+@pytest.mark.parametrize(("placement", "kv_dtype", "dtype"), MODES, ids=MODE_IDS)
 def test_budget_covering_the_cache_gives_the_dense_tokens(placement, kv_dtype, dtype):
     model, ids = _model(dtype), _ids()
     dense = lp.generate(model, lp.prefill(model, ids, chunk_size=CHUNK, cache=placement, kv_dtype=kv_dtype), NEW)

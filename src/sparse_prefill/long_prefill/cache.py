@@ -151,6 +151,18 @@ class KVCache:
             self.summaries[layer].append(key, check_finite=False)
         return self.new_keys[layer], self.new_values[layer]
 
+    def rewind(self) -> None:
+        """Forget every decoded token: the cache holds its prefill alone again, as prefill left it.
+
+        Reserved buffers stay (the next decoded tokens overwrite their slots); page summaries,
+        which took in the decoded keys, are dropped and built again when sparse decoding needs them.
+        """
+        if self.seq_len == self.prefilled:
+            return
+        layers = len(self.keys)
+        self.new_keys, self.new_values = [None] * layers, [None] * layers
+        self.summaries = None
+
     def reserve(self, extra: int, device: torch.device, dtype: torch.dtype) -> None:
         """Room in every layer for ``extra`` more decoded tokens, which :meth:`append` then writes in place.
 

@@ -156,7 +156,10 @@ def generate(model: torch.nn.Module, prefilled: PrefillResult, max_new_tokens: i
     Parameters
     ----------
     model : the model :func:`prefill` ran
-    prefilled : PrefillResult with a cache (``cache="device"`` or ``"offload"``); its cache grows
+    prefilled : PrefillResult with a cache (``cache="device"`` or ``"offload"``)
+        Its cache grows by the decoded tokens. Every call continues the prompt: tokens an earlier
+        call decoded from the same result are dropped first (:meth:`KVCache.rewind`), so one
+        prefill can be decoded several ways.
     max_new_tokens : int
         Tokens to produce; the first is the argmax of the prefill's logits.
     decode : "dense" or "sparse"
@@ -194,6 +197,7 @@ def generate(model: torch.nn.Module, prefilled: PrefillResult, max_new_tokens: i
             "generate needs the result of prefill(..., cache='device' or 'offload'); this one kept no cache"
         )
     cache = prefilled.cache
+    cache.rewind()
     tokens = [prefilled.logits.argmax(dim=-1)]  # [batch] each
     with torch.no_grad():
         if sparse is not None and max_new_tokens > 1:
