@@ -25,7 +25,9 @@ import triton.language as tl
 __all__ = ["MAX_HEAD_DIM", "decode_over_pages", "page_bounds", "split_layout"]
 
 LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453  # ln(2): a base-2 log-sum-exp times LN2 is the natural one
+# ln(2): a base-2 log-sum-exp times LN2 is the natural one. A tl.constexpr, because compiled Triton
+# refuses plain Python globals inside a kernel (the interpreter allows them: only the GPU run caught it).
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256  # the query tile and its accumulator are GROUP_PADDED x HEAD_DIM_PADDED registers
 BLOCK_N = 64  # keys per tile: four 16-key pages
 MAX_SPLITS = 256  # the merge holds one row per split of a query head
