@@ -241,6 +241,15 @@ def measure(run: Run, seq: int, path: str) -> dict:
         # Vertical-Slash estimates each piece's index from the piece's own last queries (docs/semantics.md):
         # its logits differ from one GPU's by that semantics, not by an error.
         row = {"seq": seq, "path": path, "same_semantics_as_one_device": path != "vertical_slash"}
+        # One layer of each prefill first, untimed: at a new length the kernels may compile again, where an
+        # integer argument first passes 2**31. On 2026-11-30, without this, each rank's attention at 1M and
+        # 2M took as long as one GPU's whole attention (half of it at 512K); that one-time compilation is
+        # the suspected cause, not isolated.
+        with one_layer(run.model):
+            run.context_parallel(seq, ids)
+            if seq <= run.args.one_device_max:
+                run.one_device(ids)
+        run.clear()
         row["context_parallel"], cp_logits = run.context_parallel(seq, ids)
         if seq <= run.args.one_device_max:
             row["one_device"], logits = run.one_device(ids)

@@ -24,6 +24,9 @@ summaries) over its time.
 Usage (GPU machine, repository root):
     PYTHONPATH=src python3 benchmarks/decode_speed.py --out OUT.json [--lengths 131072 524288] [--budgets 2048 4096]
     PYTHONPATH=src python3 benchmarks/decode_speed.py --dry-run --out /tmp/decode.json   # CPU: the plumbing only
+    python3 benchmarks/decode_speed.py --replot OUT.json   # redraw OUT.png from a saved JSON
+
+The PNG beside the JSON: milliseconds per layer against cache length, dense and sparse, eager and graphed.
 
 """
 
@@ -59,15 +62,61 @@ def graph_ms(step, repeats: int) -> float:
     return cuda_ms(graph.replay, repeats=repeats, warmup=3)
 
 
+def plot(results: dict, path: str) -> None:
+    """Per-layer decode attention time against the cache length: dense and each budget, eager and graphed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(results["rows"], key=lambda row: row["n_keys"])
+    lengths = [row["n_keys"] for row in rows]
+    fig, (ax_eager, ax_graph) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    dense = [min(t for t in (row["dense_cudnn_ms"], row["dense_flash_ms"]) if t is not None) for row in rows]
+    ax_eager.plot(lengths, dense, "ko-", label="dense SDPA")
+    if all("dense_graph_ms" in row for row in rows):
+        ax_graph.plot(lengths, [row["dense_graph_ms"] for row in rows], "ko-", label="dense SDPA")
+    for index, budget in enumerate(entry["budget"] for entry in rows[0]["budgets"]):
+        entries = [next(e for e in row["budgets"] if e["budget"] == budget) for row in rows]
+        color = plt.cm.viridis(index / max(1, len(rows[0]["budgets"]) - 1) * 0.8)
+        ax_eager.plot(lengths, [e["sparse_ms"] for e in entries], "o-", color=color, label=f"sparse, budget {budget}")
+        if all("sparse_graph_ms" in e for e in entries):
+            ax_graph.plot(lengths, [e["sparse_graph_ms"] for e in entries], "o-", color=color,
+                          label=f"sparse, budget {budget}")
+    for ax, title in ((ax_eager, "eager launches (as the library decodes today)"),
+                      (ax_graph, f"one CUDA graph per step of {GRAPH_LAYERS} layers (GPU time)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("cached keys")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:  # the dry run draws no graphed times
+            ax.legend(fontsize=8)
+    ax_eager.set_ylabel("ms per layer and step")
+    info = results["info"]
+    fig.suptitle(f"decode attention, one layer, 32 query / 8 KV heads, head_dim 128, bf16: {info['gpu']}, "
+                 f"torch {info['torch']}, triton {info.get('triton')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="the JSON to write (the PNG goes beside it)")
+    parser.add_argument("--replot", help="redraw the PNG of a saved JSON and exit")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 524288])
     parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--dry-run", action="store_true", help="CPU, float32, one small length: checks the script runs")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as handle:
+            plot(json.load(handle), args.replot.removesuffix(".json") + ".png")
+        return
+    if not args.out:
+        parser.error("--out is required (or --replot)")
     device, dtype = torch.device("cuda"), torch.bfloat16
     dense_backends = (("dense_cudnn", SDPBackend.CUDNN_ATTENTION), ("dense_flash", SDPBackend.FLASH_ATTENTION))
     if args.dry_run:
@@ -137,8 +186,9 @@ def main() -> None:
 
     info["triton"] = triton.__version__
     with open(args.out, "w") as handle:
-        json.dump({"info": info, "shapes": dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM), "rows": rows},
-                  handle, indent=1)
+        results = {"info": info, "shapes": dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM), "rows": rows}
+        json.dump(results, handle, indent=1)
+    plot(results, args.out.removesuffix(".json") + ".png")
 
 
 if __name__ == "__main__":

@@ -269,27 +269,29 @@ def one_layer(model):
         decoder.layers = layers
 
 
-def warm_long_fused(bench: Bench, seq: int) -> None:
-    """Compile the fused bodies' variant for buffers past 2**31 elements, out of the timed runs.
+def warm_length(bench: Bench, seq: int) -> None:
+    """Compile what first runs at this length out of the timed runs: one layer through each sparse path.
 
     Inductor indexes with 32-bit integers while every buffer a kernel touches fits, guarding on it:
     Llama-3-8B's residual stream and Q buffer pass 2**31 elements at 512K tokens, where the fused
-    bodies compile once more with 64-bit indices. One layer at the longest length, with an
-    attention that returns its queries (the bodies' inputs have the same shapes and strides as
-    after real attention), compiles it in a second or two instead of inside a timed prefill.
+    bodies compile once more with 64-bit indices. The sparse path had one-time work at new lengths
+    as well: on 2026-11-30 the first 1M prefill spent 11.6 s in attention, a second one 7.8 s (the
+    Triton kernels compile again when an integer argument, a stride or an offset, first passes
+    2**31 and is passed as 64-bit: the likeliest cause, not isolated). One layer per sparse path at
+    each length costs about 1/32 of a sparse prefill there.
     """
-    if not bench.cuda or bench.fuse is False:
+    if not bench.cuda:
         return
-
-    def no_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
-        return q.transpose(1, 2), None  # [batch, seq, heads, head_dim], as attention returns it
-
     begin = time.perf_counter()
     with one_layer(bench.model):
-        lp.prefill(bench.model, bench.ids(seq), attention=no_attention, chunk_size=bench.args.chunk_size,
-                   fuse=bench.fuse)
-    bench.clear()
-    bench.log(f"fused bodies warmed at {seq} tokens (one layer): {time.perf_counter() - begin:.1f} s")
+        for name in bench.patterns:
+            enabled(bench, name, 1)
+            try:
+                lp.prefill(bench.model, bench.ids(seq), chunk_size=bench.args.chunk_size, fuse=bench.fuse)
+            finally:
+                sparse_prefill.disable(bench.model)
+            bench.clear()
+    bench.log(f"sparse paths warmed at {seq} tokens (one layer): {time.perf_counter() - begin:.1f} s")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -436,6 +438,7 @@ def enabled(bench: Bench, name: str, min_seq_len: int):
 def stage_length(bench: Bench, seq: int) -> None:
     """All four paths at one length (dense measured whole, per layer, or extrapolated)."""
     rows = bench.results["rows"]
+    warm_length(bench, seq)
     floor = bench.matmul_floor(seq)
     bench.results.setdefault("matmul_floor", []).append(floor)
     bench.log(f"{seq:>8} matmul floor {floor['floor_s']:.2f} s ({floor['tflops']:.0f} TF/s; one layer's GEMMs on "
@@ -494,7 +497,8 @@ def stage_length(bench: Bench, seq: int) -> None:
         def dense(backend=backend, path=path, full_max=full_max, layer_max=layer_max):
             if seq <= full_max:
                 row = bench.run_prefill(seq, attention=bench.dense(backend))
-                row.update(path=path, measured="full")
+                # The mean layer, for longer lengths to extrapolate from where no layer is measured alone.
+                row.update(path=path, measured="full", layer_attention_s=row["attention_s"] / bench.n_layers)
                 if reference is not None:  # what the one-layer estimate would have said
                     row["estimate_s"] = reference["rest_s"] + row["attention_s"]
                 return record(row)
@@ -575,10 +579,13 @@ def stage_cache_modes(bench: Bench, seq: int) -> None:
 def time_generation(bench: Bench, result, row: dict) -> None:
     """Greedy decoding from a prefill's kept cache, dense then sparse (the default budget), both from
     the same prefill (``generate`` starts from it each call). Per token: (time of n tokens - time of 2
-    tokens) / (n - 2), the cost of a step without the set-up each pays once per call (sparse: page
-    summaries of the whole cache and room for the new tokens), which ``*_setup_s`` records."""
+    tokens) / (n - 2), the cost of a step without the set-up each call pays (sparse: page summaries
+    of the whole cache), which ``*_setup_s`` records. A first 2-token call of each kind is not timed:
+    it compiles the decode kernels and, for a device cache, copies it once into buffers with room
+    for the new tokens (on 2026-11-30, untimed warm-up missing, that made the 2-token call the slower)."""
     n = bench.args.gen_tokens
     for decode, key in (("dense", ""), ("sparse", "_sparse")):
+        lp.generate(bench.model, result, 2, decode=decode)
         seconds = {}
         for count in (2, n):
             begin = time.perf_counter()
@@ -596,6 +603,7 @@ def stage_long_generation(bench: Bench, seq: int) -> None:
     """The longest prompt with the cache kept (offloaded, FP8), a few generated tokens, then the same
     prefill again with the pinned host memory already there ("warm")."""
     out = bench.results["cache_modes"]
+    warm_length(bench, seq)
     state = enabled(bench, "vertical_slash", bench.crossover.get("vertical_slash", 1))
     try:
         for pinned in ("cold", "warm"):
@@ -825,7 +833,6 @@ def main() -> None:
         enabled(bench, name, 1)
         lp.prefill(bench.model, warm, fuse=bench.fuse)
         sparse_prefill.disable(bench.model)
-    warm_long_fused(bench, max(args.lengths))
 
     def stage(name: str, fn, *fn_args) -> None:
         # One failing stage must not lose the others' numbers: record it and go on.
