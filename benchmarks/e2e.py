@@ -26,9 +26,9 @@ chunk size, times layers and chunks; each row records it next to its non-attenti
 (``rest_over_floor``; the target is at most 1.25).
 
 Also: GPU checks (chunked prefill against transformers' own forward, cuDNN with GQA, the fit
-check's refusal, recovery from an out-of-memory error mid-prefill), the KV cache modes at 128K
-(none / on the GPU / offloaded bf16 / offloaded FP8, with generation), and generation after a 1M
-prefill with an offloaded FP8 cache.
+check's refusal, recovery from an out-of-memory error mid-prefill), the KV cache modes at 128K or
+the ``--cache-seqs`` (on the GPU bf16 or FP8, offloaded bf16 or FP8, each with dense and sparse
+generation), and generation after a ``--gen-seq`` prefill (1M) with an offloaded FP8 cache.
 
 Usage (GPU machine, repository root):
     PYTHONPATH=src python3 benchmarks/e2e.py --out OUT [--lengths 32768 131072 ...]
@@ -538,8 +538,9 @@ def stage_cache_modes(bench: Bench, seq: int) -> None:
     Offloaded modes run twice: "cold" pins its host memory anew, "warm" reuses the pinned memory
     PyTorch kept from the cold run (what a server prefilling one prompt after another sees).
     """
-    modes = [("device", None, "cold"), ("offload", None, "cold"), ("offload", None, "warm"),
-             ("offload", torch.float8_e4m3fn, "cold"), ("offload", torch.float8_e4m3fn, "warm")]
+    modes = [("device", None, "cold"), ("device", torch.float8_e4m3fn, "cold"), ("offload", None, "cold"),
+             ("offload", None, "warm"), ("offload", torch.float8_e4m3fn, "cold"), ("offload", torch.float8_e4m3fn, "warm")]
+    warm_length(bench, seq)
     out = bench.results["cache_modes"]
     reference_logits = None
     enabled(bench, "vertical_slash", bench.crossover.get("vertical_slash", 1))
@@ -556,16 +557,18 @@ def stage_cache_modes(bench: Bench, seq: int) -> None:
                 if pinned == "cold":
                     first = result.logits.argmax(-1)[:, None]
                     logits = lp.decode_step(bench.model, result.cache, first)  # token 2's logits
-                    if reference_logits is None:
+                    if label == "device-bf16":
                         reference_logits = logits
-                    row["decode_logits_rel_err_vs_device_bf16"] = rel(logits, reference_logits)
-                    row["decode_top1_equal_device_bf16"] = bool(
-                        torch.equal(logits.argmax(-1), reference_logits.argmax(-1)))
+                    if reference_logits is not None:  # none where the bf16 cache does not fit on the GPU
+                        row["decode_logits_rel_err_vs_device_bf16"] = rel(logits, reference_logits)
+                        row["decode_top1_equal_device_bf16"] = bool(
+                            torch.equal(logits.argmax(-1), reference_logits.argmax(-1)))
                     time_generation(bench, result, row)
                 out.append(row)
                 del result
                 bench.log(f"cache {label:<13} {pinned} {seq}: TTFT {row['ttft_s']:.2f} s peak {row['peak_gib']:.1f} GiB "
-                          f"decode {row.get('generate_s_per_token', float('nan')):.3f} s/token, "
+                          f"decode {row.get('generate_s_per_token', float('nan')):.3f} s/token dense, "
+                          f"{row.get('generate_sparse_s_per_token', float('nan')):.3f} sparse, "
                           f"logits rel err {row.get('decode_logits_rel_err_vs_device_bf16', float('nan')):.3g}")
             except (lp.PrefillMemoryError, torch.OutOfMemoryError, RuntimeError) as error:
                 traceback.print_exc()
@@ -788,7 +791,8 @@ def main() -> None:
     parser.add_argument("--full-dense-max", type=int, default=131072, help="dense runs the whole model up to this length")
     parser.add_argument("--dense-layer-max", type=int, default=1 << 20, help="cuDNN one-layer measurement up to this length")
     parser.add_argument("--fa2-max", type=int, default=524288, help="FA2 one-layer measurement up to this length")
-    parser.add_argument("--cache-seq", type=int, default=131072, help="length of the cache-mode comparison")
+    parser.add_argument("--cache-seqs", type=int, nargs="+", default=[131072],
+                        help="lengths of the cache-mode comparison (prefill, then dense and sparse decoding)")
     parser.add_argument("--gen-tokens", type=int, default=8, help="tokens per generation timing (at least 3)")
     parser.add_argument("--gen-seq", type=int, default=1 << 20, help="prompt length of the generation stage")
     parser.add_argument("--chunk-size", type=int, default=lp.DEFAULT_CHUNK_SIZE)
@@ -811,7 +815,7 @@ def main() -> None:
         args.full_dense_max //= 512
         args.dense_layer_max //= 512
         args.fa2_max //= 512
-        args.cache_seq //= 512
+        args.cache_seqs = [n // 512 for n in args.cache_seqs]
         args.chunk_size = 64
     bench = Bench(args)
     bench.log(f"model built: {bench.weights_gib:.1f} GiB of weights; {bench.results['meta']}")
@@ -848,11 +852,11 @@ def main() -> None:
         stage("checks", stage_checks)
     if "crossover" in args.stages:
         stage("crossover", stage_crossover)
-    for seq in args.lengths:
-        if "lengths" in args.stages:
+    for seq in sorted(set(args.lengths) | set(args.cache_seqs if "cache" in args.stages else [])):
+        if "lengths" in args.stages and seq in args.lengths:
             stage(f"length {seq}", stage_length, seq)
-        if "cache" in args.stages and seq == args.cache_seq:
-            stage("cache modes", stage_cache_modes, seq)
+        if "cache" in args.stages and seq in args.cache_seqs:
+            stage(f"cache modes {seq}", stage_cache_modes, seq)
     if "generation" in args.stages and not bench.over_budget():
         stage("generation", stage_long_generation, args.gen_seq)
     bench.results["elapsed_s"] = bench.elapsed()
