@@ -172,8 +172,9 @@ def generate(model: torch.nn.Module, prefilled: PrefillResult, max_new_tokens: i
         head, to the cache's pages that :func:`sparse_prefill.decoding.select_pages` picks
         (docs/semantics.md, "Sparse decoding"). It first builds the cache's page summaries on the
         model's device (1/16 of the keys' size in the model's dtype at the default page size; FP8
-        keys are summarised dequantized) and, for a device cache in the model's dtype, moves each
-        layer into one buffer with room for the new tokens (one copy of the cache).
+        keys are summarised dequantized). Either way, a device cache in the model's dtype first
+        moves each layer into one buffer with room for the new tokens (one copy of the cache, a
+        layer at a time), which the steps then read in place.
     budget : int, optional
         Sparse only: keys per KV head and step, in whole pages, sink and window included
         (default :data:`sparse_prefill.decoding.DEFAULT_BUDGET`); at least the cache length is
