@@ -28,7 +28,7 @@ import torch
 
 import sparse_prefill.decoding as decoding
 from sparse_prefill import disable, enable
-from sparse_prefill.decoding import SparseDecoding, choose_pages, decode_attention
+from sparse_prefill.decoding import SparseDecoding, choose_pages, decode_attention, page_attention_mass
 from sparse_prefill.eval.needle import needle_samples
 from sparse_prefill.integrations import transformers as integration
 from sparse_prefill.models import load_model
@@ -52,14 +52,8 @@ def bound_scores(rule: str):
 def oracle_step(state, module, query, key, value, attention_mask, scaling, kwargs):
     """A decoding step that keeps the pages of largest true attention mass (same sink, window, budget)."""
     settings = state.decoding
-    batch, kv_heads, n_keys, head_dim = key.shape
-    group = query.shape[1] // kv_heads
-    queries = query.float().view(batch, kv_heads, group, head_dim)
-    weights = torch.softmax(queries @ key.float().transpose(-1, -2) * scaling, dim=-1)  # [b, kv, g, n]
-    n_pages = -(-n_keys // settings.page_size)
-    padded = torch.nn.functional.pad(weights, (0, n_pages * settings.page_size - n_keys))
-    mass = padded.view(batch, kv_heads, group, n_pages, settings.page_size).sum(dim=(2, 4))
-    selection = choose_pages(mass, n_keys, settings.page_size, budget=settings.budget, sink=settings.sink,
+    mass = page_attention_mass(query, key, settings.page_size, scale=scaling)
+    selection = choose_pages(mass, key.shape[2], settings.page_size, budget=settings.budget, sink=settings.sink,
                              local=settings.local)
     return decode_attention(query, key, value, selection, scale=scaling).transpose(1, 2), None
 

@@ -54,6 +54,7 @@ from sparse_prefill.decoding import (
     DEFAULT_LOCAL,
     DEFAULT_SINK,
     choose_pages,
+    page_attention_mass,
     page_scores,
     page_summaries,
     select_pages,
@@ -73,12 +74,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def page_masses(probabilities: torch.Tensor, page_size: int) -> torch.Tensor:
-    """probabilities [q_heads, n_keys] -> attention mass per page [q_heads, ceil(n_keys / page_size)]."""
-    pad = -probabilities.shape[-1] % page_size
-    return torch.nn.functional.pad(probabilities, (0, pad)).unflatten(-1, (-1, page_size)).sum(-1)
 
 
 def reused(scores: torch.Tensor, n_pages: int) -> torch.Tensor:
@@ -107,7 +102,7 @@ def layer_recovery(q: torch.Tensor, k: torch.Tensor, positions: list[int], budge
         query = q[:, :, step : step + 1]  # [1, q_heads, 1, head_dim]
         keys = k[0, :, :n_keys].repeat_interleave(group, 0)  # [q_heads, n_keys, head_dim]
         probabilities = (torch.matmul(query[0], keys.transpose(-1, -2))[:, 0] * scale).softmax(-1)  # [q_heads, n_keys]
-        true_scores = page_masses(probabilities, PAGE_SIZE).view(kv_heads, group, -1).sum(1)[None]  # [1, kv, pages]
+        true_scores = page_attention_mass(query, k[:, :, :n_keys], PAGE_SIZE, scale=scale)  # [1, kv, pages]
         if step == 0:
             static_scores, static_oracle_scores = page_scores(query, summaries, scale), true_scores
         n_pages = true_scores.shape[-1]

@@ -80,6 +80,7 @@ class Bench:
         self.cuda = self.device.type == "cuda"
         patterns = TINY_PATTERNS if args.tiny else PATTERNS
         self.patterns = {name: patterns[name] for name in args.paths}
+        self.warmed: set[int] = set()  # lengths warm_length has run
         self.out = args.out
         self.out.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
@@ -280,8 +281,9 @@ def warm_length(bench: Bench, seq: int) -> None:
     2**31 and is passed as 64-bit: the likeliest cause, not isolated). One layer per sparse path at
     each length costs about 1/32 of a sparse prefill there.
     """
-    if not bench.cuda:
+    if not bench.cuda or seq in bench.warmed:
         return
+    bench.warmed.add(seq)
     begin = time.perf_counter()
     with one_layer(bench.model):
         for name in bench.patterns:

@@ -23,6 +23,7 @@ from sparse_prefill.decoding import (
     page_scores,
     page_summaries,
     page_upper_bounds,
+    page_attention_mass,
     recovery_ratio,
     select_pages,
     sparse_decode_attention,
@@ -208,6 +209,26 @@ def test_recovery_ratio_is_the_dense_mass_on_the_kept_keys():
     torch.testing.assert_close(ratio, want)
     everything = select_pages(q, page_summaries(k, 16), budget=150, sink=0, local=1)
     torch.testing.assert_close(recovery_ratio(q, k, everything), torch.ones(2, 4, dtype=torch.float64))
+
+
+def test_page_attention_mass_sums_each_groups_dense_attention_per_page():
+    # GQA (6 query heads on 2 KV heads) and a partial last page (150 keys, pages of 16).
+    q, k, _ = fresh_step(2, 6, 2, 150, 16, dtype=torch.float64)
+    mass = page_attention_mass(q, k, 16)
+    assert mass.shape == (2, 2, 10)
+    keys = k.repeat_interleave(3, 1)
+    probabilities = (torch.matmul(q, keys.transpose(-1, -2)) * 0.25).softmax(-1)[:, :, 0]  # [batch, q_heads, n_keys]
+    for page in (0, 4, 9):
+        want = probabilities[..., page * 16 : (page + 1) * 16].sum(-1).view(2, 2, 3).sum(-1)
+        torch.testing.assert_close(mass[..., page], want)
+    torch.testing.assert_close(mass.sum(-1), torch.full((2, 2), 3.0, dtype=torch.float64))
+    # The oracle keeps at least the mass the bound-based selection keeps at the same budget (summed per group).
+    oracle = choose_pages(mass, 150, 16, budget=48, sink=0, local=1)
+    estimated = select_pages(q, page_summaries(k, 16), budget=48, sink=0, local=1)
+    assert (recovery_ratio(q, k, oracle).view(2, 2, 3).sum(-1)
+            >= recovery_ratio(q, k, estimated).view(2, 2, 3).sum(-1) - 1e-12).all()
+    with pytest.raises(ValueError, match="page_size"):
+        page_attention_mass(q, k, 0)
 
 
 def test_selection_finds_planted_keys():

@@ -40,6 +40,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_reference",
     "forced_pages",
+    "page_attention_mass",
     "page_scores",
     "page_summaries",
     "page_upper_bounds",
@@ -649,6 +650,40 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return (*result, selection) if return_lse else (result, selection)
 
 
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Dense attention of one step, [batch, kv_heads, group, n_keys], float32 (float64 for float64 inputs)."""
+    group = _check_cache(q, k, k)
+    scale = check_scale(scale, q.shape[-1])
+    dtype = _score_dtype(q.dtype)
+    batch, kv_heads, n_keys, head_dim = k.shape
+    logits = torch.matmul(q.to(dtype).reshape(batch, kv_heads, group, head_dim), k.to(dtype).transpose(-1, -2)) * scale
+    return logits.softmax(dim=-1)
+
+
+def page_attention_mass(q: torch.Tensor, k: torch.Tensor, page_size: int, *, scale: float | None = None) -> torch.Tensor:
+    """The dense attention mass of every page, summed over each KV head's group of query heads.
+
+    What an oracle selection ranks by (``choose_pages(page_attention_mass(q, k, P), n_keys, P, ...)``
+    keeps the pages of largest true mass): the bound on what any summary-based ranking can recover
+    with one page set per KV head. Reads every key, so it is for measurements, not for decoding.
+
+    Parameters
+    ----------
+    q : Tensor [batch, q_heads, 1, head_dim]
+    k : Tensor [batch, kv_heads, n_keys, head_dim]
+    page_size : int
+
+    Returns
+    -------
+    Tensor [batch, kv_heads, ceil(n_keys / page_size)], float32 (float64 for float64 inputs); each row
+    sums to the group size.
+    """
+    _check_int(page_size, "page_size", 1)
+    probabilities = _probabilities(q, k, scale).sum(dim=2)  # [batch, kv_heads, n_keys]
+    padded = torch.nn.functional.pad(probabilities, (0, -k.shape[2] % page_size))
+    return padded.unflatten(-1, (-1, page_size)).sum(dim=-1)
+
+
 def recovery_ratio(q: torch.Tensor, k: torch.Tensor, selection: PageSelection, *, scale: float | None = None) -> torch.Tensor:
     """Share of each query head's dense attention that falls on the selected keys.
 
@@ -665,12 +700,8 @@ def recovery_ratio(q: torch.Tensor, k: torch.Tensor, selection: PageSelection, *
     -------
     Tensor [batch, q_heads], float32 (float64 for float64 inputs).
     """
-    group = _check_cache(q, k, k)
+    _check_cache(q, k, k)
     _check_selection(selection, k)
-    scale = check_scale(scale, q.shape[-1])
-    dtype = _score_dtype(q.dtype)
-    batch, kv_heads, n_keys, head_dim = k.shape
-    logits = torch.matmul(q.to(dtype).reshape(batch, kv_heads, group, head_dim), k.to(dtype).transpose(-1, -2)) * scale
-    probabilities = logits.softmax(dim=-1)  # [batch, kv_heads, group, n_keys]
+    probabilities = _probabilities(q, k, scale)  # [batch, kv_heads, group, n_keys]
     kept = (probabilities * selection.kept_mask()[:, :, None]).sum(dim=-1)
-    return kept.view(batch, kv_heads * group)
+    return kept.flatten(1, 2)
