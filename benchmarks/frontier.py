@@ -512,6 +512,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workloads", nargs="+", default=["real", "planted"], choices=["real", "planted"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="methods to sweep (dense baselines are always measured)")
+    parser.add_argument("--budgets", nargs="+", default=None, metavar="LABEL",
+                        help="only these budgets of the swept methods, as labelled in the results (e.g. 0.95/s32 "
+                        "1000,6096); presets and dense baselines are not filtered")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="sequence lengths (default: real 32768 131072; planted 131072 1048576)")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 8, 15, 22, 29], help="real workload layers")
@@ -526,6 +529,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--replot", type=Path, default=None, metavar="FILE.json",
                         help="redraw the PNGs from a saved JSON (into its folder, or --out) and print its table")
     args = parser.parse_args(argv)
+    if args.budgets is not None:
+        labels = {p.label() for method in args.methods if method in SWEEPS for p in SWEEPS[method]}
+        unknown = sorted(set(args.budgets) - labels)
+        if unknown:
+            parser.error(f"--budgets {' '.join(unknown)} is not a budget of --methods; they have {' '.join(sorted(labels))}")
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got --repeats={args.repeats}")
     if args.max_dense < 1:
@@ -589,7 +597,8 @@ def main(argv=None) -> None:
     else:
         device, dtype = "cuda", torch.bfloat16
         workloads = args.workloads
-        sweeps = SWEEPS
+        sweeps = {m: [p for p in patterns if args.budgets is None or p.label() in args.budgets]
+                  for m, patterns in SWEEPS.items()}
         planted_shape = PLANTED
         default_lengths = {"real": [32768, 131072], "planted": [131072, 1048576]}
         lengths = {w: sorted(args.lengths or default_lengths[w]) for w in workloads}

@@ -5,6 +5,7 @@ kernel logic, not its speed); with a GPU they also run at real sizes (``-m gpu``
 """
 
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -191,14 +192,17 @@ def test_antidiagonal_tile_mass_matches_pytorch(seq, stride, first_block):
 
 
 @given(n_blocks=st.integers(1, 40), coverage=st.floats(0.05, 1.0), ties=st.booleans(), seed=st.integers(0, 2**31 - 1),
-       chunk=st.floats(0.0, 1.0))
-def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage, ties, seed, chunk):
-    """The search on the float bits finds exactly the sort-based threshold, ties and all.
+       chunk=st.floats(0.0, 1.0), max_chunk=st.sampled_from([2048, 16]))
+def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage, ties, seed, chunk, max_chunk):
+    """The search on the float bits finds exactly the sort-based threshold, ties and all, with a row
+    held whole in registers and with a row read in chunks (``max_chunk`` 16: rows past 16 blocks,
+    as rows past 128K tokens are with the real 2048).
 
     Masses are multiples of 2^-12 and coverages multiples of 1/64, so that every sum and the target
     (coverage x total - forced) are exact in float32 whatever the order of the additions and whether
     the GPU fuses the multiply-add: the two implementations then see the same numbers.
     """
+    from sparse_prefill.kernels import coverage as coverage_kernels
     from sparse_prefill.kernels.coverage import coverage_block_lists
     from sparse_prefill.kinds.block_coverage import blocks_at_threshold, coverage_threshold
 
@@ -208,7 +212,8 @@ def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage,
     first = int(chunk * (n_blocks - 1))  # the rows of a chunk's query blocks first .. n_blocks - 1
     mass = ((mass * steps).round() / steps).tril()[:, first:].to(DEVICE).contiguous()
     cover = torch.tensor([round(coverage * 64) / 64, 1.0, 0.5], device=DEVICE)
-    got = coverage_block_lists(mass, cover, first).long()
+    with mock.patch.object(coverage_kernels, "MAX_CHUNK", max_chunk):
+        got = coverage_block_lists(mass, cover, first).long()
     want = blocks_at_threshold(mass, coverage_threshold(mass, cover, first), first)
     # The GPU's lists may be wider (room for every block, so the host need not read the counts):
     # the same lists, then only padding.

@@ -158,7 +158,7 @@ def _free_sum_above(row, m, threshold, BLOCK_C: tl.constexpr):
 @triton.jit
 def _coverage_threshold(
     mass, coverage, thresholds, counts, first_block, n_rows, n_blocks,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
     r = tl.program_id(0)
     m = first_block + r  # the query block: its causal key blocks are 0 .. m
@@ -176,14 +176,28 @@ def _coverage_threshold(
     # free masses >= t reach `needed`; t = 0 keeps every free block, so `lo` always qualifies.
     lo = tl.zeros([], dtype=tl.int32)
     hi = tl.full([], 0x7F800000, dtype=tl.int32)  # +inf: never qualifies while needed > 0
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        if mid > lo:
-            t = mid.to(tl.float32, bitcast=True)
-            if _free_sum_above(row, m, t, BLOCK_C) >= needed:
-                lo = mid
-            else:
-                hi = mid
+    if ONE_CHUNK:
+        # The whole row (every row up to 128K tokens) stays in registers through the 31 passes:
+        # reading it again from the cache at every pass was most of this kernel's time.
+        c = tl.arange(0, BLOCK_C)
+        free = tl.load(row + c, mask=(c > 0) & (c < m), other=0.0)  # non-free blocks add 0 at any t
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            if mid > lo:
+                t = mid.to(tl.float32, bitcast=True)
+                if tl.sum(tl.where(free >= t, free, 0.0)) >= needed:
+                    lo = mid
+                else:
+                    hi = mid
+    else:
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            if mid > lo:
+                t = mid.to(tl.float32, bitcast=True)
+                if _free_sum_above(row, m, t, BLOCK_C) >= needed:
+                    lo = mid
+                else:
+                    hi = mid
     threshold = tl.where(needed <= 0, float("inf"), lo.to(tl.float32, bitcast=True))
     kept = tl.zeros([], dtype=tl.int32)
     for start in range(0, m + 1, BLOCK_C):
@@ -258,7 +272,7 @@ def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor, first_block
     counts = torch.empty(rows, n_rows, dtype=torch.int32, device=mass.device)
     chunk = _chunk(n_blocks)
     _coverage_threshold[(n_rows, rows)](mass, coverage.float().contiguous(), thresholds, counts, first_block, n_rows,
-                                        n_blocks, BLOCK_C=chunk)
+                                        n_blocks, BLOCK_C=chunk, ONE_CHUNK=n_blocks <= chunk)
     if rows * n_rows * n_blocks * 4 <= WIDE_LISTS_BYTES:
         max_kept = n_blocks  # room for every block: no need to wait for the counts
     else:
@@ -268,5 +282,9 @@ def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor, first_block
     return blocks
 
 
+# Key blocks a program holds at a time: a row up to 2048 blocks (128K tokens) is one chunk.
+MAX_CHUNK = 2048
+
+
 def _chunk(n_blocks: int) -> int:
-    return min(triton.next_power_of_2(max(n_blocks, 16)), 2048)
+    return min(triton.next_power_of_2(max(n_blocks, 16)), MAX_CHUNK)
