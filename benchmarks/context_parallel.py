@@ -9,8 +9,8 @@ same prompt on rank 0 while the other ranks wait. Paths (attention only differs)
 
   dense           one GPU: SDPA (cuDNN where torch picks it); context-parallel: SDPA per piece, the
                   non-square pieces with torch's lower-right CausalBias (FlashAttention-2)
-  vertical_slash  sparse_prefill.enable, VerticalSlash(1000, 6096) on every head: each piece
-                  estimates its own index, so the logits differ from one GPU by that semantics
+  vertical_slash  sparse_prefill.enable, VerticalSlash(1000, 6096) on every head: the prompt's index,
+                  estimated once from its last queries and shared by the pieces: one GPU's kept set
   block_coverage  sparse_prefill.enable, BlockCoverage(0.99, stride=32) (the default preset's
                   pattern): the same kept set as one GPU on every row
 
@@ -238,13 +238,11 @@ def measure(run: Run, seq: int, path: str) -> dict:
     ids = run.ids(seq)
     run.enable(path)
     try:
-        # Vertical-Slash estimates each piece's index from the piece's own last queries (docs/semantics.md):
-        # its logits differ from one GPU's by that semantics, not by an error.
-        row = {"seq": seq, "path": path, "same_semantics_as_one_device": path != "vertical_slash"}
+        row = {"seq": seq, "path": path}
         # One layer of each prefill first, untimed: at a new length the kernels may compile again, where an
-        # integer argument first passes 2**31. On 2026-11-30, without this, each rank's attention at 1M and
-        # 2M took as long as one GPU's whole attention (half of it at 512K); that one-time compilation is
-        # the suspected cause, not isolated.
+        # integer argument first passes 2**31. (With it, each rank's Vertical-Slash attention still took
+        # 0.74-0.90x one GPU's on 2026-11-30: each piece then estimated its own index, whose diagonals
+        # cost a piece more tiles per query than the prompt's index does; the pieces now share that.)
         with one_layer(run.model):
             run.context_parallel(seq, ids)
             if seq <= run.args.one_device_max:

@@ -395,6 +395,8 @@ def curve_name(row: dict) -> str:
     """Block-Coverage gets one curve per stride: its budgets order by coverage only within one."""
     if row["method"] == "block_coverage" and "/s" in row["budget"]:
         return f"block_coverage s{row['budget'].split('/s')[1]}"
+    if row["method"] in PRESET_METHODS:  # a preset whose pattern changed between runs: one point each
+        return f"{row['method']} ({row['budget']})"
     return row["method"]
 
 
@@ -452,7 +454,7 @@ def plot(rows: list, meta: dict, out_dir: Path) -> list[Path]:
                 preset = points[0]["method"] in PRESET_METHODS
                 ax.plot([p["total_ms"] for p in points], [p["rel_l2"] for p in points],
                         "D" if preset else "o-", ms=8 if preset else 4, color=colors[name],
-                        label=f"{name} ({points[0]['budget']})" if preset else name)
+                        label=name)
                 if not preset:  # the cheapest and the dearest budget, to read the direction of the sweep
                     for p in (points[0], points[-1]):
                         ax.annotate(p["budget"], (p["total_ms"], p["rel_l2"]), fontsize=6, color=colors[name],

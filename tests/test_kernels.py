@@ -87,6 +87,30 @@ def test_planted_structure_at_larger_size():
     check_against_reference(planted.q, planted.k, planted.v, [BlockCoverage(0.95), VerticalSlash(16, 200)])
 
 
+def test_kernel_on_a_chunk_with_the_whole_prompts_vertical_slash_index():
+    """A context-parallel piece's path: the prompt's Vertical-Slash index restricted to a chunk's keys
+    (``up_to``), laid out with ``plan_from_indices`` and run by the kernel, against exact attention
+    over the same kept sets; the chunk ends mid-block and misses some of the prompt's diagonals."""
+    from sparse_prefill.attention import attention_over_indices
+    from sparse_prefill.kernels import plan_from_indices, run_plan
+    from sparse_prefill.kinds import estimate_layer
+
+    q, k, v = fresh_qkv(1, 4, 2, 320, 64, LOW_PRECISION)
+    patterns = [VerticalSlash(12, 200, last_q=16), VerticalSlash(5, 100), Dense(), VerticalSlash(40, 300)]
+    prompt = estimate_layer(q, k, patterns, 0.125)
+    for start, end in ((64, 200), (0, 130), (256, 320)):
+        indices = [index.up_to(end) if hasattr(index, "up_to") else index for index in prompt]
+        piece_q, piece_k, piece_v = q[:, :, start:end], k[:, :, :end], v[:, :, :end]
+        out = attention_over_indices(piece_q, piece_k, piece_v, indices, scale=0.125)  # masked SDPA on a CPU
+        plan = plan_from_indices(indices, 1, end, piece_q.device, start)
+        got = run_plan(piece_q, piece_k, piece_v, plan, 0.125)
+        ref, _ = attention_with_index(piece_q, piece_k, piece_v, indices, scale=0.125)
+        for head in range(4):
+            error = ((got[:, head].double() - ref[:, head].double()).norm() / ref[:, head].double().norm()).item()
+            assert error <= 1e-2, (start, end, head, error)
+        torch.testing.assert_close(out.double(), ref.double(), rtol=2e-2, atol=2e-2)
+
+
 def test_output_buffer_is_fully_written():
     q, k, v = fresh_qkv(2, 2, 1, 129, 64, torch.float16)
     from sparse_prefill.kernels import build_plan, run_plan

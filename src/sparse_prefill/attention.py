@@ -11,7 +11,7 @@ from .kinds import estimate_layer
 from .masked_attention import masked_attention
 from .patterns import Pattern
 
-__all__ = ["INFERENCE_ONLY", "sparse_attention"]
+__all__ = ["INFERENCE_ONLY", "attention_over_indices", "sparse_attention"]
 
 
 INFERENCE_ONLY = (
@@ -96,3 +96,16 @@ def sparse_attention(
         return _InferenceOnly.apply(attend, q, k, v)
     return attend(q, k, v)
 
+
+
+def attention_over_indices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: Sequence, *,
+                           scale: float) -> torch.Tensor:
+    """Causal attention of ``q`` (the last ``q_len`` positions of ``k``/``v``) over given kept sets, one
+    index per query head (from :func:`sparse_prefill.kinds.estimate_layer`), without estimating anything:
+    the Triton kernels on CUDA float16/bfloat16, SDPA with each head's kept set as a mask otherwise."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        from .kernels import plan_from_indices, run_plan  # lazy: importing the package never imports Triton
+
+        plan = plan_from_indices(indices, q.shape[0], k.shape[2], q.device, k.shape[2] - q.shape[2])
+        return run_plan(q, k, v, plan, scale)
+    return masked_attention(q, k, v, indices, scale=scale)

@@ -10,7 +10,9 @@ that are the last part of the keys"). So, per rank:
 - Block-Sparse, Block-Coverage: exactly the one-process output on every whole 64-query block of the
   slice (slices that start at a multiple of 64 are whole throughout); a slice's partial first block
   keeps every causal key;
-- Vertical-Slash: estimated from the rank's own last queries (each rank's own index).
+- Vertical-Slash: exactly the one-process output on every row: the index is estimated once, from
+  the whole prompt's last queries (on the last rank, which broadcasts them), and every rank
+  keeps that index's set on its rows.
 
 The last slice has the most keys. :func:`context_parallel_layout` balances the causal work with a
 zig-zag: the prompt is cut at multiples of 64 into ``2 * world`` near-equal pieces and rank ``r``
@@ -33,10 +35,13 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .attention import sparse_attention
+from .attention import attention_over_indices
+from .checks import check_layer_patterns, check_scale
+from .kinds import VerticalSlash, estimate_layer
 from .patterns import Pattern
 
-__all__ = ["BLOCK", "ContextParallelLayout", "context_parallel_attention", "context_parallel_layout", "gather_layout"]
+__all__ = ["BLOCK", "ContextParallelLayout", "attend_pieces", "context_parallel_attention", "context_parallel_layout",
+           "gather_layout"]
 
 
 # Piece boundaries fall on multiples of the 64-token query block of docs/semantics.md, so that every
@@ -204,12 +209,9 @@ def context_parallel_attention(
     if layout is not None:
         _check_layout(layout, q.shape[2], rank, dist.get_world_size(group))
         keys, values = gather_layout(k, layout, group), gather_layout(v, layout, group)
-        pieces = [
-            sparse_attention(q[:, :, row : row + end - start], keys[:, :, :end], values[:, :, :end], patterns,
-                             scale=scale)
-            for start, end, row in layout.local_pieces(rank)
-        ]
-        return torch.cat(pieces, dim=2)
+        last_piece = layout.bounds[-1] - layout.bounds[-2]
+        return attend_pieces(q, keys, values, patterns, scale, layout.local_pieces(rank), layout.last_rank(), last_piece,
+                             group)
     sizes = torch.tensor([q.shape[2]], device=q.device)
     gathered = [torch.empty_like(sizes) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, sizes, group=group)
@@ -217,9 +219,63 @@ def context_parallel_attention(
     if min(lengths) < 1:
         raise ValueError(f"every rank must hold at least one position, got slice lengths {lengths}")
     end = sum(lengths[: rank + 1])
-    keys = _gather_positions(k, lengths, group)[:, :, :end]
-    values = _gather_positions(v, lengths, group)[:, :, :end]
-    return sparse_attention(q, keys, values, patterns, scale=scale)
+    keys = _gather_positions(k, lengths, group)  # the whole prompt's: Vertical-Slash's estimate reads them all
+    values = _gather_positions(v, lengths, group)
+    return attend_pieces(q, keys, values, patterns, scale, [(end - q.shape[2], end, 0)], len(lengths) - 1, lengths[-1],
+                         group)
+
+
+def attend_pieces(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    patterns: Pattern | Sequence[Pattern],
+    scale: float | None,
+    pieces: Sequence[tuple[int, int, int]],
+    last_rank: int,
+    last_piece: int,
+    group=None,
+) -> torch.Tensor:
+    """This rank's rows of one layer's sparse attention, given the keys and values of the whole prompt.
+
+    q : [batch, q_heads, n, head_dim], the rank's rows; ``pieces``: ``(start, end, row)`` per run of
+    consecutive positions ``start .. end - 1`` held at local rows ``row ..``; keys, values :
+    [batch, kv_heads, seq, head_dim], every position of the prompt; ``last_rank`` holds the prompt's
+    last ``last_piece`` positions as its last rows. Every rank of ``group`` calls this once per
+    layer, with the same patterns.
+
+    Each piece is a chunk over the keys up to its end (docs/semantics.md), except that Vertical-Slash
+    heads take the index of the whole prompt: ``last_rank`` broadcasts the prompt's last queries and
+    every rank estimates that index from them, then keeps its set on its own rows, so the output is
+    one pass's on every row. A per-piece estimate would also cost more: it spreads each piece's
+    chosen diagonals over that piece's own queries, 0.68-0.77x one device's tiles per rank of two
+    instead of 0.5x (random weights, 512K-1M tokens).
+    """
+    head_patterns = check_layer_patterns(patterns, q.shape[1])
+    softmax_scale = check_scale(scale, q.shape[3])
+    slash_heads = {h for h, pattern in enumerate(head_patterns) if isinstance(pattern, VerticalSlash)}
+    others = set(range(len(head_patterns))) - slash_heads
+    prompt: list = [None] * len(head_patterns)
+    if slash_heads:
+        n_last = min(max(head_patterns[h].last_q for h in slash_heads), keys.shape[2])
+        if n_last > last_piece:  # the same test on every rank: all of them raise, none waits
+            raise ValueError(f"Vertical-Slash's last_q={n_last} needs the prompt's last {n_last} positions on one rank, "
+                             f"which holds only the last {last_piece}; use a smaller last_q or fewer ranks")
+        if dist.get_rank(group) == last_rank:
+            last_queries = q[:, :, q.shape[2] - n_last :].contiguous()
+        else:
+            last_queries = q.new_empty(q.shape[0], q.shape[1], n_last, q.shape[3])
+        source = last_rank if group is None else dist.get_global_rank(group, last_rank)
+        dist.broadcast(last_queries, src=source, group=group)
+        prompt = estimate_layer(last_queries, keys, head_patterns, softmax_scale, heads=slash_heads)
+    out = torch.empty_like(q)
+    for start, end, row in pieces:
+        rows = slice(row, row + end - start)
+        piece_q, piece_k, piece_v = q[:, :, rows], keys[:, :, :end], values[:, :, :end]
+        indices = estimate_layer(piece_q, piece_k, head_patterns, softmax_scale, heads=others) if others else prompt
+        indices = [prompt[h].up_to(end) if h in slash_heads else index for h, index in enumerate(indices)]
+        out[:, :, rows] = attention_over_indices(piece_q, piece_k, piece_v, indices, scale=softmax_scale)
+    return out
 
 
 def _check_layout(layout: ContextParallelLayout, n: int, rank: int, world: int) -> None:

@@ -18,7 +18,7 @@ Adding a kind means adding one module and listing it here.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Sequence, Union
+from typing import Container, Sequence, Union
 
 import torch
 
@@ -65,20 +65,23 @@ def _unit(units: dict[type, ModuleType], value, name: str) -> ModuleType:
                         f"got {type(value).__name__}") from None
 
 
-def estimate_layer(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], scale: float) -> list[HeadIndex]:
+def estimate_layer(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], scale: float,
+                   heads: Container[int] | None = None) -> list[HeadIndex | None]:
     """Every query head's index: one call per kind present, all of that kind's heads together.
 
     q : [batch, q_heads, seq, head_dim]; k : [batch, kv_heads, seq, head_dim]; ``patterns`` one per
-    query head (validated by the caller).
+    query head (validated by the caller). ``heads``: estimate only these query heads, the others' entries
+    None (a context-parallel piece takes its Vertical-Slash indices from the whole prompt's last queries).
     """
     by_kind: dict[type, list[int]] = {}
     for head, pattern in enumerate(patterns):
-        by_kind.setdefault(type(pattern), []).append(head)
+        if heads is None or head in heads:
+            by_kind.setdefault(type(pattern), []).append(head)
     indices: list[HeadIndex | None] = [None] * len(patterns)
     for kind, heads in by_kind.items():
         for head, index in zip(heads, _BY_PATTERN[kind].estimate(q, k, heads, [patterns[h] for h in heads], scale)):
             indices[head] = index
-    return indices  # type: ignore[return-value]
+    return indices
 
 
 def kept_fraction(index: HeadIndex, seq: int, chunk_size: int = 1024) -> torch.Tensor:

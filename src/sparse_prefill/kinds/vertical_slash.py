@@ -78,6 +78,14 @@ class VerticalSlashIndex:
     columns: torch.Tensor
     diagonals: torch.Tensor
 
+    def up_to(self, seq: int) -> "VerticalSlashIndex":
+        """The same kept set for the keys before ``seq``: an index for the queries of a chunk ending
+        there. Later columns become ``seq - 1``, which only the chunk's last query could see, and it
+        keeps it anyway (diagonal 0); diagonals past the chunk's blocks become 0, which is always kept."""
+        columns = self.columns.clamp(max=seq - 1)
+        diagonals = torch.where(self.diagonals < n_blocks(seq), self.diagonals, 0).sort(dim=-1).values
+        return VerticalSlashIndex(columns=columns, diagonals=diagonals)
+
     def kept_mask(self, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
         column_flag = flags(self.columns, n_keys)  # [batch, keys]
         key_blocks = n_blocks(n_keys)

@@ -25,8 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ..attention import sparse_attention
-from ..distributed import ContextParallelLayout, context_parallel_layout, gather_layout
+from ..distributed import ContextParallelLayout, attend_pieces, context_parallel_layout, gather_layout
 from ..patterns import Dense, Pattern
 from .adapter import _check_windows, _Parts, _parts
 from .attention import _DENSE_IMPLEMENTATIONS
@@ -68,13 +67,13 @@ def context_parallel_prefill(
 
     Attention is what the model is set to use, decided for the whole prompt as one pass would:
 
-    - a model switched with :func:`sparse_prefill.enable`: each piece is a chunk of
-      :func:`sparse_prefill.sparse_attention` with the layer's patterns for the whole prompt's
-      length (dense when the prompt is shorter than the state's ``min_seq_len``). Per
-      docs/semantics.md, Dense, A-shape, Block-Sparse and Block-Coverage rows then equal one
-      pass over the whole prompt (the pieces start at multiples of 64); Vertical-Slash estimates
-      each piece's index from that piece's own last ``last_q`` queries, so only the rows of the
-      prompt's last piece keep what one pass keeps;
+    - a model switched with :func:`sparse_prefill.enable`: each piece is a chunk of sparse
+      attention with the layer's patterns for the whole prompt's length (dense when the prompt is
+      shorter than the state's ``min_seq_len``), through
+      :func:`sparse_prefill.distributed.attend_pieces`. Per docs/semantics.md every row then
+      keeps what one pass over the whole prompt keeps: Dense, A-shape, Block-Sparse and
+      Block-Coverage because the pieces start at multiples of 64, Vertical-Slash because its
+      index is estimated once from the prompt's last ``last_q`` queries and shared by the pieces;
     - a dense model: SDPA, with the causal mask aligned to the chunk's end (lower right).
 
     Parameters
@@ -261,15 +260,10 @@ def _layer_patterns(model: torch.nn.Module, parts: _Parts, seq_len: int) -> tupl
     return patterns, state
 
 
-def _chunk_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patterns: _LayerPatterns, scale: float | None
-) -> torch.Tensor:
-    """Attention of ``q`` [batch, q_heads, n, dim], the last ``n`` positions of ``k``/``v`` [batch, kv_heads, m, dim].
-
-    Returns Tensor [batch, q_heads, n, dim].
+def _dense_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Dense causal attention of ``q`` [batch, q_heads, n, dim], the last ``n`` positions of ``k``/``v``
+    [batch, kv_heads, m, dim]. Returns Tensor [batch, q_heads, n, dim].
     """
-    if patterns is not None:
-        return sparse_attention(q, k, v, patterns, scale=scale)
     gqa = q.shape[1] != k.shape[1]
     if q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -306,6 +300,7 @@ def _forward(
     hidden = decoder.embed_tokens(input_ids[:, positions])  # [batch, n, hidden]: this rank's residual stream
     del positions, with_last
     pieces = layout.local_pieces(rank)
+    last, last_piece = layout.last_rank(), layout.bounds[-1] - layout.bounds[-2]
     for index, layer in enumerate(parts.layers):
         module = layer.self_attn
         q, k, v = bodies.project(layer, hidden, cos, sin, (parts.q_heads, parts.kv_heads, head_dim), chunk_size)
@@ -314,13 +309,16 @@ def _forward(
             del k
             values = gather_layout(v, layout, group)
             del v
-        out = torch.empty_like(q)  # [batch, q_heads, n, head_dim]
         with attention_watch.region() if attention_watch else _nothing():
-            for start, end, row in pieces:
-                rows = slice(row, row + end - start)
-                out[:, :, rows] = _chunk_attention(
-                    q[:, :, rows], keys[:, :, :end], values[:, :, :end], patterns[index], module.scaling
-                )
+            if patterns[index] is None:
+                out = torch.empty_like(q)  # [batch, q_heads, n, head_dim]
+                for start, end, row in pieces:
+                    rows = slice(row, row + end - start)
+                    out[:, :, rows] = _dense_chunk_attention(
+                        q[:, :, rows], keys[:, :, :end], values[:, :, :end], module.scaling
+                    )
+            else:
+                out = attend_pieces(q, keys, values, patterns[index], module.scaling, pieces, last, last_piece, group)
         if state is not None:
             if patterns[index] is None:
                 state.dense_calls += 1
@@ -330,7 +328,6 @@ def _forward(
         attention_out = out.transpose(1, 2)  # [batch, n, q_heads, head_dim], as the one-device forward hands it on
         bodies.finish(layer, hidden, attention_out, chunk_size)
         del out, attention_out
-    last = layout.last_rank()
     if rank == last:  # the prompt's last position is this rank's last row
         logits = parts.head(decoder.norm(hidden[:, -1:]))[:, 0]  # [batch, vocab]
     else:
