@@ -303,7 +303,7 @@ def plot(results: dict, path: Path) -> None:
         if speed:
             ax_speed.plot(*zip(*speed), "o-", color=color, label=name)
         slowest = [max(row["context_parallel"]["ranks"], key=lambda r: r["ttft_s"]) for row in mine]
-        for key, style in (("attention_s", "-"), ("communication_s", ":"), ("rest_s", "--")):
+        for key, style in (("attention_s", "o-"), ("communication_s", "^:"), ("rest_s", "s--")):  # markers: one length too
             ax_split.plot(xs, [r[key] for r in slowest], style, color=color, label=f"{name}: {key[:-2]}")
     ax_speed.axhline(world, color="0.6", lw=1, label=f"ideal ({world}x)")
     if world == 2:
