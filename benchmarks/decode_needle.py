@@ -7,8 +7,11 @@ cache under each configuration ``rule:page_size:budget``, so that every answer t
 included, comes from a decoding step. Correct: the passphrase is in the answer. Rules (how a KV
 head's group of query heads ranks pages, see benchmarks/decode_selection.py):
 
-  mass_sum   sum over the group of per-head softmaxes of the pages' logit bounds (select_pages' rule)
-  max_raw    max over the group of the raw bounds (a head whose bound is largest decides)
+  library    sparse_prefill.decoding.page_scores as installed (select_pages' rule, whatever it is)
+  mass_sum   sum over the group of per-head softmaxes of the pages' logit bounds (the library's
+             rule until 2026-11-30, fifth session)
+  max_raw    max over the group of the raw bounds (a head whose bound is largest decides; the
+             library's rule since then)
   oracle     the true attention mass of each page, summed over the group (needs every key: a bound
              on what any summary-based rule can do at that budget)
 
@@ -33,20 +36,21 @@ from sparse_prefill.eval.needle import needle_samples
 from sparse_prefill.integrations import transformers as integration
 from sparse_prefill.models import load_model
 
-RULES = ("mass_sum", "max_raw", "oracle")
+RULES = ("library", "mass_sum", "max_raw", "oracle")
 
 
-def bound_scores(rule: str):
-    """page_scores replaced by ``rule`` (the library's own for mass_sum)."""
-    if rule == "mass_sum":
-        return decoding.page_scores
+def bound_scores(rule: str, library):
+    """page_scores replaced by ``rule`` (``library``, the installed page_scores, for "library")."""
+    if rule in ("library", "oracle"):
+        return library
 
-    def max_raw(q, summaries, scale=None):
+    def scores(q, summaries, scale=None):
         bounds = decoding.page_upper_bounds(q, summaries, scale)
         batch, kv_heads = summaries.shape[:2]
-        return bounds.view(batch, kv_heads, -1, bounds.shape[-1]).amax(dim=2)
+        grouped = bounds.view(batch, kv_heads, -1, bounds.shape[-1])  # [batch, kv_heads, group, n_pages]
+        return grouped.softmax(dim=-1).sum(dim=2) if rule == "mass_sum" else grouped.amax(dim=2)
 
-    return max_raw
+    return scores
 
 
 def oracle_step(state, module, query, key, value, attention_mask, scaling, kwargs):
@@ -95,7 +99,7 @@ def main() -> None:
 
             answers = {"dense": answer()}
             for rule, page_size, budget in configs:
-                decoding.page_scores = bound_scores(rule)
+                decoding.page_scores = bound_scores(rule, library_scores)
                 integration._sparse_decode_step = oracle_step if rule == "oracle" else library_step
                 enable(model, decode=SparseDecoding(budget=budget, page_size=page_size))
                 try:

@@ -6,9 +6,9 @@ Quest-style (Tang et al., ICML 2024) page selection, GQA-aware, in three steps (
 1. :class:`PageSummaries`, built once after prefill and extended as decoding appends keys: per
    page of ``page_size`` keys and per KV head, the per-channel minimum and maximum of the keys.
 2. :func:`select_pages` ("plan"): per decode step, an upper bound of every page's logits per query
-   head, turned into an estimated share of that head's attention and summed over the query heads
-   of each KV head; the sink and the recent window are always kept, the best other pages fill the
-   budget. One selection per KV head serves all its query heads.
+   head, and per KV head the largest of its query heads' bounds; the sink and the recent window are
+   always kept, the pages of highest bound fill the budget. One selection per KV head serves all
+   its query heads.
 3. :func:`decode_attention` ("run"): the attention of the step's queries over exactly the selected
    pages; a Triton split-K kernel on CUDA (``kernels/decode.py``), PyTorch elsewhere.
 
@@ -358,22 +358,24 @@ def page_upper_bounds(q: torch.Tensor, summaries: PageSummaries, scale: float | 
 
 
 def page_scores(q: torch.Tensor, summaries: PageSummaries, scale: float | None = None) -> torch.Tensor:
-    """One score per page and KV head: the estimated attention share, summed over the group's query heads.
+    """One score per page and KV head: the largest logit bound of the page over the group's query heads.
 
-    Each query head's bounds become a distribution over pages (``softmax_p(bound[h, p])``: the
-    share of the head's attention the page would get if its best possible logit were every key's
-    logit), and the distributions of the ``group`` query heads of a KV head are added. Every head
-    of the group gets one equal vote, whatever the scale of its logits, and the selection then
-    maximises the estimated attention mass summed (so averaged) over the group.
+    ``score[b, g, p] = max over the query heads h of KV head g of bound[b, h, p]``
+    (:func:`page_upper_bounds`): no query head of the group gives any key of page ``p`` a larger
+    logit. A page that one head's bound singles out (a needle) ranks high whatever the other heads
+    of the group do. Summing per-head softmaxes of the bounds (the rule until 2026-11-30) kept
+    about one point more of the mean attention mass but lost needles that this rule keeps
+    (docs/ACCURACY.md, "Which selection keeps the needle"): a loose bound spreads a head's softmax
+    over many pages and flattens the one page that matters. The ranking does not depend on
+    ``scale`` (a positive factor of every bound).
 
     Returns
     -------
-    Tensor [batch, kv_heads, n_pages], float32 (float64 for float64 inputs), each row summing to
-    ``group``.
+    Tensor [batch, kv_heads, n_pages], float32 (float64 for float64 inputs).
     """
     bounds = page_upper_bounds(q, summaries, scale)
     batch, kv_heads = summaries.shape[:2]
-    return bounds.softmax(dim=-1).view(batch, kv_heads, -1, bounds.shape[-1]).sum(dim=2)
+    return bounds.view(batch, kv_heads, -1, bounds.shape[-1]).amax(dim=2)
 
 
 @dataclass(frozen=True)
@@ -454,7 +456,8 @@ def select_pages(q: torch.Tensor, summaries: PageSummaries, *, budget: int = DEF
     sink, local : int
         Always-kept first keys (``>= 0``) and last keys (``>= 1``: the step's own key).
     scale : float, optional
-        Softmax scale (``1/sqrt(head_dim)``); it changes the ranking (the softmax in :func:`page_scores`).
+        Softmax scale (``1/sqrt(head_dim)``); a positive factor of every bound, it does not change the
+        ranking (but for ties that rounding may make).
 
     Returns
     -------
