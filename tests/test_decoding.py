@@ -112,7 +112,9 @@ def brute_selection(q, k, page_size, budget, sink, local, scale=None):
     """docs/semantics.md, read literally: forced pages, then the rest by (score desc, page asc)."""
     n_keys = k.shape[2]
     n_pages = math.ceil(n_keys / page_size)
-    scores = page_scores(q, page_summaries(k, page_size), scale).float()  # [batch, kv_heads, n_pages]
+    # The score of a page is the largest bound over the KV head's group of query heads.
+    bounds = page_upper_bounds(q, page_summaries(k, page_size), scale)  # [batch, q_heads, n_pages]
+    scores = bounds.view(k.shape[0], k.shape[1], -1, n_pages).amax(2).float()  # [batch, kv_heads, n_pages]
     forced = {p for p in range(n_pages) if p * page_size < sink or (p + 1) * page_size > n_keys - local}
     target = min(n_pages, max(math.ceil(budget / page_size), len(forced)))
     pages = torch.empty(k.shape[0], k.shape[1], target, dtype=torch.int32)
@@ -158,16 +160,39 @@ def test_ties_go_to_the_lower_page():
     assert selection.pages.tolist() == [[[0, 1, 2, 9]]]
 
 
-def test_group_votes_with_equal_weight():
-    """A page that is the best page of one query head of the group is kept even when the other head's
-    logits are on a larger scale (a raw max or sum of the bounds would follow the louder head)."""
-    k = torch.zeros(1, 1, 80, 2)
-    k[0, 0, 16:32, 0] = 1.0  # page 1: what head 0 looks for
-    k[0, 0, 32:48, 1] = 1.0  # page 2: what head 1 looks for, with 10x larger logits
-    k[0, 0, 48:64, 1] = 0.9  # page 3: almost as good for head 1
-    q = torch.tensor([[[[4.0, 0.0]], [[0.0, 40.0]]]])
-    selection = select_pages(q, page_summaries(k, 16), budget=48, sink=0, local=1, scale=1.0)
-    assert selection.pages.tolist() == [[[1, 2, 4]]]  # page 4 holds the step's own key
+def test_page_scores_are_the_groups_largest_bound():
+    q, k, _ = fresh_step(2, 6, 2, 150, 16)
+    summaries = page_summaries(k, 16)
+    bounds = page_upper_bounds(q, summaries, 0.3)
+    scores = page_scores(q, summaries, 0.3)
+    assert scores.shape == (2, 2, 10)
+    for head in range(6):  # every head's bound is at most its KV head's score, and some head reaches it
+        assert (bounds[:, head] <= scores[:, head // 3]).all()
+    reached = (bounds.view(2, 2, 3, 10) == scores[:, :, None]).any(2)
+    assert reached.all()
+    # A positive scale multiplies every bound: the same ranking.
+    ranks = page_scores(q, summaries, 0.3).argsort(-1, descending=True, stable=True)
+    assert torch.equal(ranks, page_scores(q, summaries, 2.0).argsort(-1, descending=True, stable=True))
+
+
+def test_a_page_one_head_singles_out_is_kept():
+    """The needle case: query head 0's best page (bound 5) has two near rivals (4.8), so its softmax
+    gives it only 0.38, while head 1 puts 0.5 and 0.48 on two pages of bound ~4. Summing per-head
+    softmaxes (the rule until 2026-11-30) keeps head 1's two pages and drops page 1; the group's
+    largest bound keeps page 1, the highest logit bound of any head."""
+    k = torch.zeros(1, 1, 97, 2)
+    k[0, 0, 0:16] = torch.tensor([0.96, -1.0])  # page 0: near rival for head 0
+    k[0, 0, 16:32] = torch.tensor([1.0, -1.0])  # page 1: head 0's needle
+    k[0, 0, 32:48, 1] = 1.0  # pages 2, 3: head 1's favourites
+    k[0, 0, 48:64, 1] = 0.99
+    k[0, 0, 80:96] = torch.tensor([0.96, -1.0])  # page 5: the other near rival
+    q = torch.tensor([[[[5.0, 0.0]], [[0.0, 4.0]]]])
+    summaries = page_summaries(k, 16)
+    selection = select_pages(q, summaries, budget=48, sink=0, local=1, scale=1.0)
+    assert selection.pages.tolist() == [[[0, 1, 6]]]  # tie 0 / 5 to the lower page; page 6 holds the own key
+    old_rule = page_upper_bounds(q, summaries, 1.0).softmax(-1).sum(1, keepdim=True)  # [1, 1, 7]
+    old = choose_pages(old_rule, 97, 16, budget=48, sink=0, local=1)
+    assert old.pages.tolist() == [[[2, 3, 6]]]  # the test separates the two rules
 
 
 # --- reference ---------------------------------------------------------------------------------------------
