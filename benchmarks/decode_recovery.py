@@ -26,13 +26,20 @@ kept keys (docs/semantics.md, "Sparse decoding"), of four selections with the sa
 
 Means over steps per layer and query head are saved; the tables average over layers and heads.
 
+``--selections rule:page_size ...`` measures several page rankings (for dynamic and static) and page
+sizes on one capture: ``library`` is ``page_scores`` as installed, ``mass_sum`` the sum over the
+group of per-head softmaxes of the bounds (the library's rule until 2026-11-30, fifth session),
+``max_raw`` the group's largest bound (the library's rule since). The first selection fills
+``budgets`` and the PNG; every one is under ``selections`` in the JSON.
+
 CPU only, one thread: 9 minutes for 8K + 16K with 64 steps, 15 with 512 (the 16K forward pass
 alone takes 4.5-5 minutes; 32K would take about four times that, so it is left out). Results of
 2026-11-30: benchmarks/results/decode_recovery.json (64 steps) and decode_recovery_512steps.json
 (``--steps 512``: beyond ``local`` steps, the pages added after the first step are kept by the
 static choices only while in the window). Usage:
     OMP_NUM_THREADS=1 PYTHONPATH=src python3 benchmarks/decode_recovery.py \\
-        --out benchmarks/results/decode_recovery.json [--lengths 8192 16384] [--budgets 1024 2048] [--steps 64]
+        --out benchmarks/results/decode_recovery.json [--lengths 8192 16384] [--budgets 1024 2048] [--steps 64] \
+        [--selections library:16 mass_sum:16 max_raw:8]
     python3 benchmarks/decode_recovery.py --replot benchmarks/results/decode_recovery.json
 
 The PNG beside the JSON: per layer, recovery of dynamic, static and oracle at the main budget, and
@@ -57,6 +64,7 @@ from sparse_prefill.decoding import (
     page_attention_mass,
     page_scores,
     page_summaries,
+    page_upper_bounds,
     select_pages,
 )
 
@@ -76,6 +84,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def rule_scores(rule: str):
+    """The page ranking ``rule`` as a page_scores-like function (q, summaries, scale) -> [batch, kv_heads, n_pages]."""
+    if rule == "library":
+        return page_scores
+
+    def scores(q, summaries, scale=None):
+        bounds = page_upper_bounds(q, summaries, scale)
+        grouped = bounds.view(*summaries.shape[:2], -1, bounds.shape[-1])  # [batch, kv_heads, group, n_pages]
+        return grouped.softmax(dim=-1).sum(dim=2) if rule == "mass_sum" else grouped.amax(dim=2)
+
+    return scores
+
+
+RULES = ("library", "mass_sum", "max_raw")
+
+
 def reused(scores: torch.Tensor, n_pages: int) -> torch.Tensor:
     """The first step's scores [1, kv_heads, n0] on a later step's n_pages. The pages added since have no
     score (-inf): a fixed choice cannot know them, they are kept only while in the step's forced window
@@ -84,17 +108,20 @@ def reused(scores: torch.Tensor, n_pages: int) -> torch.Tensor:
 
 
 def layer_recovery(q: torch.Tensor, k: torch.Tensor, positions: list[int], budgets: list[int], sink: int,
-                   local: int) -> dict[tuple[int, str], torch.Tensor]:
+                   local: int, *, page_size: int = PAGE_SIZE,
+                   rule: str = "library") -> dict[tuple[int, str], torch.Tensor]:
     """One layer's recovery ratios.
 
     q : [1, q_heads, len(positions), head_dim], the steps' queries; k : [1, kv_heads, >= positions[-1] + 1,
-    head_dim], float32. Returns {(budget, method): [steps, q_heads]}.
+    head_dim], float32; ``rule`` ranks the pages of dynamic and static (one of RULES).
+    Returns {(budget, method): [steps, q_heads]}.
     """
+    scores_of = rule_scores(rule)
     q_heads, kv_heads, head_dim = q.shape[1], k.shape[1], k.shape[3]
     group = q_heads // kv_heads
     scale = head_dim**-0.5
     first = positions[0]
-    summaries = page_summaries(k[:, :, :first], PAGE_SIZE, capacity=positions[-1] + 1)
+    summaries = page_summaries(k[:, :, :first], page_size, capacity=positions[-1] + 1)
     out: dict[tuple[int, str], list[torch.Tensor]] = {}
     for step, position in enumerate(positions):
         n_keys = position + 1
@@ -102,18 +129,21 @@ def layer_recovery(q: torch.Tensor, k: torch.Tensor, positions: list[int], budge
         query = q[:, :, step : step + 1]  # [1, q_heads, 1, head_dim]
         keys = k[0, :, :n_keys].repeat_interleave(group, 0)  # [q_heads, n_keys, head_dim]
         probabilities = (torch.matmul(query[0], keys.transpose(-1, -2))[:, 0] * scale).softmax(-1)  # [q_heads, n_keys]
-        true_scores = page_attention_mass(query, k[:, :, :n_keys], PAGE_SIZE, scale=scale)  # [1, kv, pages]
+        true_scores = page_attention_mass(query, k[:, :, :n_keys], page_size, scale=scale)  # [1, kv, pages]
         if step == 0:
-            static_scores, static_oracle_scores = page_scores(query, summaries, scale), true_scores
+            static_scores, static_oracle_scores = scores_of(query, summaries, scale), true_scores
         n_pages = true_scores.shape[-1]
         for budget in budgets:
             selections = {
-                "dynamic": select_pages(query, summaries, budget=budget, sink=sink, local=local, scale=scale),
-                "static": choose_pages(reused(static_scores, n_pages), n_keys, PAGE_SIZE, budget=budget, sink=sink,
+                "dynamic": (select_pages(query, summaries, budget=budget, sink=sink, local=local, scale=scale)
+                            if rule == "library" else
+                            choose_pages(scores_of(query, summaries, scale), n_keys, page_size, budget=budget,
+                                         sink=sink, local=local)),
+                "static": choose_pages(reused(static_scores, n_pages), n_keys, page_size, budget=budget, sink=sink,
                                        local=local),
-                "static_oracle": choose_pages(reused(static_oracle_scores, n_pages), n_keys, PAGE_SIZE, budget=budget,
+                "static_oracle": choose_pages(reused(static_oracle_scores, n_pages), n_keys, page_size, budget=budget,
                                               sink=sink, local=local),
-                "oracle": choose_pages(true_scores, n_keys, PAGE_SIZE, budget=budget, sink=sink, local=local),
+                "oracle": choose_pages(true_scores, n_keys, page_size, budget=budget, sink=sink, local=local),
             }
             for method, selection in selections.items():
                 kept = selection.kept_mask()[0].repeat_interleave(group, 0)  # [q_heads, n_keys]
@@ -139,26 +169,33 @@ def measure(n_tokens: int, args: argparse.Namespace, text: str) -> dict:
     capture_s = time.time() - start
     print(f"{n_tokens} tokens: captured {len(layers)} layers in {capture_s:.0f} s", flush=True)
     start = time.time()
-    per_head: dict[tuple[int, str], list[list[float]]] = {}
-    per_step: dict[tuple[int, str], torch.Tensor] = {}
+    per_head: dict[tuple[str, int, str], list[list[float]]] = {}
+    per_step: dict[tuple[str, int, str], torch.Tensor] = {}
     for layer in layers:
         q, k = captured.pop(layer)
-        for key, ratios in layer_recovery(q, k, positions, args.budgets, args.sink, args.local).items():
-            per_head.setdefault(key, []).append(ratios.mean(0).tolist())  # [q_heads]
-            per_step[key] = per_step.get(key, 0) + ratios.mean(1) / len(layers)  # [steps]
+        for name, (rule, page_size) in args.selections.items():
+            ratios_of = layer_recovery(q, k, positions, args.budgets, args.sink, args.local, page_size=page_size,
+                                       rule=rule)
+            for (budget, method), ratios in ratios_of.items():
+                key = (name, budget, method)
+                per_head.setdefault(key, []).append(ratios.mean(0).tolist())  # [q_heads]
+                per_step[key] = per_step.get(key, 0) + ratios.mean(1) / len(layers)  # [steps]
         print(f"  layer {layer} done at {time.time() - start:.0f} s", flush=True)
     measure_s = time.time() - start
-    budgets = {}
-    for budget in args.budgets:
-        row = {}
-        for method in METHODS:
-            heads = torch.tensor(per_head[(budget, method)])  # [layers, q_heads]
-            row[method] = {"mean": float(heads.mean()), "per_layer": heads.mean(1).tolist(),
-                           "per_head": heads.tolist(), "per_step": per_step[(budget, method)].tolist()}
-        budgets[str(budget)] = row
+    selections = {}
+    for name in args.selections:
+        budgets = {}
+        for budget in args.budgets:
+            row = {}
+            for method in METHODS:
+                heads = torch.tensor(per_head[(name, budget, method)])  # [layers, q_heads]
+                row[method] = {"mean": float(heads.mean()), "per_layer": heads.mean(1).tolist(),
+                               "per_head": heads.tolist(), "per_step": per_step[(name, budget, method)].tolist()}
+            budgets[str(budget)] = row
+        selections[name] = budgets
     return {"tokens": n_tokens, "layers": layers, "positions": [positions[0], positions[-1]],
             "rope_scaling": loaded.rope_scaling, "capture_s": round(capture_s, 1), "measure_s": round(measure_s, 1),
-            "budgets": budgets}
+            "budgets": next(iter(selections.values())), "selections": selections}
 
 
 def plot(data: dict, path: Path) -> Path:
@@ -220,7 +257,16 @@ def main() -> None:
     parser.add_argument("--layer-stride", type=int, default=1, help="every LAYER_STRIDE-th layer")
     parser.add_argument("--sink", type=int, default=DEFAULT_SINK)
     parser.add_argument("--local", type=int, default=DEFAULT_LOCAL)
+    parser.add_argument("--selections", nargs="+", default=[f"library:{PAGE_SIZE}"],
+                        help="rule:page_size, rule in " + ", ".join(RULES) + "; the first fills the PNG")
     args = parser.parse_args()
+    selections = {}
+    for text in args.selections:
+        rule, _, size = text.partition(":")
+        if rule not in RULES or not size.isdigit() or int(size) < 1:
+            parser.error(f"--selections takes rule:page_size with rule in {RULES}, got {text!r}")
+        selections[text] = (rule, int(size))
+    args.selections = selections
     if args.replot:
         print(plot(json.loads(Path(args.replot).read_text()), Path(args.replot)))
         return
@@ -239,14 +285,17 @@ def main() -> None:
     data = {
         "meta": {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "text": "King James Bible from Genesis 1:1",
                  "tokens": args.lengths, "steps": args.steps, "budgets": args.budgets, "main_budget": args.main_budget,
-                 "page_size": PAGE_SIZE, "sink": args.sink, "local": args.local, "methods": list(METHODS),
+                 "page_size": next(iter(args.selections.values()))[1], "selections": list(args.selections),
+                 "sink": args.sink, "local": args.local, "methods": list(METHODS),
                  "date": DATE, "torch": torch.__version__, "cpu": cpu_name(), "threads": torch.get_num_threads(),
                  "total_s": round(time.time() - started, 1)},
         "lengths": lengths,
     }
     for name, run in lengths.items():
-        for budget, row in run["budgets"].items():
-            print(f"{name:>6} tokens, budget {budget:>5}: " + "  ".join(f"{m}={row[m]['mean']:.4f}" for m in METHODS))
+        for selection, budgets in run["selections"].items():
+            for budget, row in budgets.items():
+                print(f"{name:>6} tokens, {selection}, budget {budget:>5}: "
+                      + "  ".join(f"{m}={row[m]['mean']:.4f}" for m in METHODS))
     out = Path(args.out)
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(out, plot(data, out))

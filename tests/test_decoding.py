@@ -171,8 +171,8 @@ def test_page_scores_are_the_groups_largest_bound():
     reached = (bounds.view(2, 2, 3, 10) == scores[:, :, None]).any(2)
     assert reached.all()
     # A positive scale multiplies every bound: the same ranking.
-    ranks = page_scores(q, summaries, 0.3).argsort(-1, descending=True, stable=True)
-    assert torch.equal(ranks, page_scores(q, summaries, 2.0).argsort(-1, descending=True, stable=True))
+    ranks = page_scores(q, summaries, 0.3).argsort(dim=-1, descending=True, stable=True)
+    assert torch.equal(ranks, page_scores(q, summaries, 2.0).argsort(dim=-1, descending=True, stable=True))
 
 
 def test_a_page_one_head_singles_out_is_kept():
