@@ -97,12 +97,12 @@ def sparse_attention(
     return attend(q, k, v)
 
 
-
 def attention_over_indices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: Sequence, *,
                            scale: float) -> torch.Tensor:
     """Causal attention of ``q`` (the last ``q_len`` positions of ``k``/``v``) over given kept sets, one
     index per query head (from :func:`sparse_prefill.kinds.estimate_layer`), without estimating anything:
-    the Triton kernels on CUDA float16/bfloat16, SDPA with each head's kept set as a mask otherwise."""
+    the Triton kernels on CUDA float16/bfloat16, SDPA with each head's kept set as a mask otherwise.
+    Inference only, as :func:`sparse_attention`, and unchecked: the caller validated the inputs."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from .kernels import plan_from_indices, run_plan  # lazy: importing the package never imports Triton
 
