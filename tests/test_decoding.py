@@ -360,7 +360,7 @@ def check_kernel(batch, q_heads, kv_heads, n_keys, head_dim, page_size, budget, 
 
 
 @pytest.mark.parametrize("n_keys", [1, 63, 64, 65, 200, 513])
-@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("page_size", [8, 16, 64])
 @pytest.mark.parametrize("heads", [(2, 2), (8, 2)])
 def test_kernel_matches_reference(n_keys, page_size, heads):
     q_heads, kv_heads = heads

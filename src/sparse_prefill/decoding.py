@@ -49,11 +49,12 @@ __all__ = [
     "sparse_decode_attention",
 ]
 
-# Quest's page size. A page's bound is the box around its keys, and the box loosens as the page
-# grows: on SmolLM2 at 8K, a 512-token budget recovers 0.81 of the attention with 16-key pages,
-# 0.77 with 32 and 0.73 with 64 (docs/semantics.md, "Sparse decoding"). The summaries then hold
-# 2/16 of the keys' size (1/16 of K and V together); the kernel gathers four pages per 64-key tile.
-DEFAULT_PAGE_SIZE = 16
+# Half Quest's 16. A page's bound is the box around its keys, and the box loosens as the page grows:
+# on SmolLM2 at 8K, a 512-token budget recovers 0.81 of the attention with 16-key pages, 0.77 with
+# 32 and 0.73 with 64, and 8-key pages keep needles that 16-key pages lose at the same budget (8K,
+# budget 2048: 4 of dense's 4 against 3; docs/ACCURACY.md). The summaries then hold 2/8 of the keys'
+# size (1/8 of K and V together); the kernel gathers eight pages per 64-key tile.
+DEFAULT_PAGE_SIZE = 8
 DEFAULT_BUDGET = 2048  # tokens per KV head and step, sink and window included
 DEFAULT_SINK = 16  # the first page: attention sinks (StreamingLLM keeps 4 tokens)
 DEFAULT_LOCAL = 64  # the recent window, the current token's own key included
@@ -147,7 +148,7 @@ class SparseDecoding:
     sink, local : int
         The first and the last keys, always kept (defaults 16 and 64).
     page_size : int
-        Keys per page of the summaries (default 16).
+        Keys per page of the summaries (default 8).
     """
 
     budget: int = DEFAULT_BUDGET

@@ -29,7 +29,7 @@ LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
 # refuses plain Python globals inside a kernel (the interpreter allows them: only the GPU run caught it).
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256  # the query tile and its accumulator are GROUP_PADDED x HEAD_DIM_PADDED registers
-BLOCK_N = 64  # keys per tile: four 16-key pages
+BLOCK_N = 64  # keys per tile: eight pages of the default 8 keys
 MAX_SPLITS = 256  # the merge holds one row per split of a query head
 PROGRAMS_PER_SM = 4  # enough resident programs per SM to hide the latency of the gathered loads
 
