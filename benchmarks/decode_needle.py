@@ -15,7 +15,10 @@ head's group of query heads ranks pages, see benchmarks/decode_selection.py):
   oracle     the true attention mass of each page, summed over the group (needs every key: a bound
              on what any summary-based rule can do at that budget)
 
-CPU only (about a minute per 4K prompt on one thread, most of it the prefill). Usage:
+CPU only (about a minute per 4K prompt on one thread, 1.5-2 minutes per 8K one, most of it the
+prefill). Results: decode_needle.json (4K), decode_needle_8k.json (8K, 5 depths), and, after the
+library took max_raw with page 8, decode_needle_8k_rules.json and decode_needle_8k_library.json
+(8K, 11 depths; docs/ACCURACY.md). Usage:
     PYTHONPATH=src python3 benchmarks/decode_needle.py --out benchmarks/results/decode_needle.json \
         --lengths 4096 --configs mass_sum:16:1024 max_raw:8:1024 oracle:16:1024
 """

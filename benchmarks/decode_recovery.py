@@ -10,8 +10,8 @@ included). RoPE: native (no scaling) at 8192 tokens, the model's context; beyond
 N / 8192 (original_max_position_embeddings 8192), as ``load_model(rope_scaling_for=N)`` applies it
 and ``sparse-prefill eval`` uses it.
 
-For every layer, query head, step and budget (page size 16, sink and window the library defaults,
-``decoding.DEFAULT_SINK`` / ``DEFAULT_LOCAL``), the recovery ratio, the dense attention mass on the
+For every layer, query head, step and budget (page size 16 unless ``--selections`` says, sink and
+window the library defaults, ``decoding.DEFAULT_SINK`` / ``DEFAULT_LOCAL``), the recovery ratio, the dense attention mass on the
 kept keys (docs/semantics.md, "Sparse decoding"), of four selections with the same number of pages:
 
   dynamic        select_pages at each step (Quest bounds from the page summaries, grown by one key a step)
