@@ -56,7 +56,7 @@ __all__ = [
 # size (1/8 of K and V together); the kernel gathers eight pages per 64-key tile.
 DEFAULT_PAGE_SIZE = 8
 DEFAULT_BUDGET = 2048  # tokens per KV head and step, sink and window included
-DEFAULT_SINK = 16  # the first page: attention sinks (StreamingLLM keeps 4 tokens)
+DEFAULT_SINK = 16  # the first two pages: attention sinks (StreamingLLM keeps 4 tokens)
 DEFAULT_LOCAL = 64  # the recent window, the current token's own key included
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -364,10 +364,10 @@ def page_scores(q: torch.Tensor, summaries: PageSummaries, scale: float | None =
     ``score[b, g, p] = max over the query heads h of KV head g of bound[b, h, p]``
     (:func:`page_upper_bounds`): no query head of the group gives any key of page ``p`` a larger
     logit. A page that one head's bound singles out (a needle) ranks high whatever the other heads
-    of the group do. Summing per-head softmaxes of the bounds (the rule until 2026-11-30) kept
-    about one point more of the mean attention mass but lost needles that this rule keeps
-    (docs/ACCURACY.md, "Which selection keeps the needle"): a loose bound spreads a head's softmax
-    over many pages and flattens the one page that matters. The ranking does not depend on
+    of the group do. Summing per-head softmaxes of the bounds (the rule until 2026-11-30) keeps
+    0.5-1.2 points more of the mean attention mass but lost needles that this rule keeps
+    (docs/ACCURACY.md, "Which selection keeps the needle" and the subsection after it): a loose
+    bound spreads a head's softmax over many pages and flattens the one page that matters. The ranking does not depend on
     ``scale`` (a positive factor of every bound).
 
     Returns
