@@ -91,7 +91,7 @@ def test_budget_covering_the_cache_gives_the_dense_tokens(placement, kv_dtype, d
         # Summaries built after prefill and appended step by step equal summaries built afresh
         # (of the dequantized keys for FP8), across the prefill/decoded boundary.
         keys, _ = _whole_cache(cache, layer, dtype)
-        fresh = page_summaries(keys, 16)
+        fresh = page_summaries(keys, cache.summaries[layer].page_size)
         assert cache.summaries[layer].n_keys == SEQ + NEW - 1
         assert torch.equal(cache.summaries[layer].key_min, fresh.key_min)
         assert torch.equal(cache.summaries[layer].key_max, fresh.key_max)

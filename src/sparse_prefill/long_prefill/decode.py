@@ -171,8 +171,9 @@ def generate(model: torch.nn.Module, prefilled: PrefillResult, max_new_tokens: i
         Dense attends to every cached key (the default). Sparse attends, per layer, step and KV
         head, to the cache's pages that :func:`sparse_prefill.decoding.select_pages` picks
         (docs/semantics.md, "Sparse decoding"). It first builds the cache's page summaries on the
-        model's device (1/16 of the keys' size in the model's dtype at the default page size; FP8
-        keys are summarised dequantized). Either way, a device cache in the model's dtype first
+        model's device (each page's per-channel minimum and maximum: 2 / page_size of the keys'
+        size in the model's dtype, a quarter at the default page size; FP8 keys are summarised
+        dequantized). Either way, a device cache in the model's dtype first
         moves each layer into one buffer with room for the new tokens (one copy of the cache, a
         layer at a time), which the steps then read in place.
     budget : int, optional
@@ -183,7 +184,7 @@ def generate(model: torch.nn.Module, prefilled: PrefillResult, max_new_tokens: i
         Sparse only: first and last keys always kept (``sink >= 0``, ``local >= 1``,
         ``budget >= sink + local``).
     page_size : int, optional
-        Sparse only: keys per page (default 16).
+        Sparse only: keys per page (default :data:`sparse_prefill.decoding.DEFAULT_PAGE_SIZE`).
 
     Returns
     -------
