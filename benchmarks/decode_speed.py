@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sparse_prefill.decoding import decode_attention, page_summaries, select_pages
+from sparse_prefill.decoding import DEFAULT_PAGE_SIZE, decode_attention, page_summaries, select_pages
 from timing import cuda_ms  # benchmarks/timing.py
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--replot", help="redraw the PNG of a saved JSON and exit")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 524288])
     parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="keys per page (default: the library's)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--dry-run", action="store_true", help="CPU, float32, one small length: checks the script runs")
     args = parser.parse_args()
