@@ -367,8 +367,8 @@ def page_scores(q: torch.Tensor, summaries: PageSummaries, scale: float | None =
     of the group do. Summing per-head softmaxes of the bounds (the rule until 2026-11-30) keeps
     0.5-1.2 points more of the mean attention mass but lost needles that this rule keeps
     (docs/ACCURACY.md, "Which selection keeps the needle" and the subsection after it): a loose
-    bound spreads a head's softmax over many pages and flattens the one page that matters. The ranking does not depend on
-    ``scale`` (a positive factor of every bound).
+    bound spreads a head's softmax over many pages and flattens the one page that matters. The
+    ranking does not depend on ``scale`` (a positive factor of every bound).
 
     Returns
     -------
