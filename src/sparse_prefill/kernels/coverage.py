@@ -40,6 +40,16 @@ def _score_configs() -> list[triton.Config]:
     return [triton.Config({"GROUPS_M": m, "GROUPS_N": n}, num_warps=w, num_stages=s) for m, n, w in shapes for s in (2, 3, 4)]
 
 
+def _prune_wide_heads(configs: list[triton.Config], named_args: dict, **constexprs) -> list[triton.Config]:
+    """At head_dim 256 (Gemma 3) the 128 x 128 tiles and 4-deep pipelines spill or exceed shared
+    memory, yet each still takes seconds to compile: autotuning all 12 took over 100 s on an H200.
+    Keep the tiles with at most 64 x 128 groups and pipelines at most 3 deep there."""
+    if constexprs.get("HEAD_DIM_PADDED", 0) < 256:
+        return configs
+    narrow = [c for c in configs if c.kwargs["GROUPS_M"] * c.kwargs["GROUPS_N"] <= 64 * 128 and c.num_stages <= 3]
+    return narrow or configs[:1]
+
+
 @triton.jit
 def _store_block_lse(scores, row_m, row_l, block_lse, lse_at, store_mask,
                      GROUPS_M: tl.constexpr, BLOCKS_N: tl.constexpr, PER_BLOCK: tl.constexpr):
@@ -56,7 +66,8 @@ def _store_block_lse(scores, row_m, row_l, block_lse, lse_at, store_mask,
     return new_m, row_l
 
 
-@triton.autotune(configs=_score_configs(), key=["STRIDE", "HEAD_DIM_PADDED"])
+@triton.autotune(configs=_score_configs(), key=["STRIDE", "HEAD_DIM_PADDED"],
+                 prune_configs_by={"early_config_prune": _prune_wide_heads})
 @triton.jit
 def _antidiagonal_block_lse(
     Q, K, heads, block_lse, row_lse,
