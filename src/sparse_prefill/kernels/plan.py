@@ -14,6 +14,11 @@ device with tensor operations (no Python loop over query blocks):
 Only two kinds of tile need an element mask: the diagonal tile (causal) and, for A-shape heads,
 tiles the window's edge cuts through (``i - j < window`` or ``j < sink``). Every other tile is
 computed whole: the kernel computes exactly the kept set of docs/semantics.md.
+
+Several sequences of different lengths run in one launch through :func:`combine_plans`: each
+sequence's plan is built alone, on its own queries and keys, and the lists are padded to the
+largest and stacked, sequence ``i`` being batch element ``i``; a small table tells the kernel each
+sequence's length, first query and rows in Q/K/V.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from ..kinds.common import BLOCK
 
 NO_WINDOW = 2**30  # a window longer than any sequence: no tile gets the A-shape mask
 
-__all__ = ["BLOCK", "SparsePlan", "build_plan", "plan_from_indices"]
+__all__ = ["BLOCK", "SparsePlan", "build_plan", "combine_plans", "plan_from_indices"]
 
 
 @dataclass
@@ -51,6 +56,11 @@ class SparsePlan:
     indices : list of HeadIndex, one per query head (what was estimated; for tests and recall)
     uses_diagonals, uses_blocks, uses_columns : bool
         Whether any head has work of that kind: the kernel compiles the other loops out.
+    sequences : None, or for a plan of several sequences (:func:`combine_plans`) one
+        ``(seq, q_start, key_offset, query_offset)`` per sequence: its keys, the position of its first
+        query, and the rows of its key 0 in K/V and of its first query in Q/Out. ``seq`` and
+        ``q_start`` above are then the longest sequence's keys and 0, the lists are padded to the
+        largest sequence's sizes, and ``indices`` is empty (each sequence's own plan holds them).
     """
 
     seq: int
@@ -68,6 +78,7 @@ class SparsePlan:
     uses_diagonals: bool = True
     uses_blocks: bool = True
     uses_columns: bool = True
+    sequences: tuple[tuple[int, int, int, int], ...] | None = None
 
     @property
     def first_block(self) -> int:
@@ -76,8 +87,9 @@ class SparsePlan:
     def computed_pairs(self) -> torch.Tensor:
         """[batch * q_heads] query-key pairs the kernel multiplies (64 x 64 per tile, gathered-column tiles included),
         as each kind's ``computed_pairs`` counts them. Whole prompts only (the benchmarks' use)."""
-        if self.q_start:
-            raise ValueError(f"computed_pairs counts a whole prompt's work; this plan is for a chunk (q_start={self.q_start})")
+        if self.q_start or self.sequences is not None:
+            raise ValueError(f"computed_pairs counts one whole prompt's work; this plan is for a chunk (q_start={self.q_start}) "
+                             "or for several sequences")
         per_head = torch.stack([sum(index_unit(index).computed_pairs(index, self.seq)) for index in self.indices], dim=1)
         return per_head.flatten()  # [batch, q_heads] -> batch-major bh
 
@@ -173,3 +185,72 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern], sc
     """
     indices = estimate_layer(q, k, patterns, scale)
     return plan_from_indices(indices, q.shape[0], k.shape[2], q.device, k.shape[2] - q.shape[2])
+
+
+def combine_plans(plans: Sequence[SparsePlan | None], key_offset: Sequence[int], query_offset: Sequence[int]) -> SparsePlan:
+    """One plan for several sequences, one launch: sequence ``i``'s plan (built alone, batch 1) becomes
+    batch element ``i``; None for a sequence with no queries (its programs return at once).
+
+    Its keys are rows ``key_offset[i] ..`` of K/V's sequence dimension and its queries rows
+    ``query_offset[i] ..`` of Q/Out's, in batch element ``i`` (a padded batch) or in every one (packed
+    sequences: a batch stride of 0). Every list is padded to the largest sequence's sizes, so that
+    the kernel's strides are shared; padding entries are never read (each sequence's own counts
+    and limits bound its reads).
+    """
+    present = [plan for plan in plans if plan is not None]
+    if not present:
+        raise ValueError("combine_plans needs at least one sequence with queries")
+    q_heads = present[0].window.shape[0]
+    if any(plan.window.shape[0] != q_heads or plan.sequences is not None for plan in present):
+        raise ValueError("combine_plans takes single-sequence plans (batch 1) with the same number of query heads, got "
+                         f"{[None if plan is None else plan.window.shape[0] for plan in plans]} (batch x heads)")
+    if not len(plans) == len(key_offset) == len(query_offset):
+        raise ValueError(f"one key and query offset per plan, got {len(plans)} plans, {len(key_offset)} key offsets "
+                         f"and {len(query_offset)} query offsets")
+    device = present[0].window.device
+    n_blocks = max(plan.diagonal_limit.shape[1] for plan in present)
+    n_rows = max(plan.blocks.shape[1] for plan in present)  # query blocks with work: the grid's first dimension
+    max_blocks = max(plan.blocks.shape[2] for plan in present)
+    max_columns = max(plan.columns.shape[1] for plan in present)
+    empty = SparsePlan(  # the lists of a sequence without queries: nothing listed
+        seq=0, q_start=0, diagonals=torch.zeros(q_heads, 0, dtype=torch.int32, device=device),
+        diagonal_limit=torch.zeros(q_heads, 0, dtype=torch.int32, device=device),
+        diagonal_flag=torch.zeros(q_heads, 1, dtype=torch.int8, device=device),
+        window=torch.full((q_heads,), NO_WINDOW, dtype=torch.int32, device=device),
+        sink=torch.zeros(q_heads, dtype=torch.int32, device=device),
+        blocks=torch.zeros(q_heads, 0, 1, dtype=torch.int32, device=device),
+        block_count=torch.zeros(q_heads, 0, dtype=torch.int32, device=device),
+        columns=torch.zeros(q_heads, 1, dtype=torch.int32, device=device),
+        column_before=torch.zeros(q_heads, 0, dtype=torch.int32, device=device), indices=[])
+    plans = [empty if plan is None else plan for plan in plans]
+
+    def stacked(name: str, *size: int) -> torch.Tensor:
+        """Every plan's list ``name`` zero-padded at the end of each dimension to ``size``, then stacked on bh."""
+        lists = []
+        for plan in plans:
+            listed = getattr(plan, name)
+            padding = [0] * (2 * len(size))
+            for dim, want in enumerate(size):  # F.pad lists the last dimension first
+                padding[2 * (len(size) - 1 - dim) + 1] = want - listed.shape[dim + 1]
+            lists.append(torch.nn.functional.pad(listed, padding))
+        return torch.cat(lists).contiguous()
+
+    return SparsePlan(
+        seq=max(plan.seq for plan in plans),
+        q_start=0,
+        diagonals=stacked("diagonals", n_blocks),
+        diagonal_limit=stacked("diagonal_limit", n_blocks),
+        diagonal_flag=stacked("diagonal_flag", n_blocks + 1),
+        window=torch.cat([plan.window for plan in plans]),
+        sink=torch.cat([plan.sink for plan in plans]),
+        blocks=stacked("blocks", n_rows, max_blocks),
+        block_count=stacked("block_count", n_rows),
+        columns=stacked("columns", max_columns),
+        column_before=stacked("column_before", n_blocks),
+        indices=[],
+        uses_diagonals=any(plan.uses_diagonals for plan in present),
+        uses_blocks=any(plan.uses_blocks for plan in present),
+        uses_columns=any(plan.uses_columns for plan in present),
+        sequences=tuple((plan.seq, plan.q_start, int(key), int(query))
+                        for plan, key, query in zip(plans, key_offset, query_offset)),
+    )

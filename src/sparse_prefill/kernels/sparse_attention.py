@@ -3,7 +3,9 @@
 One launch per layer: the grid is (query block, batch x query head); every program walks its
 head's block diagonals, its own Block-Sparse key blocks, then its head's gathered columns, with an
 online softmax in base 2. Heads of different patterns share the launch. K/V are read through the
-query head's KV head (GQA without repetition).
+query head's KV head (GQA without repetition). Sequences of different lengths (a padded batch, or
+packed sequences) share one launch too (``VARLEN``: a plan from ``combine_plans``); a plan of one
+sequence compiles that path out.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kinds.common import device_values
 from .plan import BLOCK, SparsePlan
 
 __all__ = ["MAX_HEAD_DIM", "run_plan"]
@@ -55,41 +58,61 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS", "RETURN_LSE"])
+@triton.autotune(configs=_configs(),
+                 key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS", "RETURN_LSE", "VARLEN"])
 @triton.jit
 def _sparse_attention_fwd(
     Q, K, V, Out, Lse,
     diagonals, diagonal_limit, diagonal_flag, window, sink,
     blocks, block_count,
-    columns, column_before,
+    columns, column_before, sequences,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
-    seq, q_start, q_len, q_heads, group, n_blocks, max_blocks, max_columns, qk_scale,
+    stride_lb, stride_lh,
+    seq, q_start, q_heads, group, n_blocks, n_rows, max_blocks, max_columns, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USES_DIAGONALS: tl.constexpr, USES_BLOCKS: tl.constexpr, USES_COLUMNS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     # Positions: the keys are 0 .. seq - 1, the queries q_start .. seq - 1 (row r of Q is position
     # q_start + r). Query block m covers positions 64 m .. 64 m + 63; a chunk's first block may hold
     # fewer queries (rows before q_start are loaded as zeros and never stored).
-    # Last query blocks first: they have the most tiles, and starting them early shortens the tail.
-    m = n_blocks - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     batch = bh // q_heads
     head = bh % q_heads
     kv_head = head // group
     bh64 = bh.to(tl.int64)
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    # Last query blocks first: they have the most tiles, and starting them early shortens the tail.
+    if VARLEN:
+        # Batch element b is sequence b: its keys, first query and rows in Q/K/V/Out come from
+        # sequences[b] = (seq, q_start, key_offset, query_offset). The grid covers the sequence with
+        # the most query blocks; the other sequences' surplus programs stop here.
+        seq = tl.load(sequences + 4 * batch)
+        q_start = tl.load(sequences + 4 * batch + 1)
+        m = tl.cdiv(seq, BLOCK_M) - 1 - tl.program_id(0)
+        if m < q_start // BLOCK_M:
+            return
+        key_offset = tl.load(sequences + 4 * batch + 2).to(tl.int64)
+        query_offset = tl.load(sequences + 4 * batch + 3).to(tl.int64)
+        q_base += query_offset * stride_qs
+        k_base += key_offset * stride_ks
+        v_base += key_offset * stride_vs
+        list_rows = n_rows  # the lists are padded to the longest sequence's
+    else:
+        m = n_blocks - 1 - tl.program_id(0)
+        list_rows = n_blocks - q_start // BLOCK_M
 
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)  # positions
     row_ok = (rows >= q_start) & (rows < seq)
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dim_ok = dims < HEAD_DIM
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     q = tl.load(q_base + (rows - q_start)[:, None].to(tl.int64) * stride_qs + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -133,7 +156,7 @@ def _sparse_attention_fwd(
 
     # 2. Block lists (Block-Sparse, Block-Coverage): ascending, so the diagonal block comes last.
     if USES_BLOCKS:
-        list_row = bh64 * (n_blocks - q_start // BLOCK_M) + m - q_start // BLOCK_M  # lists start at the first block
+        list_row = bh64 * list_rows + m - q_start // BLOCK_M  # lists start at the first block
         n_listed = tl.load(block_count + list_row)
         list_base = blocks + list_row * max_blocks
         for t in range(0, n_listed - 1):
@@ -166,10 +189,15 @@ def _sparse_attention_fwd(
 
     out = acc / l_i[:, None]
     o_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    if VARLEN:
+        o_base += query_offset * stride_os
     tl.store(o_base + (rows - q_start)[:, None].to(tl.int64) * stride_os + dims[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
     if RETURN_LSE:  # natural log-sum-exp of the row's kept logits: m_i and l_i are base 2
-        tl.store(Lse + bh64 * q_len + rows - q_start, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)  # x ln 2
+        lse_base = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
+        if VARLEN:
+            lse_base += query_offset
+        tl.store(lse_base + rows - q_start, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)  # x ln 2
 
 
 def run_plan(
@@ -179,8 +207,12 @@ def run_plan(
     """Launch the sparse forward. q [batch, q_heads, q_len, dim] (positions ``plan.q_start ..``),
     k/v [batch, kv_heads, seq, dim] -> out like q.
 
-    ``lse``: float32 [batch, q_heads, q_len] to receive each row's natural log-sum-exp (contiguous),
-    or None. The last dimension of q, k, v must be contiguous.
+    A plan of several sequences (``plan.sequences``, from ``combine_plans``) reads sequence ``i``'s
+    queries and keys at its rows of batch element ``i`` (a batch stride of 0 makes that one packed
+    tensor) and writes only its queries' rows: the others keep what ``out`` (and ``lse``) held.
+
+    ``lse``: float32 [batch, q_heads, q_len] to receive each row's natural log-sum-exp (contiguous in
+    its last dimension), or None. The last dimension of q, k, v must be contiguous.
     """
     batch, q_heads, q_len, head_dim = q.shape
     if out is None:
@@ -190,28 +222,45 @@ def run_plan(
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got stride {tensor.stride()}")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"the sparse kernel supports head_dim <= {MAX_HEAD_DIM}, got head_dim={head_dim}")
-    if k.shape[2] != plan.seq or k.shape[2] - q_len != plan.q_start:
-        raise ValueError(f"the plan is for queries {plan.q_start}..{plan.seq - 1} of {plan.seq} keys, got "
-                         f"q_len={q_len} and {k.shape[2]} keys")
-    if lse is not None and (lse.shape != (batch, q_heads, q_len) or lse.dtype != torch.float32 or not lse.is_contiguous()):
-        raise ValueError(f"lse must be a contiguous float32 tensor of shape {(batch, q_heads, q_len)}, "
-                         f"got {lse.dtype} {tuple(lse.shape)}")
+    if plan.sequences is None:
+        if k.shape[2] != plan.seq or k.shape[2] - q_len != plan.q_start:
+            raise ValueError(f"the plan is for queries {plan.q_start}..{plan.seq - 1} of {plan.seq} keys, got "
+                             f"q_len={q_len} and {k.shape[2]} keys")
+    else:
+        _check_sequences(plan.sequences, batch, q_len, k.shape[2])
+    if lse is not None and (lse.shape != (batch, q_heads, q_len) or lse.dtype != torch.float32 or lse.stride(-1) != 1):
+        raise ValueError(f"lse must be a float32 tensor of shape {(batch, q_heads, q_len)}, contiguous in its last "
+                         f"dimension, got {lse.dtype} {tuple(lse.shape)} with strides {lse.stride()}")
     head_dim_padded = max(16, triton.next_power_of_2(head_dim))
-    n_blocks = plan.diagonal_limit.shape[1]
-    grid = (n_blocks - plan.first_block, batch * q_heads)
+    n_blocks, n_rows = plan.diagonal_limit.shape[1], plan.blocks.shape[1]
+    # Query blocks with work: n_blocks - first_block for one sequence, the longest's for several.
+    grid = (n_rows, batch * q_heads)
+    varlen = plan.sequences is not None
     _sparse_attention_fwd[grid](
         q, k, v, out, out if lse is None else lse,  # Lse is never touched unless RETURN_LSE
         plan.diagonals, plan.diagonal_limit, plan.diagonal_flag, plan.window, plan.sink,
         plan.blocks, plan.block_count,
         plan.columns, plan.column_before,
+        device_values(plan.sequences, q.device, torch.int32) if varlen else plan.window,  # read only if VARLEN
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        plan.seq, plan.q_start, q_len, q_heads, q_heads // k.shape[1], n_blocks, plan.blocks.shape[2],
+        *((lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)),
+        plan.seq, plan.q_start, q_heads, q_heads // k.shape[1], n_blocks, n_rows, plan.blocks.shape[2],
         plan.columns.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=BLOCK, BLOCK_N=BLOCK,
         USES_DIAGONALS=plan.uses_diagonals, USES_BLOCKS=plan.uses_blocks, USES_COLUMNS=plan.uses_columns,
-        RETURN_LSE=lse is not None,
+        RETURN_LSE=lse is not None, VARLEN=varlen,
     )
     return out
+
+
+def _check_sequences(sequences: tuple[tuple[int, int, int, int], ...], batch: int, q_len: int, kv_len: int) -> None:
+    """Every sequence of a several-sequence plan inside its batch element's rows of Q and K."""
+    if len(sequences) != batch:
+        raise ValueError(f"the plan has {len(sequences)} sequences, one per batch element, got batch={batch}")
+    for i, (seq, q_start, key_offset, query_offset) in enumerate(sequences):
+        if key_offset + seq > kv_len or query_offset + seq - q_start > q_len:
+            raise ValueError(f"sequence {i} (keys {key_offset}..{key_offset + seq - 1}, queries {query_offset}.."
+                             f"{query_offset + seq - q_start - 1}) lies outside q_len={q_len}, kv_len={kv_len}")
