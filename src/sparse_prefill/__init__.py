@@ -8,6 +8,7 @@ from .decoding import PageSummaries, page_summaries, sparse_decode_attention
 from .generation import chunked_prefill
 from .patterns import AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash
 from .reference import ReferenceResult, reference_attention
+from .varlen import sparse_attention_varlen
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "ReferenceResult",
     "reference_attention",
     "sparse_attention",
+    "sparse_attention_varlen",
     "PageSummaries",
     "page_summaries",
     "sparse_decode_attention",

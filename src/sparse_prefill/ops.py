@@ -1,4 +1,6 @@
-"""``sparse_attention`` as a PyTorch custom operator: ``torch.ops.sparse_prefill.sparse_attention``.
+"""``sparse_attention`` as a PyTorch custom operator: ``torch.ops.sparse_prefill.sparse_attention``
+(and a padded batch's :func:`~sparse_prefill.varlen.attention_of_sequences`:
+``torch.ops.sparse_prefill.attention_of_sequences``).
 
 ``torch.compile`` cannot trace the sparse path itself (estimation reads the data: top-k, thresholds,
 list widths), so the transformers integration calls it through this operator, which the compiler
@@ -19,8 +21,9 @@ import torch
 
 from .attention import INFERENCE_ONLY, sparse_attention
 from .patterns import Pattern
+from .varlen import Sequences, attention_of_sequences
 
-__all__ = ["sparse_attention_op"]
+__all__ = ["attention_of_sequences_op", "sparse_attention_op"]
 
 _REGISTERED: list[tuple[Pattern, ...]] = []
 _NUMBERS: dict[tuple[Pattern, ...], int] = {}
@@ -68,3 +71,29 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     """:func:`sparse_prefill.sparse_attention` (one pattern per query head, an explicit scale) through
     the custom operator: the same result, and one opaque node under ``torch.compile``."""
     return torch.ops.sparse_prefill.sparse_attention(q, k, v, _number(tuple(patterns)), float(scale))
+
+
+@torch.library.custom_op("sparse_prefill::attention_of_sequences", mutates_args=())
+def _attention_of_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: list[int], patterns: list[int],
+                            scale: float) -> torch.Tensor:
+    sequences = Sequences(*(tuple(layout[column::4]) for column in range(4)))
+    out = _output_like(q, v).zero_()  # rows of no sequence (padding) stay zeros
+    return attention_of_sequences(q, k, v, sequences, [_REGISTERED[number] for number in patterns], scale=scale, out=out)
+
+
+@_attention_of_sequences.register_fake
+def _(q, k, v, layout, patterns, scale):
+    return _output_like(q, v)
+
+
+_attention_of_sequences.register_autograd(_refuse_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def attention_of_sequences_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequences: Sequences,
+                              patterns: Sequence[Sequence[Pattern]], scale: float) -> torch.Tensor:
+    """:func:`sparse_prefill.varlen.attention_of_sequences` into a zeroed output (padding rows stay
+    zeros; no log-sum-exp) through a custom operator: one opaque node under ``torch.compile``."""
+    layout = [value for row in zip(sequences.seq, sequences.q_start, sequences.key_offset, sequences.query_offset)
+              for value in row]
+    return torch.ops.sparse_prefill.attention_of_sequences(q, k, v, layout, [_number(tuple(p)) for p in patterns],
+                                                           float(scale))

@@ -28,9 +28,10 @@ tokens on top of a KV cache (a cached document, then a long question; or the nex
 :func:`sparse_prefill.chunked_prefill`), the layer has a pattern other than
 :class:`~sparse_prefill.Dense` on some head, and the layer has no sliding window shorter than the
 keys (such layers are already local; they stay with SDPA). Decoding steps (one query) run dense.
-A padded batch (left or right padding through ``attention_mask``) runs one sequence at a time,
-each with its own index over its own tokens; a mask that is not causal-with-padding raises
-``ValueError`` rather than being silently ignored.
+A padded batch (left or right padding through ``attention_mask``) runs each sequence with its own
+index over its own tokens, as if it were alone, all sequences and heads in one kernel launch on the
+GPU (:mod:`sparse_prefill.varlen`; one sequence at a time on a CPU); a mask that is not
+causal-with-padding raises ``ValueError`` rather than being silently ignored.
 
 Tensor parallelism
 ------------------
@@ -57,9 +58,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from ..decoding import SparseDecoding, page_summaries, sparse_decode_attention
 from ..kv_cache import compresses, window_attention_scores
-from ..ops import sparse_attention_op
+from ..ops import attention_of_sequences_op, sparse_attention_op
 from ..patterns import Dense, Pattern, PatternConfig
 from ..presets import PRESETS, Preset, preset as preset_named
+from ..varlen import Sequences
 
 try:  # the public home of SDPA attention since transformers 4.48
     from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa_attention
@@ -430,24 +432,19 @@ def _check_sequence_spans(attention_mask: torch.Tensor, q_len: int, kv_len: int,
 
 
 def _padded_sparse_attention(state, module, query, key, value, spans, scaling) -> torch.Tensor:
-    """A padded batch, one sequence at a time: each sequence's real queries over its real keys, with
-    its own index (as if it were alone and unpadded); padding rows get zeros (nothing reads them)."""
+    """A padded batch in one call: each sequence's real queries over its real keys, with its own index
+    (as if it were alone and unpadded; sequences shorter than ``min_seq_len`` dense), every sequence
+    and head in one kernel launch on the GPU; padding rows get zeros (nothing reads them)."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    q_start = kv_len - q_len
-    if q_start > 0 and any(end != kv_len for _, end in spans):
+    if kv_len > q_len and any(end != kv_len for _, end in spans):
         raise ValueError("sparse prefill supports right padding on a prefill from an empty cache only; "
                          "a prefill on top of a cache needs left padding")
-    out = query.new_zeros(*query.shape[:-1], value.shape[-1])
-    for b, (first, end) in enumerate(spans):
-        rows = slice(max(first, q_start) - q_start, end - q_start)  # real queries: the last of the real keys
-        n_rows, n_keys = rows.stop - rows.start, end - first
-        if n_rows <= 0:
-            continue
-        patterns = (state.layer_patterns(module.layer_idx, query.shape[1], n_keys, key.shape[1])
-                    if n_rows >= state.shortest_sparse(query) else (Dense(),) * query.shape[1])
-        out[b : b + 1, :, rows] = sparse_attention_op(query[b : b + 1, :, rows], key[b : b + 1, :, first:end],
-                                                      value[b : b + 1, :, first:end], patterns, scaling)
-    return out
+    sequences = Sequences.padded(spans, q_len, kv_len)
+    shortest = state.shortest_sparse(query)
+    patterns = [state.layer_patterns(module.layer_idx, query.shape[1], n_keys, key.shape[1])
+                if n_keys - q_start >= shortest else (Dense(),) * query.shape[1]
+                for n_keys, q_start in zip(sequences.seq, sequences.q_start)]
+    return attention_of_sequences_op(query, key, value, sequences, patterns, scaling)
 
 
 def enable(
