@@ -18,7 +18,9 @@ work. For every workload, length, layer, method and budget this measures, in one
 
 Workloads:
   real     post-RoPE Q/K/V captured from SmolLM2-135M (9 query heads, 3 KV heads, head_dim 64, bf16)
-           on the King James Bible (``--text``), YaRN RoPE scaling beyond 8K; layers ``--layers``
+           on the King James Bible (``--text``), YaRN RoPE scaling beyond 8K; layers ``--layers``;
+           with ``--model gemma3-270m``, Gemma 3 270M's global layers (4 query heads, 1 KV head,
+           head_dim 256; native context 32K: pass ``--layers 5 11 17``)
   planted  ``sparse_prefill.synthetic.planted_qkv`` at Llama-3-8B shapes (32 query heads, 8 KV
            heads, head_dim 128, bf16); reported as layer 0
 Every head of a layer gets the same pattern. The sweeps are :data:`SWEEPS`; ``default`` and
@@ -85,7 +87,8 @@ SAMPLE_LAST, SAMPLE_RANDOM, SAMPLE_SEED = 512, 512, 0
 # Rows of the float32 reference at a time: logits of one head are rows x seq floats (1 GiB at 1M x 256).
 REFERENCE_ELEMENTS = 2**28
 
-REAL = dict(q_heads=9, kv_heads=3, head_dim=64, dtype="bfloat16")
+REAL = dict(q_heads=9, kv_heads=3, head_dim=64, dtype="bfloat16")  # SmolLM2-135M
+REAL_GEMMA3 = dict(q_heads=4, kv_heads=1, head_dim=256, dtype="bfloat16")  # Gemma 3 270M's global layers
 PLANTED = dict(q_heads=32, kv_heads=8, head_dim=128, dtype="bfloat16")
 TINY = dict(batch=1, q_heads=4, kv_heads=2, head_dim=64, lengths=(256, 320), sample_last=64, sample_random=64)
 
@@ -620,8 +623,10 @@ def main(argv=None) -> None:
         "command": shlex.join([sys.executable, *sys.argv]),
         "tiny": args.tiny,
         "workloads": {
-            "real": {**REAL, "batch": 1, "model": f"SmolLM2-135M-Instruct ({args.model}), bf16, YaRN beyond 8192",
-                     "text": str(args.text), "layers": args.layers},
+            "real": ({**REAL_GEMMA3, "batch": 1, "model": "Gemma 3 270M (gemma3-270m), bf16, native RoPE (32768)"}
+                     if args.model == "gemma3-270m" else
+                     {**REAL, "batch": 1, "model": f"SmolLM2-135M-Instruct ({args.model}), bf16, YaRN beyond 8192"})
+                    | {"text": str(args.text), "layers": args.layers},
             "planted": {**planted_shape, "batch": planted_shape.get("batch", 1), "dtype": str(dtype).replace("torch.", ""),
                         "source": "sparse_prefill.synthetic.planted_qkv defaults"},
         },
@@ -643,10 +648,8 @@ def main(argv=None) -> None:
     for workload in workloads:
         if workload == "real":
             source = real_layers(lengths["real"], args.layers, args.model, args.text)
-            shape = REAL
         else:
             source = planted_layers(lengths["planted"], planted_shape, dtype, device)
-            shape = planted_shape
         for seq, captured in source:
             settings["repeats"] = repeats_for(seq)
             settings["warmup"] = warmup
@@ -657,8 +660,9 @@ def main(argv=None) -> None:
             print(f"{workload} {seq}: dense cuDNN {dense['cudnn']:.2f} ms, FA2 {dense['flash2']:.2f} ms"
                   f"{' (extrapolated)' if extrapolated else ''}", flush=True)
             for layer_id, (q, k, v) in captured.items():
-                layer = {"workload": workload, "seq": seq, "layer": layer_id, "q_heads": shape["q_heads"],
-                         "head_dim": shape["head_dim"], "dense": dense, "extrapolated": extrapolated}
+                # The shape is the captured tensors' (SmolLM2 and Gemma 3 differ), never the workload's nominal one.
+                layer = {"workload": workload, "seq": seq, "layer": layer_id, "q_heads": q.shape[1],
+                         "head_dim": q.shape[3], "dense": dense, "extrapolated": extrapolated}
                 rows += measure_layer(layer, q, k, v, args.methods, sweeps, settings, failures,
                                       save=lambda partial: write_results(out_dir, meta, rows + partial))
             captured = q = k = v = None

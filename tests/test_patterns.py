@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from sparse_prefill import AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash
 from sparse_prefill.patterns import pattern_from_dict
@@ -190,3 +191,13 @@ def test_malformed_own_config(data, message):
 def test_pattern_from_dict_needs_type():
     with pytest.raises(ValueError, match="'type' key"):
         pattern_from_dict({"sink": 3})
+
+
+def test_estimate_layer_refuses_a_pattern_count_other_than_the_query_heads():
+    """A list for another model's heads (9 patterns for Gemma's 4 heads) once reached a GPU gather and
+    died in a device-side assert; it must be a ValueError before any work."""
+    from sparse_prefill.kinds import estimate_layer
+
+    q, k = torch.randn(1, 4, 128, 16), torch.randn(1, 1, 128, 16)
+    with pytest.raises(ValueError, match="one pattern per query head: got 9 for q_heads=4"):
+        estimate_layer(q, k, [VerticalSlash(8, 64)] * 9, 0.25)

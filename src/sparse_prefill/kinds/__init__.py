@@ -73,6 +73,8 @@ def estimate_layer(q: torch.Tensor, k: torch.Tensor, patterns: Sequence[Pattern]
     query head (validated by the caller). ``heads``: estimate only these query heads, the others' entries
     None (a context-parallel piece takes its Vertical-Slash indices from the whole prompt's last queries).
     """
+    if len(patterns) != q.shape[1]:  # a mismatch would index past q's heads: a device-side assert on a GPU
+        raise ValueError(f"patterns must hold one pattern per query head: got {len(patterns)} for q_heads={q.shape[1]}")
     by_kind: dict[type, list[int]] = {}
     for head, pattern in enumerate(patterns):
         if heads is None or head in heads:
