@@ -480,7 +480,9 @@ def plot(rows: list, meta: dict, out_dir: Path) -> list[Path]:
             ax.grid(True, which="both", alpha=0.3)
             # Outside the panel: inside, it hid the curves it names.
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.suptitle(f"accuracy-speed frontier, {workload} workload; {meta.get('gpu', '?')}, {meta.get('date', '?')}; "
+        model = meta.get("workloads", {}).get(workload, {}).get("model", "").split(" (")[0]  # real: which model
+        fig.suptitle(f"accuracy-speed frontier, {workload} workload{f' ({model})' if model else ''}; "
+                     f"{meta.get('gpu', '?')}, {meta.get('date', '?')}; "
                      f"torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}"
                      + ("\nCPU dry run: times are wall-clock under the Triton interpreter, dense is CPU SDPA"
                         if meta.get("tiny") else ""), fontsize=9)
