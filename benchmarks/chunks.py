@@ -27,6 +27,7 @@ Times: CUDA events around each prefill (median of --repeats after one warm-up); 
 
 Usage (GPU machine, repository root):
     PYTHONPATH=src python3 benchmarks/chunks.py --out OUT            # 128K, 8 chunks, 8K suffix, batch of 4
+        [--workloads chunked cached batch]                          # a subset (default: all three)
     (chunks.json is rewritten after every workload, so a run cut short keeps what it measured)
     python3 benchmarks/chunks.py --tiny --out /tmp/chunks           # CPU dry run, tiny model
 """
@@ -48,6 +49,7 @@ from sparse_prefill.patterns import PatternConfig
 # Every prefill of the run (chunks, suffix, the shortest batch prompt) runs sparse: the comparison
 # is of the shapes, not of the preset's dense fallback below 64K.
 MIN_SEQ_LEN = {"gpu": 1024, "tiny": 64}
+WORKLOADS = ("chunked", "cached", "batch")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-max", type=int, default=65536,
                         help="longest prompt of the batch (default 65536: transformers builds a padded batch's mask as "
                         "batch x n x n booleans, 64 GiB for four 128K prompts)")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS),
+                        help="which workloads to run (default: all three)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (default 3)")
     parser.add_argument("--pattern", choices=["vertical_slash", "preset"], default="vertical_slash",
                         help="sparse attention on every head: e2e.py's VerticalSlash (default; fixed work per row) or "
@@ -136,7 +140,7 @@ def on_prefix(model, ids, prefix: int) -> tuple[torch.Tensor, float]:
 
 
 def run(args, save) -> dict:
-    """The three workloads; ``save(data)`` is called after each with everything measured so far."""
+    """The workloads of ``--workloads``; ``save(data)`` is called after each with everything measured so far."""
     device = torch.device("cpu" if args.tiny else "cuda")
     model = build_model(TINY if args.tiny else LLAMA3_8B, device)
     vocab = model.config.vocab_size
@@ -170,6 +174,30 @@ def run(args, save) -> dict:
         return got
 
     # 1. Chunked against one pass.
+    if "chunked" in args.workloads:
+        measure_chunked(args, model, ids, both, rows, checks)
+        save(data)
+
+    # 2. A new prompt on a cached prefix.
+    if "cached" in args.workloads:
+        prefix = args.seq - args.suffix
+        cached = both(lambda: [on_prefix(model, ids, prefix) for _ in range(args.repeats + 1)][1:], "cached")
+        for path in ("dense", "sparse"):
+            rows.append({"workload": "cached", "path": path, "how": f"{args.suffix} on {prefix} cached",
+                         "tokens": args.suffix, "ms": statistics.median(ms for _, ms in cached[path])})
+        checks["cached: sparse suffix vs dense suffix"] = rel(cached["sparse"][-1][0], cached["dense"][-1][0])
+        save(data)
+
+    # 3. A left-padded batch against one prompt at a time.
+    if "batch" in args.workloads:
+        data["meta"]["batch_lengths"] = measure_batch(args, model, vocab, generator, device, both, rows, checks)
+        save(data)
+    return data
+
+
+def measure_chunked(args, model, ids, both, rows: list, checks: dict) -> None:
+    """One prompt in one pass and in ``--chunks`` chunks through the cache, dense and sparse."""
+    device = ids.device
     chunk = args.seq // args.chunks
     whole = both(lambda: timed(lambda: one_pass(model, ids), args.repeats, device), "chunked")
     chunked = both(lambda: timed(lambda: sparse_prefill.chunked_prefill(model, ids, chunk)[0], args.repeats, device), "chunked")
@@ -180,18 +208,11 @@ def run(args, save) -> dict:
     checks["chunked: sparse chunked vs dense chunked (rel. L2 of first-token logits)"] = rel(chunked["sparse"][1], chunked["dense"][1])
     checks["chunked: sparse chunked vs sparse one pass"] = rel(chunked["sparse"][1], whole["sparse"][1])
     checks["chunked: dense chunked vs dense one pass"] = rel(chunked["dense"][1], whole["dense"][1])
-    save(data)
 
-    # 2. A new prompt on a cached prefix.
-    prefix = args.seq - args.suffix
-    cached = both(lambda: [on_prefix(model, ids, prefix) for _ in range(args.repeats + 1)][1:], "cached")
-    for path in ("dense", "sparse"):
-        rows.append({"workload": "cached", "path": path, "how": f"{args.suffix} on {prefix} cached", "tokens": args.suffix,
-                     "ms": statistics.median(ms for _, ms in cached[path])})
-    checks["cached: sparse suffix vs dense suffix"] = rel(cached["sparse"][-1][0], cached["dense"][-1][0])
-    save(data)
 
-    # 3. A left-padded batch against one prompt at a time.
+def measure_batch(args, model, vocab: int, generator, device, both, rows: list, checks: dict) -> list[int]:
+    """``--batch`` prompts of lengths spread up to ``--batch-max``, left-padded into one forward,
+    against one prompt at a time, dense and sparse; returns the lengths."""
     top = args.batch_max
     lengths = [top // 4 + (top - top // 4) * i // max(1, args.batch - 1) // 64 * 64 for i in range(args.batch)]
     longest = max(lengths)
@@ -214,9 +235,7 @@ def run(args, save) -> dict:
         rows.append({"workload": "batch", "path": path, "how": "one at a time", "tokens": sum(lengths), "ms": separate[path][0]})
     checks["batch: sparse padded vs sparse alone (worst prompt)"] = max(
         rel(batched["sparse"][1][row], separate["sparse"][1][row]) for row in range(args.batch))
-    data["meta"]["batch_lengths"] = lengths
-    save(data)
-    return data
+    return lengths
 
 
 def plot(data: dict, out: Path) -> Path:
@@ -225,9 +244,9 @@ def plot(data: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = ["chunked", "cached", "batch"]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for axis, workload in zip(axes, workloads):
+    workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in data["rows"])]
+    figure, axes = plt.subplots(1, len(workloads), figsize=(max(7, 5 * len(workloads)), 4.5), squeeze=False)
+    for axis, workload in zip(axes[0], workloads):
         rows = [r for r in data["rows"] if r["workload"] == workload]
         labels = sorted({r["how"] for r in rows}, key=lambda h: [r["how"] for r in rows].index(h))
         for offset, path in ((-0.2, "dense"), (0.2, "sparse")):
