@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -446,3 +447,42 @@ def test_run_scales_rope_for_long_prompts_or_warns(tiny_dir, tmp_path, capsys):
     with pytest.warns(UserWarning, match="longer than the model's context of 256"):
         assert cli.main(base + ["--no-rope-scaling"]) == 0
     assert json.loads(capsys.readouterr().out)["rope_scaling"] is None
+
+
+class _Tokenizer:
+    """A stand-in tokenizer: ``pieces`` is what it makes of ' the'."""
+
+    def __init__(self, vocab: dict, pieces: list):
+        self.vocab, self.pieces = vocab, pieces
+
+    def get_vocab(self):
+        return self.vocab
+
+    def __call__(self, text, add_special_tokens=True):
+        assert text == " the" and not add_special_tokens
+        return SimpleNamespace(input_ids=[self.vocab[p] for p in self.pieces])
+
+    def decode(self, ids):
+        return {i: t for t, i in self.vocab.items()}[ids[0]].replace("\u2581", " ")
+
+
+def test_a_gguf_tokenizer_that_splits_words_its_vocabulary_holds_is_refused():
+    """transformers 5.17 rebuilt Gemma 3's GGUF tokenizer without merges (' the' -> ' t' + 'he'):
+    every Gemma result of the device's runs read mangled text. Loading must stop with the fix named."""
+    from sparse_prefill.models import check_gguf_tokenizer
+
+    vocab = {"\u2581the": 7, "\u2581t": 3, "he": 4}
+    check_gguf_tokenizer(_Tokenizer(vocab, ["\u2581the"]), "model.gguf")  # whole: fine
+    with pytest.raises(RuntimeError, match=r"splits ' the' into \[' t', 'he'\].*transformers>=5.18"):
+        check_gguf_tokenizer(_Tokenizer(vocab, ["\u2581t", "he"]), "model.gguf")
+    check_gguf_tokenizer(_Tokenizer({"\u2581t": 3, "he": 4}, ["\u2581t", "he"]), "model.gguf")  # no whole word: no check
+
+
+@needs_smollm2
+def test_the_default_models_tokenizer_keeps_words_whole():
+    from transformers import AutoTokenizer
+
+    from sparse_prefill.models import check_gguf_tokenizer, find_default_gguf
+
+    path = find_default_gguf()
+    check_gguf_tokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True), path)

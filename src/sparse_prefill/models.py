@@ -215,6 +215,35 @@ def _apply_yarn(config: Any, n_tokens: int) -> dict | None:
     return yarn
 
 
+# How a vocabulary spells the word " the" as one token: SentencePiece, byte-level BPE, plain.
+_THE_AS_ONE_TOKEN = ("\u2581the", "\u0120the", " the")
+
+
+def check_gguf_tokenizer(tokenizer: Any, source: Path | str) -> None:
+    """Refuse a tokenizer rebuilt from a GGUF file that splits words its own vocabulary holds whole.
+
+    transformers 5.17 rebuilds Gemma 3's tokenizer from the GGUF without its merge ranks: " the"
+    comes out as " t" + "he" and the King James Bible as 1.8M tokens instead of 1.0M (5.18 and 5.24
+    are right; measured 2026-11-30). The model then reads text it never saw in training, and every
+    score drops (Gemma's perplexity on the Bible: 38 instead of 11), with no error anywhere.
+    """
+    vocab = tokenizer.get_vocab()
+    whole = next((vocab[t] for t in _THE_AS_ONE_TOKEN if t in vocab), None)
+    if whole is None:
+        return  # a vocabulary without the word whole: nothing to check against
+    got = tokenizer(" the", add_special_tokens=False).input_ids
+    if got != [whole]:
+        import transformers
+
+        pieces = [tokenizer.decode([i]) for i in got]
+        raise RuntimeError(
+            f"the tokenizer transformers {transformers.__version__} rebuilt from {source} splits ' the' into "
+            f"{pieces} although its vocabulary holds it as one token (id {whole}): it would feed the model text "
+            "it was not trained on. transformers 5.17 does this for Gemma 3's GGUF; install transformers>=5.18 "
+            "(pip install -U 'transformers>=5.18,<6')"
+        )
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -275,6 +304,8 @@ def load_model(
     tokenizer = _TOKENIZERS.get((str(directory), gguf_file)) if cache else None
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **files)
+        if gguf_file is not None:  # before the weights: a broken vocabulary makes every result meaningless
+            check_gguf_tokenizer(tokenizer, directory / gguf_file)
         if cache:
             _TOKENIZERS[(str(directory), gguf_file)] = tokenizer
     weights = _GGUF_WEIGHTS.get((str(directory), gguf_file)) if gguf_file is not None and cache else None
