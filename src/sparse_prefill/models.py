@@ -236,7 +236,8 @@ def check_gguf_tokenizer(tokenizer: Any, source: Path | str) -> None:
         import transformers
 
         pieces = [tokenizer.decode([i]) for i in got]
-        raise RuntimeError(
+        # An installation problem, as a missing package is (_require_gguf_support): ImportError.
+        raise ImportError(
             f"the tokenizer transformers {transformers.__version__} rebuilt from {source} splits ' the' into "
             f"{pieces} although its vocabulary holds it as one token (id {whole}): it would feed the model text "
             "it was not trained on. transformers 5.17 does this for Gemma 3's GGUF; install transformers>=5.18 "
