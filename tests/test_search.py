@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sparse_prefill import AShape, BlockCoverage, BlockSparse, Dense, PatternConfig, VerticalSlash, reference_attention
-from sparse_prefill.kinds import estimate_layer
+from sparse_prefill.kinds import BlockSparseIndex, estimate_layer
 from sparse_prefill.patterns import pattern_from_dict, scale_pattern
 from sparse_prefill.search.allocate import BudgetTooSmall, allocate, upper_hull
 from sparse_prefill.search.candidates import CandidateGrid, score_grid, score_patterns
@@ -132,6 +132,8 @@ def test_every_candidate_scores_as_the_reference_measures_it():
 
 def one_prompt(index, b):
     """Batch element ``b`` of a head's index, as an index of batch 1."""
+    if isinstance(index, BlockSparseIndex):  # its lists' buffer is shared by the batch: pick the rows
+        return dataclasses.replace(index, start=index.start[b : b + 1], count=index.count[b : b + 1])
     fields = {name: value[b : b + 1] for name, value in vars(index).items() if isinstance(value, torch.Tensor)}
     return dataclasses.replace(index, **fields, **({"batch": 1} if hasattr(index, "batch") else {}))
 

@@ -11,7 +11,7 @@ quantities without ever holding the ``(seq / stride)^2`` scores:
    ``exp2(block_lse - row_lse)``, averaged over the two estimates: the tile's estimated mass.
 3. ``_coverage_threshold``: per query block, the threshold of the coverage rule, found exactly by
    bisection on the bits of a non-negative float32 (their order is the order of the values).
-4. ``_write_blocks``: the kept blocks of each query block, ascending, into the plan's lists.
+4. ``_write_blocks``: the kept blocks of each query block, ascending, packed one list after another.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import triton.language as tl
 from ..kinds.common import BLOCK
 
 LOG2E = 1.4426950408889634  # 1/ln(2)
-# Lists as wide as the sequence's blocks, where they take at most this: the width is then known
+# Room for every causal tile, where it takes at most this: the lists' buffer is then allocated
 # without reading the counts back, and the host never waits for the GPU in the middle of a plan
 # (it idled the GPU for ~1 ms at 128K while the rest of the plan was queued).
 WIDE_LISTS_BYTES = 256 * 2**20
@@ -221,24 +221,21 @@ def _coverage_threshold(
 
 
 @triton.jit
-def _write_blocks(mass, thresholds, blocks, first_block, n_rows, n_blocks, max_kept, BLOCK_C: tl.constexpr):
+def _write_blocks(mass, thresholds, start, blocks, first_block, n_rows, n_blocks, BLOCK_C: tl.constexpr):
     r = tl.program_id(0)
     m = first_block + r
     bh = tl.program_id(1).to(tl.int64)
     row = mass + (bh * n_rows + r) * n_blocks
     threshold = tl.load(thresholds + bh * n_rows + r)
-    out = blocks + (bh * n_rows + r) * max_kept
+    out = blocks + tl.load(start + bh * n_rows + r)
     written = tl.zeros([], dtype=tl.int32)
-    for start in range(0, m + 1, BLOCK_C):
-        c = start + tl.arange(0, BLOCK_C)
+    for begin in range(0, m + 1, BLOCK_C):
+        c = begin + tl.arange(0, BLOCK_C)
         x = tl.load(row + c, mask=c <= m, other=0.0)
         keep = (c <= m) & ((c == 0) | (c == m) | (x >= threshold))
         slot = written + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(out + slot, c, mask=keep)
         written += tl.sum(keep.to(tl.int32))
-    for start in range(written, max_kept, BLOCK_C):  # the rest of the row: padding
-        slot = start + tl.arange(0, BLOCK_C)
-        tl.store(out + slot, -1, mask=slot < max_kept)
 
 
 def antidiagonal_tile_mass(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, stride: int, scale: float,
@@ -272,25 +269,31 @@ def antidiagonal_tile_mass(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor
     return mass
 
 
-def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor, first_block: int = 0) -> torch.Tensor:
-    """The Block-Coverage rule on the GPU: kept blocks [rows, n_rows, max_kept], ascending, -1 padded.
+def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor,
+                         first_block: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Block-Coverage rule on the GPU: each row's kept blocks, ascending, packed one list after another.
 
     mass : float32 [rows, n_rows, n_blocks] (contiguous), row ``r`` for query block ``first_block + r``;
     coverage : float32 [rows] per row of ``mass``.
+    Returns ``(blocks, start, count)`` as :class:`~sparse_prefill.kinds.block_sparse.BlockSparseIndex`
+    holds them: int32 [n] (n at least the kept total), int64 [rows, n_rows], int32 [rows, n_rows].
     """
     rows, n_rows, n_blocks = mass.shape
     thresholds = torch.empty(rows, n_rows, dtype=torch.float32, device=mass.device)
-    counts = torch.empty(rows, n_rows, dtype=torch.int32, device=mass.device)
+    count = torch.empty(rows, n_rows, dtype=torch.int32, device=mass.device)
     chunk = _chunk(n_blocks)
-    _coverage_threshold[(n_rows, rows)](mass, coverage.float().contiguous(), thresholds, counts, first_block, n_rows,
+    _coverage_threshold[(n_rows, rows)](mass, coverage.float().contiguous(), thresholds, count, first_block, n_rows,
                                         n_blocks, BLOCK_C=chunk, ONE_CHUNK=n_blocks <= chunk)
-    if rows * n_rows * n_blocks * 4 <= WIDE_LISTS_BYTES:
-        max_kept = n_blocks  # room for every block: no need to wait for the counts
+    flat = count.view(-1).cumsum(0)  # int64
+    start = (flat - count.view(-1)).view(rows, n_rows)
+    causal_tiles = rows * (n_rows * (first_block + 1) + n_rows * (n_rows - 1) // 2)  # every row keeping all it sees
+    if causal_tiles * 4 <= WIDE_LISTS_BYTES:
+        size = causal_tiles  # room for every causal block: no need to wait for the counts
     else:
-        max_kept = int(counts.max())  # one host synchronisation: the lists' width
-    blocks = torch.empty(rows, n_rows, max_kept, dtype=torch.int32, device=mass.device)
-    _write_blocks[(n_rows, rows)](mass, thresholds, blocks, first_block, n_rows, n_blocks, max_kept, BLOCK_C=chunk)
-    return blocks
+        size = int(flat[-1])  # one host synchronisation: the kept total
+    blocks = torch.empty(max(size, 1), dtype=torch.int32, device=mass.device)
+    _write_blocks[(n_rows, rows)](mass, thresholds, start, blocks, first_block, n_rows, n_blocks, BLOCK_C=chunk)
+    return blocks, start, count
 
 
 # Key blocks a program holds at a time: a row up to 2048 blocks (128K tokens) is one chunk.

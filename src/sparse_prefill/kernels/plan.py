@@ -7,7 +7,8 @@ device with tensor operations (no Python loop over query blocks):
 - **block diagonals** ``d`` (per head): for query block ``m`` the key block ``m - d`` is a tile
   to compute. Dense, A-shape and Vertical-Slash heads use these.
 - **block lists** (per head and query block): Block-Sparse and Block-Coverage heads list their
-  tiles here, ascending, the diagonal block last.
+  tiles here, ascending, the diagonal block last; each list is a stretch of one buffer (where it
+  starts, how many), so memory follows the kept tiles rather than the widest list.
 - **columns** (per head): single keys gathered 64 at a time, for each query block those before it,
   skipped where a kept diagonal tile of the query block already holds them.
 
@@ -48,9 +49,9 @@ class SparsePlan:
     diagonal_limit : int32 [bh, n_blocks]  per query block m: how many diagonals are <= m
     diagonal_flag : int8 [bh, n_blocks + 1]  1 where d is a diagonal (last entry always 0)
     window, sink : int32 [bh]  A-shape element mask on diagonal tiles d >= window // 64 (NO_WINDOW: none)
-    blocks : int32 [bh, n_rows, max_blocks]  listed key blocks ascending (the diagonal last) of query block
-        first_block + row; entries past block_count are padding (never read)
-    block_count : int32 [bh, n_rows]
+    blocks : int32 [n]  the block lists' buffer
+    block_start, block_count : int64, int32 [bh, n_rows]  the key blocks of query block first_block + row,
+        ascending (the diagonal last), are blocks[block_start : block_start + block_count]
     columns : int32 [bh, max_columns]  gathered key columns ascending, padded with seq
     column_before : int32 [bh, n_blocks]  per query block m: how many columns are < 64 m
     indices : list of HeadIndex, one per query head (what was estimated; for tests and recall)
@@ -71,6 +72,7 @@ class SparsePlan:
     window: torch.Tensor
     sink: torch.Tensor
     blocks: torch.Tensor
+    block_start: torch.Tensor
     block_count: torch.Tensor
     columns: torch.Tensor
     column_before: torch.Tensor
@@ -104,13 +106,13 @@ class PlanWriter:
         self.diagonal_flag = torch.zeros(batch, q_heads, self.n_blocks + 1, dtype=torch.bool, device=device)
         self.window = torch.full((batch, q_heads), NO_WINDOW, dtype=torch.int32, device=device)
         self.sink = torch.zeros(batch, q_heads, dtype=torch.int32, device=device)
-        # One entry per kind that has them: (heads, tensor for all of them), written in one go each.
-        self._blocks: list[tuple[list[int], torch.Tensor]] = []
+        # One entry per kind that has them: (heads, their indices or one tensor for all of them).
+        self._blocks: list[tuple[list[int], list]] = []
         self._columns: list[tuple[list[int], torch.Tensor]] = []
 
-    def set_blocks(self, heads: list[int], blocks: torch.Tensor) -> None:
-        """blocks: [batch, len(heads), n_rows, k] key blocks ascending, padded with -1."""
-        self._blocks.append((heads, blocks))
+    def set_blocks(self, heads: list[int], indices: list) -> None:
+        """indices: one :class:`~sparse_prefill.kinds.BlockSparseIndex` per head, with ``n_rows`` rows."""
+        self._blocks.append((heads, indices))
 
     def set_columns(self, heads: list[int], columns: torch.Tensor) -> None:
         """columns: [batch, len(heads), n] ascending and distinct, padded with seq (or more)."""
@@ -125,18 +127,20 @@ class PlanWriter:
         diagonals = torch.where(self.diagonal_flag, arange, nb).sort(dim=2).values[:, :, :nb]
         diagonal_limit = self.diagonal_flag[:, :, :nb].to(torch.int32).cumsum(dim=2)
 
-        max_blocks = max([listed.shape[3] for _, listed in self._blocks] + [1])
-        if len(self._blocks) == 1 and self._blocks[0][0] == list(range(q_heads)):
-            # Every head lists blocks (a Block-Coverage layer): take the lists as they are. The kernel
-            # reads a row's first block_count entries only, so the -1 padding stays unread.
-            blocks = self._blocks[0][1].to(torch.int32)
-            block_count = (blocks >= 0).sum(dim=3, dtype=torch.int32)
-        else:
-            blocks = torch.zeros(batch, q_heads, n_rows, max_blocks, **int32)
-            block_count = torch.zeros(batch, q_heads, n_rows, **int32)
-            for heads, listed in self._blocks:
-                blocks[:, heads, :, : listed.shape[3]] = listed.clamp(min=0).to(torch.int32)
-                block_count[:, heads] = (listed >= 0).sum(dim=3).to(torch.int32)
+        # Heads may share a buffer (one estimate for several heads): each distinct buffer is taken once.
+        buffers: dict[tuple[int, int], int] = {}  # (address, length) -> offset in the plan's buffer
+        parts = []
+        block_start = torch.zeros(batch, q_heads, n_rows, dtype=torch.int64, device=device)
+        block_count = torch.zeros(batch, q_heads, n_rows, **int32)
+        for heads, listed in self._blocks:
+            for head, index in zip(heads, listed):
+                key = (index.blocks.data_ptr(), index.blocks.numel())
+                if key not in buffers:
+                    buffers[key] = sum(part.numel() for part in parts)
+                    parts.append(index.blocks.to(torch.int32))
+                block_start[:, head] = index.start + buffers[key]
+                block_count[:, head] = index.count
+        blocks = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(1, **int32)
 
         max_columns = max([listed.shape[2] for _, listed in self._columns] + [1])
         columns = torch.full((batch, q_heads, max_columns), seq, **int32)
@@ -154,8 +158,9 @@ class PlanWriter:
             diagonal_flag=self.diagonal_flag.to(torch.int8).reshape(bh, nb + 1).contiguous(),
             window=self.window.reshape(bh).contiguous(),
             sink=self.sink.reshape(bh).contiguous(),
-            blocks=blocks.reshape(bh, n_rows, max_blocks).contiguous(),
-            block_count=block_count.reshape(bh, n_rows).contiguous(),
+            blocks=blocks,
+            block_start=block_start.reshape(bh, n_rows),
+            block_count=block_count.reshape(bh, n_rows),
             columns=columns.reshape(bh, max_columns).contiguous(),
             column_before=column_before.to(torch.int32).reshape(bh, nb).contiguous(),
             indices=indices,
@@ -209,8 +214,7 @@ def combine_plans(plans: Sequence[SparsePlan | None], key_offset: Sequence[int],
                          f"and {len(query_offset)} query offsets")
     device = present[0].window.device
     n_blocks = max(plan.diagonal_limit.shape[1] for plan in present)
-    n_rows = max(plan.blocks.shape[1] for plan in present)  # query blocks with work: the grid's first dimension
-    max_blocks = max(plan.blocks.shape[2] for plan in present)
+    n_rows = max(plan.block_count.shape[1] for plan in present)  # query blocks with work: the grid's first dimension
     max_columns = max(plan.columns.shape[1] for plan in present)
     empty = SparsePlan(  # the lists of a sequence without queries: nothing listed
         seq=0, q_start=0, diagonals=torch.zeros(q_heads, 0, dtype=torch.int32, device=device),
@@ -218,22 +222,29 @@ def combine_plans(plans: Sequence[SparsePlan | None], key_offset: Sequence[int],
         diagonal_flag=torch.zeros(q_heads, 1, dtype=torch.int8, device=device),
         window=torch.full((q_heads,), NO_WINDOW, dtype=torch.int32, device=device),
         sink=torch.zeros(q_heads, dtype=torch.int32, device=device),
-        blocks=torch.zeros(q_heads, 0, 1, dtype=torch.int32, device=device),
+        blocks=torch.zeros(0, dtype=torch.int32, device=device),
+        block_start=torch.zeros(q_heads, 0, dtype=torch.int64, device=device),
         block_count=torch.zeros(q_heads, 0, dtype=torch.int32, device=device),
         columns=torch.zeros(q_heads, 1, dtype=torch.int32, device=device),
         column_before=torch.zeros(q_heads, 0, dtype=torch.int32, device=device), indices=[])
     plans = [empty if plan is None else plan for plan in plans]
 
-    def stacked(name: str, *size: int) -> torch.Tensor:
-        """Every plan's list ``name`` zero-padded at the end of each dimension to ``size``, then stacked on bh."""
-        lists = []
-        for plan in plans:
-            listed = getattr(plan, name)
+    def stacked(name: str, *size: int, lists: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Every plan's list ``name`` (or the given ``lists``, one per plan) zero-padded at the end of
+        each dimension to ``size``, then stacked on bh."""
+        padded = []
+        for plan, listed in zip(plans, lists or [getattr(plan, name) for plan in plans]):
             padding = [0] * (2 * len(size))
             for dim, want in enumerate(size):  # F.pad lists the last dimension first
                 padding[2 * (len(size) - 1 - dim) + 1] = want - listed.shape[dim + 1]
-            lists.append(torch.nn.functional.pad(listed, padding))
-        return torch.cat(lists).contiguous()
+            padded.append(torch.nn.functional.pad(listed, padding))
+        return torch.cat(padded).contiguous()
+
+    # One buffer for every sequence's block lists: each sequence's starts move by where its buffer lands.
+    buffer_at = [0]
+    for plan in plans:
+        buffer_at.append(buffer_at[-1] + plan.blocks.numel())
+    block_start = [plan.block_start + at for plan, at in zip(plans, buffer_at)]
 
     return SparsePlan(
         seq=max(plan.seq for plan in plans),
@@ -243,7 +254,8 @@ def combine_plans(plans: Sequence[SparsePlan | None], key_offset: Sequence[int],
         diagonal_flag=stacked("diagonal_flag", n_blocks + 1),
         window=torch.cat([plan.window for plan in plans]),
         sink=torch.cat([plan.sink for plan in plans]),
-        blocks=stacked("blocks", n_rows, max_blocks),
+        blocks=torch.cat([plan.blocks for plan in plans]),
+        block_start=stacked("block_start", n_rows, lists=block_start),
         block_count=stacked("block_count", n_rows),
         columns=stacked("columns", max_columns),
         column_before=stacked("column_before", n_blocks),

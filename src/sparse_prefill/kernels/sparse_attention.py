@@ -64,14 +64,14 @@ def _configs() -> list[triton.Config]:
 def _sparse_attention_fwd(
     Q, K, V, Out, Lse,
     diagonals, diagonal_limit, diagonal_flag, window, sink,
-    blocks, block_count,
+    blocks, block_start, block_count,
     columns, column_before, sequences,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    seq, q_start, q_heads, group, n_blocks, n_rows, max_blocks, max_columns, qk_scale,
+    seq, q_start, q_heads, group, n_blocks, n_rows, max_columns, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USES_DIAGONALS: tl.constexpr, USES_BLOCKS: tl.constexpr, USES_COLUMNS: tl.constexpr, RETURN_LSE: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -158,7 +158,7 @@ def _sparse_attention_fwd(
     if USES_BLOCKS:
         list_row = bh64 * list_rows + m - q_start // BLOCK_M  # lists start at the first block
         n_listed = tl.load(block_count + list_row)
-        list_base = blocks + list_row * max_blocks
+        list_base = blocks + tl.load(block_start + list_row)
         for t in range(0, n_listed - 1):
             keys = tl.load(list_base + t) * BLOCK_N + offs_n
             k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=dim_ok[None, :], other=0.0)
@@ -232,14 +232,14 @@ def run_plan(
         raise ValueError(f"lse must be a float32 tensor of shape {(batch, q_heads, q_len)}, contiguous in its last "
                          f"dimension, got {lse.dtype} {tuple(lse.shape)} with strides {lse.stride()}")
     head_dim_padded = max(16, triton.next_power_of_2(head_dim))
-    n_blocks, n_rows = plan.diagonal_limit.shape[1], plan.blocks.shape[1]
+    n_blocks, n_rows = plan.diagonal_limit.shape[1], plan.block_count.shape[1]
     # Query blocks with work: n_blocks - first_block for one sequence, the longest's for several.
     grid = (n_rows, batch * q_heads)
     varlen = plan.sequences is not None
     _sparse_attention_fwd[grid](
         q, k, v, out, out if lse is None else lse,  # Lse is never touched unless RETURN_LSE
         plan.diagonals, plan.diagonal_limit, plan.diagonal_flag, plan.window, plan.sink,
-        plan.blocks, plan.block_count,
+        plan.blocks, plan.block_start, plan.block_count,
         plan.columns, plan.column_before,
         device_values(plan.sequences, q.device, torch.int32) if varlen else plan.window,  # read only if VARLEN
         q.stride(0), q.stride(1), q.stride(2),
@@ -247,7 +247,7 @@ def run_plan(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *((lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)),
-        plan.seq, plan.q_start, q_heads, q_heads // k.shape[1], n_blocks, n_rows, plan.blocks.shape[2],
+        plan.seq, plan.q_start, q_heads, q_heads // k.shape[1], n_blocks, n_rows,
         plan.columns.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=BLOCK, BLOCK_N=BLOCK,
         USES_DIAGONALS=plan.uses_diagonals, USES_BLOCKS=plan.uses_blocks, USES_COLUMNS=plan.uses_columns,

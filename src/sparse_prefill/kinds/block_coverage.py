@@ -37,9 +37,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .block_sparse import BlockSparseIndex
-from .common import (BLOCK, check_fraction, check_positive_int, device_values, float_dtype, n_blocks, on_triton,
-                     query_start, with_partial_block)
+from .block_sparse import BlockSparseIndex, packed_lists, split_heads, with_partial_block
+from .common import BLOCK, check_fraction, check_positive_int, device_values, float_dtype, n_blocks, on_triton, query_start
 
 STRIDES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -219,17 +218,19 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
             ids = device_values([heads[j] for j in mine], q.device)
             coverage = device_values([patterns[j].coverage for j in mine] * batch, q.device, float_dtype(q))
             if not n_rows:  # a chunk inside one query block: only its partial block
-                blocks = torch.empty(batch * len(mine), 0, 1, dtype=torch.long, device=q.device)
+                lists = packed_lists(torch.empty(batch, len(mine), 0, 1, dtype=torch.int32, device=q.device))
             elif on_triton(q):
                 from ..kernels.coverage import antidiagonal_tile_mass, coverage_block_lists  # lazy: no Triton on import
 
                 mass = antidiagonal_tile_mass(q_whole, k, ids, stride, scale, whole)
-                blocks = coverage_block_lists(mass, coverage, whole)
+                blocks, start, count = coverage_block_lists(mass, coverage, whole)
+                del mass  # 1 GiB per head at 1M tokens: free it before the next share's
+                lists = blocks, start.view(batch, len(mine), n_rows), count.view(batch, len(mine), n_rows)
             else:
                 mass = tile_mass(q_whole[:, ids].flatten(0, 1), k[:, ids // group].flatten(0, 1), stride, scale,
                                  first_block=whole)
-                blocks = blocks_at_threshold(mass, coverage_threshold(mass, coverage, whole), whole)
-            blocks = with_partial_block(blocks.view(batch, len(mine), *blocks.shape[1:]), q_start)
-            for position, j in enumerate(mine):
-                indices[j] = BlockSparseIndex(blocks=blocks[:, position], first_block=first_block)
+                table = blocks_at_threshold(mass, coverage_threshold(mass, coverage, whole), whole)
+                lists = packed_lists(table.view(batch, len(mine), *table.shape[1:]))
+            for j, index in zip(mine, split_heads(*with_partial_block(*lists, q_start), first_block)):
+                indices[j] = index
     return indices  # type: ignore[return-value]

@@ -12,8 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import (BLOCK, causal, check_positive_int, device_values, float_dtype, n_blocks, query_start,
-                     scaled_count, stack_padded, with_partial_block)
+from .common import BLOCK, causal, check_positive_int, device_values, float_dtype, n_blocks, query_start, scaled_count
 
 
 @dataclass(frozen=True)
@@ -39,35 +38,89 @@ class BlockSparse:
 
 @dataclass(frozen=True)
 class BlockSparseIndex:
-    """Chosen key blocks per query block.
+    """Chosen key blocks per query block, as lists in a buffer.
 
-    ``blocks`` [batch, n_rows, k] (int32 or int64) holds key-block numbers, ascending, padded with
-    -1 at the end where a query block keeps fewer than ``k``; row ``r`` lists query block
-    ``first_block + r`` (0 for a whole prompt; a chunk's first query block otherwise, see
-    docs/semantics.md). Key ``j <= i`` is kept when block ``j // 64`` is listed for query block
-    ``i // 64``. The diagonal block is always listed (last).
+    Row ``r`` of batch element ``b`` lists the key blocks of query block ``first_block + r`` (0 for a
+    whole prompt; a chunk's first query block otherwise, see docs/semantics.md) in
+    ``blocks[start[b, r] : start[b, r] + count[b, r]]``, ascending, the diagonal block last. Key
+    ``j <= i`` is kept when block ``j // 64`` is listed for query block ``i // 64``.
+
+    The lists need not be back to back, and several heads may share one buffer: a table padded to
+    its widest row (:func:`packed_lists`) is a buffer whose rows start every ``k`` entries, and the
+    GPU's Block-Coverage estimate packs each row's list right after the previous one, so that
+    memory follows the kept tiles rather than the widest row (at 1M tokens a padded table is up to
+    1 GiB per head).
+
+    blocks : int32 [n]; start : int64 [batch, n_rows]; count : int32 [batch, n_rows]
     """
 
     blocks: torch.Tensor
+    start: torch.Tensor
+    count: torch.Tensor
     first_block: int = 0
+
+    @property
+    def batch(self) -> int:
+        return self.start.shape[0]
+
+    def padded(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, n_rows, width] the lists (of list rows ``rows`` only, if given), padded with -1 to the widest."""
+        start, count = (self.start, self.count) if rows is None else (self.start[:, rows], self.count[:, rows])
+        width = int(count.max()) if count.numel() else 0
+        slot = torch.arange(max(width, 1), device=self.blocks.device)
+        listed = slot < count[..., None]
+        if not self.blocks.numel():
+            return torch.full(listed.shape, -1, dtype=self.blocks.dtype, device=self.blocks.device)
+        return torch.where(listed, self.blocks[torch.where(listed, start[..., None] + slot, 0)], -1)
 
     def block_mask(self) -> torch.Tensor:
         """Bool [batch, n_rows, n_blocks]: which (query block, key block) tiles are kept."""
-        batch, rows, _ = self.blocks.shape
+        listed = self.padded()
+        batch, rows, _ = listed.shape
         nb = self.first_block + rows
-        mask = torch.zeros(batch, rows, nb + 1, dtype=torch.bool, device=self.blocks.device)
+        mask = torch.zeros(batch, rows, nb + 1, dtype=torch.bool, device=listed.device)
         # Padding (-1) lands in the spare last column and is dropped.
-        mask.scatter_(2, torch.where(self.blocks < 0, nb, self.blocks).long(), True)
+        mask.scatter_(2, torch.where(listed < 0, nb, listed).long(), True)
         return mask[:, :, :nb]
 
     def kept_mask(self, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
         keys = torch.arange(n_keys, device=rows.device)
         # Only the rows' own lists: [batch, rows, k blocks], not the n_blocks^2 tile mask (1M tokens: 268 MB a call).
-        listed = self.blocks[:, rows // BLOCK - self.first_block]  # [batch, rows, k]
+        listed = self.padded(rows // BLOCK - self.first_block)  # [batch, rows, k]
         nb = n_blocks(n_keys)
         tiles = torch.zeros(listed.shape[0], len(rows), nb + 1, dtype=torch.bool, device=rows.device)
         tiles.scatter_(2, torch.where(listed < 0, nb, listed).long(), True)  # padding lands in the spare column
         return tiles[:, :, keys // BLOCK] & causal(rows, n_keys)
+
+
+def packed_lists(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A table ``[..., rows, k]`` of ascending key blocks padded with -1 at the end, as the
+    ``(blocks, start, count)`` of :class:`BlockSparseIndex` (start and count ``[..., rows]``); the
+    table itself is the buffer."""
+    width = table.shape[-1]
+    blocks = table.to(torch.int32).reshape(-1)
+    start = torch.arange(blocks.numel() // max(width, 1), device=table.device).view(table.shape[:-1]) * width
+    return blocks, start, (table >= 0).sum(dim=-1, dtype=torch.int32)
+
+
+def with_partial_block(blocks: torch.Tensor, start: torch.Tensor, count: torch.Tensor,
+                       q_start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk's lists ``(blocks, start [..., rows], count)`` of its whole query blocks with, when
+    ``q_start`` is not a multiple of 64, the partial first query block's list on top: every causal
+    key block ``0 .. q_start // 64`` (one list at the buffer's end, shared by every row ``[..., 0]``)."""
+    if q_start % BLOCK == 0:
+        return blocks, start, count
+    first_block = q_start // BLOCK
+    partial = torch.arange(first_block + 1, dtype=blocks.dtype, device=blocks.device)
+    one_row = (*start.shape[:-1], 1)
+    start = torch.cat([start.new_full(one_row, blocks.numel()), start], dim=-1)
+    count = torch.cat([count.new_full(one_row, first_block + 1), count], dim=-1)
+    return torch.cat([blocks, partial]), start, count
+
+
+def split_heads(blocks: torch.Tensor, start: torch.Tensor, count: torch.Tensor, first_block: int) -> list[BlockSparseIndex]:
+    """One index per head of lists ``start``/``count`` [batch, heads, rows] in one shared buffer."""
+    return [BlockSparseIndex(blocks, start[:, j], count[:, j], first_block) for j in range(start.shape[1])]
 
 
 def mean_pool_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -120,23 +173,21 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
         # Query block b has only b + 1 causal key blocks: the rest of its top-k are -inf, dropped.
         keep = (top.values > float("-inf")) & (rank < head_top_k[part][None, :, None, None])
         chosen.append(torch.where(keep, top.indices, nb).sort(dim=-1).values)
-    blocks = torch.cat(chosen, dim=1)
-    blocks = with_partial_block(torch.where(blocks == nb, -1, blocks), q_start)
-    # Each head's lists as wide as its budget, unless a partial first block lists more (all it sees).
-    widths = [blocks.shape[-1] if q_start % BLOCK else top_k for top_k in top_ks]
-    return [BlockSparseIndex(blocks=blocks[:, j, :, : widths[j]], first_block=first_block) for j in range(len(heads))]
+    table = torch.cat(chosen, dim=1)
+    lists = with_partial_block(*packed_lists(torch.where(table == nb, -1, table)), q_start)
+    return split_heads(*lists, first_block)
 
 
 # --- the GPU kernel's share and cost -------------------------------------------------------------------
 
 
 def add_to_plan(writer, heads: list[int], indices: list[BlockSparseIndex]) -> None:
-    writer.set_blocks(heads, stack_padded([index.blocks for index in indices], -1))
+    writer.set_blocks(heads, indices)
 
 
 def computed_pairs(index: BlockSparseIndex, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """([batch] tile pairs, [batch] gathered-column pairs) the kernel multiplies: 64 x 64 per listed tile."""
-    tiles = (index.blocks >= 0).sum(dim=(1, 2)).cpu()
+    tiles = index.count.sum(dim=1, dtype=torch.int64).cpu()
     return tiles * BLOCK * BLOCK, torch.zeros_like(tiles)
 
 

@@ -53,20 +53,6 @@ def query_start(q: torch.Tensor, k: torch.Tensor) -> int:
     return k.shape[-2] - q.shape[-2]
 
 
-def with_partial_block(blocks: torch.Tensor, q_start: int) -> torch.Tensor:
-    """A chunk's block lists ``[..., rows, k]`` (its whole query blocks) with, when ``q_start`` is not a
-    multiple of 64, the partial first query block's list on top: every causal key block
-    ``0 .. q_start // 64``. Padded with -1 to a common width."""
-    first_block = q_start // BLOCK
-    if q_start % BLOCK == 0:
-        return blocks
-    width = max(blocks.shape[-1], first_block + 1)
-    listed = torch.arange(width, device=blocks.device, dtype=blocks.dtype)
-    partial = torch.where(listed <= first_block, listed, -1).expand(*blocks.shape[:-2], 1, width)
-    rest = torch.nn.functional.pad(blocks, (0, width - blocks.shape[-1]), value=-1)
-    return torch.cat([partial, rest], dim=-2)
-
-
 def float_dtype(x: torch.Tensor) -> torch.dtype:
     """The estimators' arithmetic: float64 for float64 inputs, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -181,8 +181,11 @@ def layer_statistics(
 
 
 def _check_one(index: HeadIndex) -> None:
-    tensors = [t for t in vars(index).values() if isinstance(t, torch.Tensor)]
-    if getattr(index, "batch", 1) != 1 or any(t.shape[0] != 1 for t in tensors):
+    if hasattr(index, "batch"):  # indices without a batch dimension on every tensor say it
+        one = index.batch == 1
+    else:
+        one = all(t.shape[0] == 1 for t in vars(index).values() if isinstance(t, torch.Tensor))
+    if not one:
         raise ValueError("index_recall and index_cost take the index of one prompt (batch 1)")
 
 
