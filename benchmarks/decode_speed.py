@@ -4,14 +4,15 @@ Llama-3-8B shapes (32 query / 8 KV heads, head_dim 128), bf16 cache on the GPU, 
 token over a cache of N keys with random values (speed does not depend on them). Per length:
 
   dense_cudnn, dense_flash   torch SDPA of the one query over the whole cache (cuDNN / FA2 backends)
-  select                     sparse_prefill.decoding.select_pages: bounds kernel, softmax, top-k
+  select                     sparse_prefill.decoding.select_pages: ranking-key kernel, top-k, sort
   kernel                     decode_attention over the selection (split-K kernel + merge)
   sparse                     both, as sparse_decode_attention runs them
 
 CUDA events around each call, median of repeats after warm-up (benchmarks/timing.py). The cache
 (128K: 512 MiB per layer) is far larger than L2, so the dense numbers are memory-bound as in a real
-model. Eager launches: the selection's ~10 small launches are in these times, and on an H200 their CPU
-cost is most of it (2026-11-30: select 0.3-0.9 ms eager against 0.15 ms for dense SDPA at 128K).
+model. Eager launches: the selection's launches are in these times, and on an H200 their CPU cost
+is most of it (2026-11-30: select 0.3-0.9 ms eager with ~10 launches, 0.24-0.36 ms with the fused
+ranking kernel, against 0.15 ms for dense SDPA at 128K).
 
 So each path is also timed as one CUDA graph (``*_graph_ms``): the step of GRAPH_LAYERS layers, each
 with its own cache and summaries (so the summaries, 32 MiB a layer at 128K, are not served from the

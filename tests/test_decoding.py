@@ -399,6 +399,34 @@ def test_bounds_kernel_matches_pytorch(n_keys, page_size, heads, head_dim):
     torch.testing.assert_close(bounds, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("n_keys, page_size, heads, head_dim", [(1, 16, (1, 1), 64), (200, 16, (8, 2), 80),
+                                                                (513, 8, (4, 1), 128), (1500, 16, (3, 3), 16)])
+def test_ranking_keys_kernel_matches_pytorch(n_keys, page_size, heads, head_dim):
+    """The fused kernel's keys decode to the PyTorch scores (forced pages exactly), rank ties to the
+    lower page, and select what the PyTorch keys select."""
+    from sparse_prefill.decoding import FORCED_ORDER, _choose, _ranking_key, forced_pages
+    from sparse_prefill.kernels.decode import page_ranking_keys
+
+    q_heads, kv_heads = heads
+    q, k, _ = fresh_step(2, q_heads, kv_heads, n_keys, head_dim, dtype=KERNEL_DTYPES[-1], device=DEVICE)
+    summaries = page_summaries(k, page_size, capacity=n_keys + 100)
+    first_free, first_local = forced_pages(n_keys, page_size, 16, 64)
+    keys = page_ranking_keys(q, summaries.key_min, summaries.key_max, 0.3, first_free, first_local)
+    want = _ranking_key(page_scores(q.float(), page_summaries(k.float(), page_size), 0.3), first_free, first_local)
+    assert keys.dtype == torch.int64 and keys.shape == want.shape
+    assert torch.equal(keys & 0xFFFFFFFF, want & 0xFFFFFFFF)  # page order: a lower page wins a tie
+    order, want_order = keys >> 32, want >> 32
+    forced = want_order == FORCED_ORDER
+    assert torch.equal(order == FORCED_ORDER, forced)
+    as_float = lambda o: torch.where(o < 0, o ^ 0x7FFFFFFF, o).to(torch.int32).view(torch.float32)  # noqa: E731
+    torch.testing.assert_close(as_float(order[~forced]), as_float(want_order[~forced]), rtol=1e-5, atol=1e-4)
+    budget = 16 + 64 + 5 * page_size
+    got = _choose(keys, (2, kv_heads), n_keys, page_size, budget, 16, 64, keys.device)
+    expected = _choose(want, (2, kv_heads), n_keys, page_size, budget, 16, 64, keys.device)
+    if n_keys > budget:  # random bounds: no near-ties at 1e-5
+        assert torch.equal(got.pages, expected.pages)
+
+
 def test_kernel_reads_a_strided_cache_view():
     """A preallocated cache read up to its current length, and transformers' transposed queries."""
     from sparse_prefill.kernels.decode import decode_over_pages
@@ -440,3 +468,9 @@ def test_real_sizes_on_gpu(n_keys):
         ref, ref_lse = decode_attention_reference(q.float(), k.float(), v.float(), selection, return_lse=True)
         assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
         torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-2)
+    # The fused ranking kernel selects what PyTorch's bounds select (summation order aside: all but
+    # near-ties at the budget's edge).
+    on_gpu = select_pages(q, summaries, budget=4096).pages.cpu()
+    on_cpu = select_pages(q.cpu(), page_summaries(k.cpu()), budget=4096).pages
+    same = (on_gpu[..., :, None] == on_cpu[..., None, :]).any(-1).float().mean().item()
+    assert on_gpu.shape == on_cpu.shape and same >= 0.99, same

@@ -41,6 +41,7 @@ __all__ = [
     "decode_attention_reference",
     "forced_pages",
     "page_attention_mass",
+    "page_ranking_keys",
     "page_scores",
     "page_summaries",
     "page_upper_bounds",
@@ -427,15 +428,38 @@ def forced_pages(n_keys: int, page_size: int, sink: int, local: int) -> tuple[in
     return first_free, first_local
 
 
-def _ranking_key(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered as (score descending, page ascending), all distinct: ``topk`` on them picks
-    one well-defined set whatever its own tie handling. ``scores`` [..., n] float32 -> int64 [..., n]."""
+# Every forced page's ranking key: above any score's (the largest float32, +inf included, orders
+# as 0x7F800000), so that one top-k over all pages takes the forced ones first.
+FORCED_ORDER = 0x7FFFFFFF
+
+
+def _ranking_key(scores: torch.Tensor, first_free: int, first_local: int) -> torch.Tensor:
+    """int64 keys ordered as (forced first, then score descending, then page ascending), all
+    distinct: ``topk`` on them picks one well-defined set whatever its own tie handling.
+    ``scores`` [..., n_pages] float32 -> int64 [..., n_pages]. The GPU computes the same keys with
+    the bounds (``kernels.decode.page_ranking_keys``)."""
     bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
     # IEEE floats order as sign-magnitude integers: flipping a negative one's magnitude bits makes
     # the int32 order the float order.
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    later_first = torch.arange(scores.shape[-1] - 1, -1, -1, device=scores.device)  # lower page wins a tie
-    return (ordered << 32) + later_first
+    page = torch.arange(scores.shape[-1], device=scores.device)
+    ordered = torch.where((page < first_free) | (page >= first_local), FORCED_ORDER, ordered)
+    return (ordered << 32) + (scores.shape[-1] - 1 - page)  # a lower page wins a tie
+
+
+def page_ranking_keys(q: torch.Tensor, summaries: PageSummaries, first_free: int, first_local: int,
+                      scale: float | None = None) -> torch.Tensor:
+    """:func:`page_scores` as ranking keys (int64 [batch, kv_heads, n_pages]) with pages outside
+    ``first_free .. first_local - 1`` forced. On CUDA with float16/bfloat16 inputs one Triton
+    kernel computes them from the summaries: bounds, the group's largest and the key in one pass
+    (the separate steps were about ten small launches, most of a 128K step's selection time)."""
+    if q.is_cuda and q.dtype in LOW_PRECISION and summaries.dtype == q.dtype:
+        from .kernels.decode import page_ranking_keys as keys_on_gpu
+
+        batch, kv_heads, _, head_dim = summaries.shape
+        _check_query(q, kv_heads, head_dim, batch, "summaries")
+        return keys_on_gpu(q, summaries.key_min, summaries.key_max, check_scale(scale, head_dim), first_free, first_local)
+    return _ranking_key(page_scores(q, summaries, scale), first_free, first_local)
 
 
 def select_pages(q: torch.Tensor, summaries: PageSummaries, *, budget: int = DEFAULT_BUDGET,
@@ -477,10 +501,10 @@ def select_pages(q: torch.Tensor, summaries: PageSummaries, *, budget: int = DEF
         raise ValueError(f"q and summaries must be on one device, got q={q.device}, summaries={summaries.device}")
     first_free, first_local = forced_pages(n_keys, summaries.page_size, sink, local)
     if _n_chosen(n_keys, summaries.page_size, budget, first_free, first_local) in (0, first_local - first_free):
-        scores = None  # nothing to rank: only forced pages, or every page (dense)
+        keys = None  # nothing to rank: only forced pages, or every page (dense)
     else:
-        scores = page_scores(q, summaries, scale)
-    return _choose(scores, (batch, kv_heads), n_keys, summaries.page_size, budget, sink, local, summaries.device)
+        keys = page_ranking_keys(q, summaries, first_free, first_local, scale)
+    return _choose(keys, (batch, kv_heads), n_keys, summaries.page_size, budget, sink, local, summaries.device)
 
 
 def choose_pages(scores: torch.Tensor, n_keys: int, page_size: int, *, budget: int = DEFAULT_BUDGET,
@@ -508,7 +532,9 @@ def choose_pages(scores: torch.Tensor, n_keys: int, page_size: int, *, budget: i
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or scores.shape[2] != n_pages:
         raise ValueError(f"scores must be a tensor [batch, kv_heads, n_pages={n_pages}], got "
                          f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
-    return _choose(scores, tuple(scores.shape[:2]), n_keys, page_size, budget, sink, local, scores.device)
+    first_free, first_local = forced_pages(n_keys, page_size, sink, local)
+    keys = _ranking_key(scores, first_free, first_local)
+    return _choose(keys, tuple(scores.shape[:2]), n_keys, page_size, budget, sink, local, scores.device)
 
 
 def _n_chosen(n_keys: int, page_size: int, budget: int, first_free: int, first_local: int) -> int:
@@ -518,8 +544,10 @@ def _n_chosen(n_keys: int, page_size: int, budget: int, first_free: int, first_l
     return min(n_pages, max(-(-budget // page_size), n_forced)) - n_forced
 
 
-def _choose(scores: torch.Tensor | None, rows: tuple[int, int], n_keys: int, page_size: int, budget: int, sink: int,
+def _choose(keys: torch.Tensor | None, rows: tuple[int, int], n_keys: int, page_size: int, budget: int, sink: int,
             local: int, device: torch.device) -> PageSelection:
+    """The selection from ranking keys [*rows, n_pages] (:func:`_ranking_key`), or None where no
+    page is chosen by score (only the forced pages, or every page)."""
     first_free, first_local = forced_pages(n_keys, page_size, sink, local)
     n_chosen = _n_chosen(n_keys, page_size, budget, first_free, first_local)
     n_pages = -(-n_keys // page_size)
@@ -530,13 +558,11 @@ def _choose(scores: torch.Tensor | None, rows: tuple[int, int], n_keys: int, pag
     if n_chosen == first_local - first_free:  # every page is kept: dense
         return PageSelection(pages(0, n_pages).contiguous(), n_keys, page_size)
     if n_chosen == 0:
-        chosen = pages(0, 0)
-    else:
-        free = scores[..., first_free:first_local]  # [batch, kv_heads, free pages]
-        best = torch.topk(_ranking_key(free), n_chosen, dim=-1, sorted=False).indices
-        chosen = (best.sort(dim=-1).values + first_free).to(torch.int32)
-    selected = torch.cat([pages(0, first_free), chosen, pages(first_local, n_pages)], dim=-1)
-    return PageSelection(selected.contiguous(), n_keys, page_size)
+        return PageSelection(torch.cat([pages(0, first_free), pages(first_local, n_pages)], dim=-1).contiguous(),
+                             n_keys, page_size)
+    n_selected = first_free + n_chosen + n_pages - first_local
+    best = torch.topk(keys, n_selected, dim=-1, sorted=False).indices  # the forced pages' keys rank first
+    return PageSelection(best.sort(dim=-1).values.to(torch.int32), n_keys, page_size)
 
 
 # --- 3. attention ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_HEAD_DIM", "decode_over_pages", "page_bounds", "split_layout"]
+__all__ = ["MAX_HEAD_DIM", "decode_over_pages", "page_bounds", "page_ranking_keys", "split_layout"]
 
 LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
 # ln(2): a base-2 log-sum-exp times LN2 is the natural one. A tl.constexpr, because compiled Triton
@@ -130,14 +130,11 @@ def _merge_splits(
 
 
 @triton.jit
-def _page_bounds(
-    Q, Min, Max, Bounds,
-    stride_qb, stride_qh,
-    stride_sb, stride_sh, stride_sp,
-    kv_heads, n_pages, scale,
-    GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_P: tl.constexpr,
-):
+def _group_bounds(Q, Min, Max, stride_qb, stride_qh, stride_sb, stride_sh, stride_sp, kv_heads, n_pages, scale,
+                  GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_PADDED: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The logit bounds [GROUP_PADDED, BLOCK_P] of this program's KV head's query heads on its
+    ``BLOCK_P`` pages, with the pages and the batch and KV head they belong to."""
     block = tl.program_id(0)
     bh = tl.program_id(1)  # batch * kv_heads + kv_head
     batch = bh // kv_heads
@@ -158,8 +155,50 @@ def _page_bounds(
     q_pos = tl.maximum(q, 0.0).to(key_max.dtype)
     q_neg = tl.minimum(q, 0.0).to(key_min.dtype)
     bound = tl.dot(q_neg, tl.trans(key_min), tl.dot(q_pos, tl.trans(key_max))) * scale  # [GROUP_PADDED, BLOCK_P]
+    return bound, pages, batch, kv_head
+
+
+@triton.jit
+def _page_bounds(
+    Q, Min, Max, Bounds,
+    stride_qb, stride_qh,
+    stride_sb, stride_sh, stride_sp,
+    kv_heads, n_pages, scale,
+    GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    bound, pages, batch, kv_head = _group_bounds(Q, Min, Max, stride_qb, stride_qh, stride_sb, stride_sh, stride_sp,
+                                                 kv_heads, n_pages, scale, GROUP, GROUP_PADDED, HEAD_DIM,
+                                                 HEAD_DIM_PADDED, BLOCK_P)
+    heads = tl.arange(0, GROUP_PADDED)
     rows = (batch * kv_heads * GROUP + kv_head * GROUP + heads).to(tl.int64) * n_pages
-    tl.store(Bounds + rows[:, None] + pages[None, :], bound, mask=head_ok[:, None] & page_ok[None, :])
+    tl.store(Bounds + rows[:, None] + pages[None, :], bound, mask=(heads < GROUP)[:, None] & (pages < n_pages)[None, :])
+
+
+@triton.jit
+def _page_ranking_keys(
+    Q, Min, Max, Keys,
+    stride_qb, stride_qh,
+    stride_sb, stride_sh, stride_sp,
+    kv_heads, n_pages, first_free, first_local, scale,
+    GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """decoding._ranking_key of the group's largest bound, per page, in one pass."""
+    bound, pages, batch, kv_head = _group_bounds(Q, Min, Max, stride_qb, stride_qh, stride_sb, stride_sh, stride_sp,
+                                                 kv_heads, n_pages, scale, GROUP, GROUP_PADDED, HEAD_DIM,
+                                                 HEAD_DIM_PADDED, BLOCK_P)
+    heads = tl.arange(0, GROUP_PADDED)
+    score = tl.max(tl.where((heads < GROUP)[:, None], bound, float("-inf")), axis=0)  # [BLOCK_P]
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 ranks as +0.0
+    bits = score.to(tl.int32, bitcast=True)
+    # Sign-magnitude to two's-complement order: the int32 order is then the float order.
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    forced = (pages < first_free) | (pages >= first_local)
+    ordered = tl.where(forced, 0x7FFFFFFF, ordered)  # decoding.FORCED_ORDER
+    key = ordered * 4294967296 + (n_pages - 1 - pages).to(tl.int64)  # << 32; a lower page wins a tie
+    row = (batch * kv_heads + kv_head).to(tl.int64) * n_pages
+    tl.store(Keys + row + pages, key, mask=pages < n_pages)
 
 
 @functools.lru_cache(maxsize=None)
@@ -278,26 +317,49 @@ def page_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, s
     -------
     Tensor [batch, q_heads, n_pages], float32.
     """
-    batch, q_heads, _, head_dim = q.shape
-    kv_heads, n_pages = key_min.shape[1], key_min.shape[2]
+    _check_bounds_inputs(q, key_min, key_max)
+    batch, q_heads = q.shape[:2]
+    n_pages = key_min.shape[2]
+    bounds = torch.empty(batch, q_heads, n_pages, dtype=torch.float32, device=q.device)
+    _launch_bounds(_page_bounds, q, key_min, key_max, bounds, scale)
+    return bounds
+
+
+def page_ranking_keys(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, scale: float, first_free: int,
+                      first_local: int) -> torch.Tensor:
+    """:func:`sparse_prefill.decoding.page_ranking_keys` on the GPU: int64 [batch, kv_heads, n_pages].
+    Arguments as :func:`page_bounds`; pages outside ``first_free .. first_local - 1`` are forced."""
+    _check_bounds_inputs(q, key_min, key_max)
+    batch, kv_heads, n_pages = key_min.shape[:3]
+    keys = torch.empty(batch, kv_heads, n_pages, dtype=torch.int64, device=q.device)
+    _launch_bounds(_page_ranking_keys, q, key_min, key_max, keys, scale, first_free, first_local)
+    return keys
+
+
+def _check_bounds_inputs(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16) or key_min.dtype != q.dtype or key_max.dtype != q.dtype:
-        raise TypeError(f"page_bounds takes float16 or bfloat16 queries and summaries of the same dtype, got "
+        raise TypeError(f"page bounds take float16 or bfloat16 queries and summaries of the same dtype, got "
                         f"q={q.dtype}, key_min={key_min.dtype}, key_max={key_max.dtype}")
     if key_min.stride() != key_max.stride():
         raise ValueError(f"key_min and key_max must share one layout, got strides {key_min.stride()} and {key_max.stride()}")
     for name, tensor in (("q", q), ("key_min", key_min), ("key_max", key_max)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got stride {tensor.stride()}")
+
+
+def _launch_bounds(kernel, q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, out: torch.Tensor,
+                   scale: float, *forced: int) -> None:
+    """One program per 64 pages and (batch, KV head), all the group's query heads at once."""
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads, n_pages = key_min.shape[1], key_min.shape[2]
     group = q_heads // kv_heads
-    bounds = torch.empty(batch, q_heads, n_pages, dtype=torch.float32, device=q.device)
     block_p = 64
-    _page_bounds[(triton.cdiv(n_pages, block_p), batch * kv_heads)](
-        q, key_min, key_max, bounds,
+    kernel[(triton.cdiv(n_pages, block_p), batch * kv_heads)](
+        q, key_min, key_max, out,
         q.stride(0), q.stride(1),
         key_min.stride(0), key_min.stride(1), key_min.stride(2),
-        kv_heads, n_pages, scale,
+        kv_heads, n_pages, *forced, scale,
         GROUP=group, GROUP_PADDED=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)), BLOCK_P=block_p,
         num_warps=4,
     )
-    return bounds
