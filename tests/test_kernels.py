@@ -111,6 +111,30 @@ def test_kernel_on_a_chunk_with_the_whole_prompts_vertical_slash_index():
         torch.testing.assert_close(out.double(), ref.double(), rtol=2e-2, atol=2e-2)
 
 
+def test_first_launch_autotunes_on_the_last_query_blocks():
+    """A key's first launch over more than TUNING_BLOCKS query blocks is preceded by one over its last
+    TUNING_BLOCKS (where the autotuner chooses); the whole launch follows and the output is exact.
+    Later launches of the key are single."""
+    from sparse_prefill.kernels import sparse_attention as kernel_module
+
+    grids = []
+    real = kernel_module._sparse_attention_fwd
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    q, k, v = fresh_qkv(1, 2, 1, 300, 64, torch.float16)  # 5 query blocks
+    patterns = [Dense(), BlockSparse(2)]
+    with mock.patch.object(kernel_module, "_sparse_attention_fwd", Recording()), \
+            mock.patch.object(kernel_module, "TUNING_BLOCKS", 2), mock.patch.object(kernel_module, "_tuned", set()):
+        check_against_reference(q, k, v, patterns)
+        assert grids == [(2, 2), (5, 2)]
+        check_against_reference(q, k, v, patterns)
+        assert grids[2:] == [(5, 2)]
+
+
 def test_output_buffer_is_fully_written():
     q, k, v = fresh_qkv(2, 2, 1, 129, 64, torch.float16)
     from sparse_prefill.kernels import build_plan, run_plan

@@ -25,6 +25,14 @@ LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
 # Widest head the kernels hold in registers (a 64 x 256 query tile and its accumulator); wider
 # heads would spill or fail to compile, so they are refused before any work.
 MAX_HEAD_DIM = 256
+# Triton's autotuner times every configuration about eight times on the first launch of each key,
+# and the key holds no length: a first prompt of 1M tokens whose launch takes seconds would spend
+# minutes there (six configurations; the planted 1M default, ~20 s a launch, did not get through
+# them in 300 s). So the first launch of a key over more query blocks than this is preceded by a
+# launch over its last TUNING_BLOCKS only (the grid starts with the last, heaviest, query blocks):
+# the autotuner chooses there, and the whole launch reuses its choice and rewrites those rows.
+TUNING_BLOCKS = 128
+_tuned: set[tuple] = set()  # the keys (device, dtype, loops compiled in, ...) already autotuned
 
 
 @triton.jit
@@ -234,8 +242,22 @@ def run_plan(
     head_dim_padded = max(16, triton.next_power_of_2(head_dim))
     n_blocks, n_rows = plan.diagonal_limit.shape[1], plan.block_count.shape[1]
     # Query blocks with work: n_blocks - first_block for one sequence, the longest's for several.
-    grid = (n_rows, batch * q_heads)
+    grids = [(n_rows, batch * q_heads)]
     varlen = plan.sequences is not None
+    tuning_key = (q.device, q.dtype, head_dim_padded, plan.uses_diagonals, plan.uses_blocks, plan.uses_columns,
+                  lse is not None, varlen)
+    if tuning_key not in _tuned:
+        _tuned.add(tuning_key)
+        if n_rows > TUNING_BLOCKS:  # autotune on the last query blocks first (see TUNING_BLOCKS)
+            grids.insert(0, (TUNING_BLOCKS, batch * q_heads))
+    for grid in grids:
+        _launch(grid, q, k, v, out, lse, plan, scale, head_dim, head_dim_padded, n_blocks, n_rows, varlen)
+    return out
+
+
+def _launch(grid, q, k, v, out, lse, plan: SparsePlan, scale: float, head_dim: int, head_dim_padded: int,
+            n_blocks: int, n_rows: int, varlen: bool) -> None:
+    q_heads = q.shape[1]
     _sparse_attention_fwd[grid](
         q, k, v, out, out if lse is None else lse,  # Lse is never touched unless RETURN_LSE
         plan.diagonals, plan.diagonal_limit, plan.diagonal_flag, plan.window, plan.sink,
@@ -253,7 +275,6 @@ def run_plan(
         USES_DIAGONALS=plan.uses_diagonals, USES_BLOCKS=plan.uses_blocks, USES_COLUMNS=plan.uses_columns,
         RETURN_LSE=lse is not None, VARLEN=varlen,
     )
-    return out
 
 
 def _check_sequences(sequences: tuple[tuple[int, int, int, int], ...], batch: int, q_len: int, kv_len: int) -> None:
