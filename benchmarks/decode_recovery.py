@@ -237,7 +237,8 @@ def plot(data: dict, path: Path) -> Path:
             bottom.axhline(boundary, color="black", linewidth=0.6)
         figure.colorbar(image, ax=bottom, fraction=0.04, pad=0.02)
     meta = data["meta"]
-    figure.suptitle(f"Sparse decoding on {meta['model']}: the last {meta['steps']} positions as decode steps, "
+    # On two lines: one length's column is narrower than the title on one line.
+    figure.suptitle(f"Sparse decoding on {meta['model']}:\nthe last {meta['steps']} positions as decode steps, "
                     f"page {meta['page_size']}, sink {meta['sink']}, window {meta['local']} ({meta['date']})",
                     fontsize=11)
     figure.tight_layout()
