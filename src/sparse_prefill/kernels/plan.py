@@ -127,19 +127,24 @@ class PlanWriter:
         diagonals = torch.where(self.diagonal_flag, arange, nb).sort(dim=2).values[:, :, :nb]
         diagonal_limit = self.diagonal_flag[:, :, :nb].to(torch.int32).cumsum(dim=2)
 
-        # Heads may share a buffer (one estimate for several heads): each distinct buffer is taken once.
-        buffers: dict[tuple[int, int], int] = {}  # (address, length) -> offset in the plan's buffer
-        parts = []
-        block_start = torch.zeros(batch, q_heads, n_rows, dtype=torch.int64, device=device)
-        block_count = torch.zeros(batch, q_heads, n_rows, **int32)
+        # Heads share a buffer where one estimate served them: each distinct buffer is taken once, and
+        # its heads' starts are written together (a few launches per buffer, not per head).
+        sharing: dict[tuple[int, int], tuple[torch.Tensor, list[int], list]] = {}  # (address, length) -> ...
         for heads, listed in self._blocks:
             for head, index in zip(heads, listed):
                 key = (index.blocks.data_ptr(), index.blocks.numel())
-                if key not in buffers:
-                    buffers[key] = sum(part.numel() for part in parts)
-                    parts.append(index.blocks.to(torch.int32))
-                block_start[:, head] = index.start + buffers[key]
-                block_count[:, head] = index.count
+                sharing.setdefault(key, (index.blocks, [], []))
+                sharing[key][1].append(head)
+                sharing[key][2].append(index)
+        block_start = torch.zeros(batch, q_heads, n_rows, dtype=torch.int64, device=device)
+        block_count = torch.zeros(batch, q_heads, n_rows, **int32)
+        parts, offset = [], 0
+        for buffer, heads, listed in sharing.values():
+            parts.append(buffer.to(torch.int32))
+            where = _head_index(heads)
+            block_start[:, where] = torch.stack([index.start for index in listed], dim=1) + offset
+            block_count[:, where] = torch.stack([index.count for index in listed], dim=1)
+            offset += buffer.numel()
         blocks = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(1, **int32)
 
         max_columns = max([listed.shape[2] for _, listed in self._columns] + [1])
@@ -168,6 +173,14 @@ class PlanWriter:
             uses_blocks=bool(self._blocks),
             uses_columns=any(listed.shape[2] for _, listed in self._columns),
         )
+
+
+def _head_index(heads: list[int]) -> slice | list[int]:
+    """``heads`` as a slice where they are a run (every head of a Block-Coverage layer): indexing a
+    GPU tensor with a list copies the list from host memory, which waits for the GPU's queue."""
+    if heads == list(range(heads[0], heads[-1] + 1)):
+        return slice(heads[0], heads[-1] + 1)
+    return heads
 
 
 def plan_from_indices(indices: Sequence[HeadIndex], batch: int, seq: int, device: torch.device,
