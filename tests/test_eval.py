@@ -307,7 +307,7 @@ def test_eval_needle_smoke_scores_known_answers_and_resumes(tmp_path, capsys, mo
     assert summary["methods"]["dense"]["average"] == 100.0
     for name in ("needle.md", "needle_dense.png", "needle_sparse.png", "needle_a-shape.png", "needle_side_by_side.png"):
         assert (out / name).stat().st_size > 0, name
-    assert "| dense | 100.0 | 100.0 |" in capsys.readouterr().out
+    assert "| dense | 100.0 ± 0.0 | 100.0 ± 0.0 |" in capsys.readouterr().out
 
     # A second run recomputes nothing.
     def fail(*args, **kwargs):
@@ -493,3 +493,85 @@ def test_ruler_report_from_hand_built_records(tmp_path, lengths):
     assert (tmp_path / "ruler.png").stat().st_size > 0
     table = (tmp_path / "ruler.md").read_text()
     assert "| sparse + snapkv 1024 k9 |" in table and "| dense |" in table
+
+
+def _needle_records(label: str, length: int, scores: list[float]) -> list[dict]:
+    return [{"label": label, "length": length, "task": "needle", "index": 0, "depth": i / 10,
+             "key": f"needle/{length}/0/d{i}", "score": score} for i, score in enumerate(scores)]
+
+
+def test_needle_report_gives_standard_errors_and_paired_differences_against_dense(tmp_path):
+    from sparse_prefill.eval.report import write_report
+
+    records = (_needle_records("dense", 2048, [1, 1, 0, 0]) + _needle_records("sparse", 2048, [1, 0, 0, 0, 1])
+               + _needle_records("dense", 4096, [1, 1, 1, 1]) + _needle_records("sparse", 4096, [0, 0, 0, 1]))
+    summary = write_report("needle", records, tmp_path)
+    dense, sparse = summary["methods"]["dense"], summary["methods"]["sparse"]
+    # Dense at 2K: mean 0.5, sample SD sqrt(4 * 0.25 / 3), over sqrt(4).
+    assert dense["by_length"][2048] == 50.0 and dense["se_by_length"][2048] == pytest.approx(100 * (1 / 3) ** 0.5 / 2)
+    assert dense["se_by_length"][4096] == 0.0 and "vs_dense" not in dense
+    # Sparse at 2K counts its fifth record (no dense partner) in its score: 1,0,0,0,1.
+    assert sparse["by_length"][2048] == 40.0 and sparse["se_by_length"][2048] == pytest.approx(100 * 0.06 ** 0.5)
+    assert sparse["n_by_length"] == {2048: 5, 4096: 4}
+    # The average is over all nine samples.
+    assert sparse["average"] == pytest.approx(300 / 9)
+    versus = sparse["vs_dense"]
+    assert versus["unpaired"] == 1
+    # 2K: differences 0, -1, 0, 0 -> -25 points, SD sqrt(0.75 / 3) = 0.5, SE 0.25.
+    assert versus["by_length"][2048] == {"diff": -25.0, "se": 25.0, "pairs": 4, "differing": 1, "beyond_noise": False}
+    # 4K: -1, -1, -1, 0 -> -75 points ± 25: beyond 2 SE.
+    assert versus["by_length"][4096] == {"diff": -75.0, "se": 25.0, "pairs": 4, "differing": 3, "beyond_noise": True}
+    # Both lengths: eight pairs, -1 four times and 0 four times -> -50 ± sqrt(2/7)/sqrt(8).
+    assert versus["average"]["diff"] == -50.0 and versus["average"]["pairs"] == 8
+    assert versus["average"]["se"] == pytest.approx(100 * (2 / 7 / 8) ** 0.5)
+    table = (tmp_path / "needle.md").read_text()
+    assert "| dense | 50.0 ± 28.9 | 100.0 ± 0.0 | 75.0 ± 16.4 |" in table
+    assert "| sparse | -25.0 ± 25.0 (1/4) | **-75.0 ± 25.0 (3/4)** | **-50.0 ± 18.9 (4/8)** |" in table
+    assert "|difference| > 2 SE" in table and "left out of the differences: sparse 1." in table
+
+
+def test_needle_report_without_dense_or_with_single_samples_says_so(tmp_path):
+    from sparse_prefill.eval.report import write_report
+
+    summary = write_report("needle", _needle_records("sparse", 2048, [1]), tmp_path)
+    assert "vs_dense" not in summary["methods"]["sparse"]
+    table = (tmp_path / "needle.md").read_text()
+    assert "| sparse | 100.0 ± – | 100.0 ± – |" in table and "Difference against dense" not in table
+    with pytest.raises(ValueError, match="two 'dense' records for the same prompt 'needle/2048/0/d0'"):
+        write_report("needle", _needle_records("dense", 2048, [1]) * 2, tmp_path)
+
+
+@pytest.mark.parametrize("lengths", [[4096], [4096, 8192]])
+def test_ruler_report_weighs_tasks_equally_in_standard_errors_and_paired_differences(tmp_path, lengths):
+    """Records without a key pair by (task, length, index). Task a has four samples, task b two
+    (and one sparse sample with no dense partner), so equal task weights differ from pooling."""
+    from sparse_prefill.eval.report import write_report
+
+    scores = {("dense", "a"): [1, 1, 0, 0], ("sparse", "a"): [1, 0, 0, 0],
+              ("dense", "b"): [1, 0], ("sparse", "b"): [1, 0, 1]}
+    records = [{"label": label, "length": n, "task": task, "index": index, "score": float(score)}
+               for (label, task), values in scores.items() for n in lengths for index, score in enumerate(values)]
+    summary = write_report("ruler", records, tmp_path)
+    dense, sparse = summary["methods"]["dense"], summary["methods"]["sparse"]
+    se_a, se_b = 100 * (1 / 3) ** 0.5 / 2, 50.0  # dense: SD over four 1,1,0,0 / 2; over two 1,0 / sqrt(2)
+    for n in lengths:
+        assert dense["by_task_se"]["a"][n] == pytest.approx(se_a) and dense["by_task_se"]["b"][n] == pytest.approx(se_b)
+        assert dense["se_by_length"][n] == pytest.approx((se_a ** 2 + se_b ** 2) ** 0.5 / 2)
+        # Equal task weights: (25 + 66.7) / 2, not the pooled 3 of 7.
+        assert sparse["by_length"][n] == pytest.approx((25 + 200 / 3) / 2)
+    assert dense["average_se"] == pytest.approx((se_a ** 2 + se_b ** 2) ** 0.5 / 2 / len(lengths) ** 0.5)
+    versus = sparse["vs_dense"]
+    assert versus["unpaired"] == len(lengths)
+    # Task a: 0, -1, 0, 0 -> -25 ± 25; task b: 0, 0 -> 0 ± 0; the length: -12.5 ± sqrt(25² + 0²) / 2.
+    for n in lengths:
+        assert versus["by_task"]["a"][n]["diff"] == -25.0 and versus["by_task"]["b"][n]["se"] == 0.0
+        assert versus["by_length"][n] == {"diff": -12.5, "se": 12.5, "pairs": 6, "differing": 1, "beyond_noise": False}
+    assert versus["average"]["diff"] == -12.5 and versus["average"]["pairs"] == 6 * len(lengths)
+    assert versus["average"]["se"] == pytest.approx(12.5 / len(lengths) ** 0.5)
+    assert versus["average"]["differing"] == len(lengths)
+    table = (tmp_path / "ruler.md").read_text()
+    assert "| dense | " + " | ".join(["50.0 ± 28.9"] * len(lengths)) in table
+    assert "| sparse | " + " | ".join(["-12.5 ± 12.5 (1/6)"] * len(lengths)) in table
+    assert f"left out of the differences: sparse {len(lengths)}." in table
+    assert "| dense | 50.0 ± " in table.split("Per task")[1]  # task a's average, ± over its lengths
+    assert (tmp_path / "ruler.png").stat().st_size > 0

@@ -21,10 +21,110 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _se(values: Sequence[float]) -> float:
+    """Standard error of the mean: the sample standard deviation (n - 1) over sqrt(n); NaN below 2 values."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def _combined(cells: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Mean and standard error of an equal-weight mean of independent means given as (mean, se):
+    the se is sqrt(sum of se^2) / count. Cells whose mean is NaN (no data) are left out."""
+    cells = [(m, s) for m, s in cells if not math.isnan(m)]
+    if not cells:
+        return float("nan"), float("nan")
+    return _mean([m for m, _ in cells]), math.sqrt(sum(s * s for _, s in cells)) / len(cells)
+
+
+def _prompt(record: dict) -> Any:
+    """What a record was asked: its ``key``, else whichever of (task, length, index, depth) it has."""
+    if "key" in record:
+        return record["key"]
+    return tuple((name, record[name]) for name in ("task", "length", "index", "depth") if name in record)
+
+
+def _stratum(task: str, record: dict) -> Any:
+    """The cell a record's score is averaged in: its length (needle), its (task, length) (RULER)."""
+    return (record["task"], record["length"]) if task == "ruler" else record["length"]
+
+
+NOISE_SE = 2  # a difference is called beyond noise when |mean| > NOISE_SE standard errors
+
+
+def _difference(diffs: Sequence[float]) -> dict[str, Any]:
+    """Paired differences in points: their mean, its standard error, the pairs and the pairs that differ."""
+    return _difference_cell(_mean(diffs), _se(diffs), len(diffs), sum(d != 0 for d in diffs))
+
+
+def _difference_cell(diff: float, se: float, pairs: int, differing: int) -> dict[str, Any]:
+    beyond = bool(not math.isnan(se) and abs(diff) > NOISE_SE * se)
+    return {"diff": diff, "se": se, "pairs": pairs, "differing": differing, "beyond_noise": beyond}
+
+
+def _merged(cells: Sequence[dict]) -> dict[str, Any]:
+    """Equal-weight mean of difference cells (RULER's tasks, or a task's lengths), SEs combined."""
+    diff, se = _combined([(c["diff"], c["se"]) for c in cells])
+    return _difference_cell(diff, se, sum(c["pairs"] for c in cells), sum(c["differing"] for c in cells))
+
+
+def _by_prompt(label: str, records: Sequence[dict]) -> dict[Any, dict]:
+    mine: dict[Any, dict] = {}
+    for r in records:
+        prompt = _prompt(r)
+        if prompt in mine:
+            raise ValueError(f"two {label!r} records for the same prompt {prompt!r}: a record per prompt and label")
+        mine[prompt] = r
+    return mine
+
+
+def _against_dense(task: str, mine: Sequence[dict], dense: dict[Any, dict],
+                   lengths: Sequence[int]) -> dict[str, Any]:
+    """Paired differences (this label's score − dense's, in points) over the prompts both answered."""
+    diffs: dict[Any, list[float]] = {}
+    unpaired = 0
+    for r in mine:
+        partner = dense.get(_prompt(r))
+        if partner is None:
+            unpaired += 1
+            continue
+        diffs.setdefault(_stratum(task, r), []).append(100 * (r["score"] - partner["score"]))
+    result: dict[str, Any] = {"unpaired": unpaired}
+    if task == "needle":
+        result["by_length"] = {n: _difference(diffs[n]) for n in lengths if n in diffs}
+        result["average"] = _difference([d for values in diffs.values() for d in values])
+        return result
+    tasks = sorted({t for t, _ in diffs})
+    by_task = {t: {n: _difference(diffs[t, n]) for n in lengths if (t, n) in diffs} for t in tasks}
+    result["by_task"] = by_task
+    result["task_averages"] = {t: _merged(list(by_task[t].values())) for t in tasks}
+    result["by_length"] = {n: _merged([by_task[t][n] for t in tasks if n in by_task[t]])
+                           for n in lengths if any(n in by_task[t] for t in tasks)}
+    result["average"] = (_merged(list(result["task_averages"].values())) if tasks
+                         else _difference_cell(float("nan"), float("nan"), 0, 0))
+    return result
+
+
 def summarize(task: str, records: Sequence[dict]) -> dict[str, Any]:
-    """Scores per method label: by length (and depth or RULER task), and overall."""
+    """Scores per method label: by length (and depth or RULER task), and overall, with standard errors;
+    for every label but ``dense``, its paired difference against dense on the same prompts.
+
+    Needle: a length's score is the mean over its samples, ± the standard error of that mean; the
+    average is the mean over all samples, ± likewise. RULER: a length's score is the mean over tasks
+    of each task's mean there (every task weighs the same), ± sqrt(sum of the tasks' squared standard
+    errors) / tasks; a task's average is the mean over lengths of its means, the average the mean over
+    tasks of those, each ± combined the same way. The differences against dense (``vs_dense``) pair
+    records by prompt (``key``, else task, length, index, depth) and are averaged the same way, from
+    the per-pair differences; records with no dense partner are left out and counted (``unpaired``).
+    Perplexity (``ppl``): per length, from the summed losses of all windows, no standard error.
+    """
     labels, lengths = _labels(records), sorted({r["length"] for r in records})
     summary: dict[str, Any] = {"task": task, "labels": labels, "lengths": lengths, "methods": {}}
+    if task != "ppl":
+        summary["noise_rule"] = f"a difference against dense is beyond noise when |diff| > {NOISE_SE} se"
+    dense = _by_prompt("dense", [r for r in records if r["label"] == "dense"]) if "dense" in labels else None
     for label in labels:
         mine = [r for r in records if r["label"] == label]
         if task == "ppl":
@@ -41,8 +141,13 @@ def summarize(task: str, records: Sequence[dict]) -> dict[str, Any]:
                     }
             summary["methods"][label] = {"by_length": by_length}
             continue
-        by_length = {n: 100 * _mean([r["score"] for r in mine if r["length"] == n]) for n in lengths}
-        entry: dict[str, Any] = {"average": 100 * _mean([r["score"] for r in mine]), "by_length": by_length}
+        _by_prompt(label, mine)  # one record per prompt, or the pairing below means nothing
+        scores = {n: [100 * r["score"] for r in mine if r["length"] == n] for n in lengths}
+        entry: dict[str, Any] = {"average": _mean([s for values in scores.values() for s in values]),
+                                 "average_se": _se([s for values in scores.values() for s in values]),
+                                 "by_length": {n: _mean(scores[n]) for n in lengths},
+                                 "se_by_length": {n: _se(scores[n]) for n in lengths},
+                                 "n_by_length": {n: len(scores[n]) for n in lengths}}
         if task == "needle":
             depths = sorted({r["depth"] for r in mine})
             entry["depths"] = depths
@@ -50,36 +155,87 @@ def summarize(task: str, records: Sequence[dict]) -> dict[str, Any]:
                               for n in lengths] for d in depths]
         if task == "ruler":
             tasks = sorted({r["task"] for r in mine})
-            entry["by_task"] = {t: {n: 100 * _mean([r["score"] for r in mine if r["task"] == t and r["length"] == n])
-                                    for n in lengths} for t in tasks}
-            # RULER's average: every task weighs the same, whatever its sample count.
-            entry["average"] = _mean([_mean([v for v in entry["by_task"][t].values() if not math.isnan(v)]) for t in tasks])
+            cells = {t: {n: [100 * r["score"] for r in mine if r["task"] == t and r["length"] == n] for n in lengths}
+                     for t in tasks}
+            entry["by_task"] = {t: {n: _mean(cells[t][n]) for n in lengths} for t in tasks}
+            entry["by_task_se"] = {t: {n: _se(cells[t][n]) for n in lengths} for t in tasks}
+            # RULER's averages: every task weighs the same, whatever its sample count.
+            for n in lengths:
+                entry["by_length"][n], entry["se_by_length"][n] = _combined(
+                    [(entry["by_task"][t][n], entry["by_task_se"][t][n]) for t in tasks])
+            entry["task_averages"] = {}
+            for t in tasks:
+                mean, se = _combined([(entry["by_task"][t][n], entry["by_task_se"][t][n]) for n in lengths])
+                entry["task_averages"][t] = {"mean": mean, "se": se}
+            entry["average"], entry["average_se"] = _combined(
+                [(a["mean"], a["se"]) for a in entry["task_averages"].values()])
+        if dense is not None and label != "dense":
+            entry["vs_dense"] = _against_dense(task, mine, dense, lengths)
         summary["methods"][label] = entry
     return summary
 
 
+def _length_names(lengths: Sequence[int]) -> list[str]:
+    return [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths]
+
+
+def _score_cell(mean: float, se: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.1f} ± {se:.1f}" if not math.isnan(se) else f"{mean:.1f} ± –"
+
+
+def _difference_text(cell: dict | None) -> str:
+    if cell is None or cell["pairs"] == 0:
+        return "–"
+    diff = round(cell["diff"], 1) + 0.0  # no "-0.0"
+    se = f"{cell['se']:.1f}" if not math.isnan(cell["se"]) else "–"
+    text = f"{diff:+.1f} ± {se} ({cell['differing']}/{cell['pairs']})"
+    return f"**{text}**" if cell["beyond_noise"] else text
+
+
 def _markdown(summary: dict[str, Any]) -> str:
     task, lengths, methods = summary["task"], summary["lengths"], summary["methods"]
-    head = "| method | " + " | ".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths)
+    head = "| method | " + " | ".join(_length_names(lengths))
     if task == "ppl":
         lines = [head + " |", "|---" * (len(lengths) + 1) + "|"]
         for label, entry in methods.items():
             cells = [f"{entry['by_length'][n]['ppl']:.3f}" if n in entry["by_length"] else "–" for n in lengths]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "Perplexity (whole window) by window length.\n\n" + "\n".join(lines) + "\n"
-    lines = [head + " | average |", "|---" * (len(lengths) + 2) + "|"]
+    rule = "|---" * (len(lengths) + 2) + "|"
+    lines = [head + " | average |", rule]
     for label, entry in methods.items():
-        cells = [f"{entry['by_length'][n]:.1f}" for n in lengths]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {entry['average']:.1f} |")
-    text = f"{'Needle retrieval' if task == 'needle' else 'RULER-style average'} (%) by prompt length.\n\n" + "\n".join(lines) + "\n"
+        cells = [_score_cell(entry["by_length"][n], entry["se_by_length"][n]) for n in lengths]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_score_cell(entry['average'], entry['average_se'])} |")
+    if task == "needle":
+        caption = ("Needle retrieval (%) by prompt length, ± the standard error of the mean over the samples "
+                   "(the average: over all samples).")
+    else:
+        caption = ("RULER-style average (%) by prompt length, ± standard error: each task's mean ± its standard "
+                   "error over samples, averaged with every task weighing the same (SE = sqrt(sum of the tasks' "
+                   "SE²) / tasks).")
+    text = caption + "\n\n" + "\n".join(lines) + "\n"
+    compared = {label: entry["vs_dense"] for label, entry in methods.items() if "vs_dense" in entry}
+    if compared:
+        rows = [head + " | average |", rule]
+        for label, versus in compared.items():
+            cells = [_difference_text(versus["by_length"].get(n)) for n in lengths]
+            rows.append(f"| {label} | " + " | ".join(cells) + f" | {_difference_text(versus['average'])} |")
+        unpaired = [f"{label} {versus['unpaired']}" for label, versus in compared.items() if versus["unpaired"]]
+        text += ("\nDifference against dense (paired, ± SE; pairs differing), in points: each record minus "
+                 "dense's on the same prompt" + (", tasks weighing the same" if task == "ruler" else "")
+                 + f". **Bold**: beyond noise, |difference| > {NOISE_SE} SE.\n\n" + "\n".join(rows) + "\n"
+                 + "\nRecords with no dense record on the same prompt, left out of the differences: "
+                 + (", ".join(unpaired) if unpaired else "none") + ".\n")
     if task == "ruler":
         tasks = sorted({t for entry in methods.values() for t in entry["by_task"]})
         rows = ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
         for label, entry in methods.items():
-            cells = [f"{_mean([v for v in entry['by_task'][t].values() if not math.isnan(v)]):.1f}" if t in entry["by_task"] else "–"
-                     for t in tasks]
+            averages = entry["task_averages"]
+            cells = [_score_cell(averages[t]["mean"], averages[t]["se"]) if t in averages else "–" for t in tasks]
             rows.append(f"| {label} | " + " | ".join(cells) + " |")
-        text += "\nPer task (%), averaged over lengths.\n\n" + "\n".join(rows) + "\n"
+        text += "\nPer task (%), averaged over lengths, ± standard error.\n\n" + "\n".join(rows) + "\n"
     return text
 
 
@@ -102,10 +258,6 @@ def _pyplot():
     return plt
 
 
-def _length_names(lengths: Sequence[int]) -> list[str]:
-    return [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths]
-
-
 NEEDLE_PANELS_PER_ROW = 6
 
 
@@ -115,7 +267,7 @@ def _heatmap(axis, entry: dict, lengths: Sequence[int], title: str):
     axis.set_yticks(range(len(entry["depths"])), [f"{100 * d:.0f}%" for d in entry["depths"]])
     # Two lines: panels are narrow when there are few lengths, and labels like
     # 'sparse (uniform) + snapkv 1024 k9' would run into their neighbours.
-    axis.set_title(f"{title}\naverage {entry['average']:.1f}%", fontsize=9)
+    axis.set_title(f"{title}\naverage {_score_cell(entry['average'], entry['average_se'])}%", fontsize=9)
     return image
 
 
@@ -184,13 +336,16 @@ def _plot_ruler(summary: dict, out: Path) -> None:
         colors = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
         for i, label in enumerate(labels):
             entry = methods[label]
-            averages = [_mean([entry["by_task"][t][n] for t in entry["by_task"]
-                               if not math.isnan(entry["by_task"][t][n])]) for n in lengths]
-            lines.plot(range(len(lengths)), averages, marker="o", label=label, color=colors(i % colors.N))
+            averages = [entry["by_length"][n] for n in lengths]
+            errors = [0.0 if math.isnan(entry["se_by_length"][n]) else entry["se_by_length"][n] for n in lengths]
+            # Offset a little per method so that equal scores and their error bars stay apart.
+            step = min(0.03, 0.4 / len(labels))
+            where = [x + step * (i - (len(labels) - 1) / 2) for x in range(len(lengths))]
+            lines.errorbar(where, averages, yerr=errors, marker="o", capsize=3, label=label, color=colors(i % colors.N))
         lines.set_xticks(range(len(lengths)), names)
         lines.set_xlabel("prompt length (tokens)")
         lines.set_ylim(0, 105)
-        lines.set_title("average over tasks", fontsize=10)
+        lines.set_title("average over tasks, ± standard error", fontsize=10)
         lines.grid(alpha=0.3)
         lines.legend(fontsize=7)
     figure.savefig(out / "ruler.png", dpi=120)
