@@ -427,6 +427,34 @@ def test_ranking_keys_kernel_matches_pytorch(n_keys, page_size, heads, head_dim)
         assert torch.equal(got.pages, expected.pages)
 
 
+@pytest.mark.parametrize("rows, n_pages, n_selected, ties", [(1, 1, 1, False), (3, 100, 7, False), (2, 5000, 300, False),
+                                                           (4, 3000, 2999, True), (2, 4097, 1000, True),
+                                                           (1, 2048, 2048, False)])
+def test_top_pages_kernel_selects_what_topk_selects(rows, n_pages, n_selected, ties):
+    """The radix select equals topk then a sort on ranking keys, ties in the score (rounded scores,
+    the forced pages' shared key) going to the lower page."""
+    from sparse_prefill.decoding import _ranking_key
+    from sparse_prefill.kernels.decode import top_pages
+
+    scores = fresh(rows, n_pages, device=DEVICE)
+    if ties:
+        scores = (2 * scores).round() / 2  # a few distinct values: long runs of equal scores
+    scores[0, : n_pages // 3] = -scores[0, : n_pages // 3].abs()  # negative scores order below positive ones
+    keys = _ranking_key(scores, min(3, n_pages), max(min(3, n_pages), n_pages - 50))
+    want = torch.topk(keys, n_selected, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    assert torch.equal(top_pages(keys, n_selected), want)
+
+
+def test_top_pages_kernel_rejects_what_it_cannot_run():
+    from sparse_prefill.kernels.decode import top_pages
+
+    keys = torch.zeros(2, 10, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="n_selected must be in 1 .. n_pages=10, got n_selected=11"):
+        top_pages(keys, 11)
+    with pytest.raises(ValueError, match="keys must be a contiguous int64 tensor, got torch.int32"):
+        top_pages(keys.int(), 3)
+
+
 def test_kernel_reads_a_strided_cache_view():
     """A preallocated cache read up to its current length, and transformers' transposed queries."""
     from sparse_prefill.kernels.decode import decode_over_pages

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_HEAD_DIM", "decode_over_pages", "page_bounds", "page_ranking_keys", "split_layout"]
+__all__ = ["MAX_HEAD_DIM", "decode_over_pages", "page_bounds", "page_ranking_keys", "split_layout", "top_pages", "RADIX_SELECT_MAX_PAGES"]
 
 LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
 # ln(2): a base-2 log-sum-exp times LN2 is the natural one. A tl.constexpr, because compiled Triton
@@ -201,6 +201,66 @@ def _page_ranking_keys(
     tl.store(Keys + row + pages, key, mask=pages < n_pages)
 
 
+# The selection's top-k: a radix select on the ranking keys' high 32 bits (the ordered score), one
+# 8-bit digit per pass, then one pass that writes the chosen pages in page order. One program per
+# row, so its time grows with the pages while torch.topk's barely does. H200, 8 rows, graphed
+# (2026-12-01): 57 us against topk + sort's 94 us at 16384 pages; 568 against 133 at 131072. (A
+# 256-bin tl.histogram beat 4-bit digits counted by comparison, 2.4x, and 2048 bins, 4x.)
+RADIX_SELECT_MAX_PAGES = 16384  # the largest page count measured faster than topk + sort
+
+
+@triton.jit
+def _radix_digit(keys_row, n_pages, prefix, remaining, HI: tl.constexpr, LO: tl.constexpr, BINS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Narrow the threshold by one digit (bits ``LO .. HI - 1`` of the unsigned order).
+
+    ``prefix`` is the threshold's bits from ``HI`` up; ``remaining`` how many pages with those bits
+    are still to be chosen. Returns both extended by the digit: the largest digit value at or
+    above which at least ``remaining`` of the matching pages lie, and the count still wanted at it."""
+    bins = tl.arange(0, BINS)
+    hist = tl.zeros([BINS], tl.int32)
+    offsets = tl.arange(0, BLOCK)
+    for start in range(0, n_pages, BLOCK):
+        pages = start + offsets
+        ok = pages < n_pages
+        order = (tl.load(keys_row + pages, mask=ok, other=0) >> 32) + 2147483648  # signed score -> 0 .. 2**32 - 1
+        match = ok & ((order >> HI) == prefix)
+        digit = ((order >> LO) & (BINS - 1)).to(tl.int32)
+        hist += tl.histogram(digit, BINS, mask=match)
+    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+    chosen = tl.max(tl.where(at_or_above >= remaining, bins, -1), 0)
+    remaining -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
+    return prefix * BINS + chosen, remaining
+
+
+@triton.jit
+def _top_pages(Keys, Pages, n_pages, n_selected, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (batch, KV head) row: the ``n_selected`` largest keys' pages, ascending."""
+    row = tl.program_id(0).to(tl.int64)
+    keys_row = Keys + row * n_pages
+    threshold = row * 0  # int64 (n_pages may be specialised to a constant 1)
+    remaining = n_selected
+    for level in tl.static_range(32 // DIGIT_BITS):
+        threshold, remaining = _radix_digit(keys_row, n_pages, threshold, remaining, 32 - level * DIGIT_BITS,
+                                            32 - (level + 1) * DIGIT_BITS, 1 << DIGIT_BITS, BLOCK)
+    # Every page above the threshold, and the first ``remaining`` pages at it: a lower page wins a
+    # tie, as the keys' low bits say. Walking the pages in order writes them sorted.
+    offsets = tl.arange(0, BLOCK)
+    written = 0
+    ties_seen = 0
+    for start in range(0, n_pages, BLOCK):
+        pages = start + offsets
+        ok = pages < n_pages
+        order = (tl.load(keys_row + pages, mask=ok, other=0) >> 32) + 2147483648
+        tie = (ok & (order == threshold)).to(tl.int32)
+        tie_rank = ties_seen + tl.cumsum(tie, 0) - tie
+        chosen = ((ok & (order > threshold)) | ((tie == 1) & (tie_rank < remaining))).to(tl.int32)
+        slot = written + tl.cumsum(chosen, 0) - chosen
+        tl.store(Pages + row * n_selected + slot, pages.to(tl.int32), mask=chosen == 1)
+        written += tl.sum(chosen, 0)
+        ties_seen += tl.sum(tie, 0)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -363,3 +423,30 @@ def _launch_bounds(kernel, q: torch.Tensor, key_min: torch.Tensor, key_max: torc
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)), BLOCK_P=block_p,
         num_warps=4,
     )
+
+
+def top_pages(keys: torch.Tensor, n_selected: int) -> torch.Tensor:
+    """The pages of the ``n_selected`` largest ranking keys per row, ascending: what ``torch.topk``
+    then a sort of the indices give on :func:`page_ranking_keys`'s distinct keys.
+
+    Parameters
+    ----------
+    keys : Tensor [..., n_pages], int64, contiguous
+        Ranking keys (``decoding._ranking_key``): high 32 bits the ordered score, low 32 bits
+        ``n_pages - 1 - page``.
+    n_selected : int
+        ``1 <= n_selected <= n_pages``.
+
+    Returns
+    -------
+    Tensor [..., n_selected], int32.
+    """
+    n_pages = keys.shape[-1]
+    if keys.dtype != torch.int64 or not keys.is_contiguous():
+        raise ValueError(f"keys must be a contiguous int64 tensor, got {keys.dtype} with strides {keys.stride()}")
+    if not 1 <= n_selected <= n_pages:
+        raise ValueError(f"n_selected must be in 1 .. n_pages={n_pages}, got n_selected={n_selected}")
+    pages = torch.empty(*keys.shape[:-1], n_selected, dtype=torch.int32, device=keys.device)
+    rows = keys.numel() // n_pages
+    _top_pages[(rows,)](keys, pages, n_pages, n_selected, DIGIT_BITS=8, BLOCK=4096, num_warps=8)
+    return pages
