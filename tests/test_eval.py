@@ -361,10 +361,160 @@ def test_an_interrupted_eval_loses_no_finished_sample(tmp_path, monkeypatch):
     assert 5 < ppl["dense"] < 60 and all(abs(p / ppl["dense"] - 1) < 0.25 for p in ppl.values()), ppl
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer):
+    """A two-layer Llama with SmolLM2's tokenizer, saved as a model directory, for `eval` end to end in
+    seconds. Its final norm is zero, so every logit is equal and greedy decoding picks token 0, which its
+    config makes the end of sequence: a prefill and one step per prompt. It answers nothing right."""
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.generation_config.eos_token_id = 0
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_runs_the_sparse_method_once_per_preset_into_one_results_file(tmp_path, tiny_model, capsys, monkeypatch):
+    out = tmp_path / "needle"
+    common = ["eval", "needle", "--model", str(tiny_model), "--method", "dense,sparse", "--lengths", "1k",
+              "--depths", "0,1", "--out", str(out), "--no-progress", "--device", "cpu"]
+    applied = []
+    real_apply = runner.apply_method
+
+    def spy(model, method, seq_len, config=None, preset="default", **kwargs):
+        applied.append((method, preset))
+        return real_apply(model, method, seq_len, config, preset, **kwargs)
+
+    monkeypatch.setattr(runner, "apply_method", spy)
+    assert cli.main(common + ["--preset", "default,fast"]) == 0
+    records = _records(out / "needle.jsonl")
+    assert Counter(r["label"] for r in records) == {"dense": 2, "sparse": 2, "sparse (fast)": 2}
+    assert {r["config"] for r in records if r["label"] == "sparse"} == {"preset default"}
+    assert {r["config"] for r in records if r["label"] == "sparse (fast)"} == {"preset fast"}
+    assert all(r["sparse_layers"] == 2 for r in records if r["method"] == "sparse")  # the sparse path ran
+    assert [p for m, p in applied if m == "sparse"] == ["default", "default", "fast", "fast"]
+    summary = json.loads((out / "needle_summary.json").read_text())
+    assert list(summary["methods"]) == ["dense", "sparse", "sparse (fast)"]
+    assert summary["methods"]["sparse (fast)"]["vs_dense"]["average"]["pairs"] == 2
+    assert (out / "needle_sparse_fast.png").stat().st_size > 0
+    assert "| sparse (fast) | 0.0 ± 0.0 |" in capsys.readouterr().out
+
+    # Resumable per (prompt, label): each preset alone, or both, finds its records; a new preset runs alone.
+    ran = []
+    real_evaluate = runner._evaluate
+    monkeypatch.setattr(runner, "_evaluate", lambda *a, **k: ran.append(1) or real_evaluate(*a, **k))
+    for presets in ("default,fast", "fast", "default"):
+        assert cli.main(common + ["--preset", presets]) == 0
+    assert ran == []
+    assert cli.main(common + ["--preset", "fast,dense"]) == 0
+    assert len(ran) == 2 and Counter(r["label"] for r in _records(out / "needle.jsonl"))["sparse (dense)"] == 2
+
+
+def test_eval_all_runs_needle_ruler_and_ppl_into_one_out_and_resumes(tmp_path, tiny_model, capsys, monkeypatch):
+    out = tmp_path / "all"
+    args = ["eval", "all", "--smoke", "--model", str(tiny_model), "--method", "dense,sparse", "--tasks", "niah_single",
+            "--text", "pg", "--out", str(out), "--no-progress", "--device", "cpu"]
+    real = runner._evaluate
+    ran = []
+
+    def interrupt_eighth(spec, *args, **kwargs):
+        ran.append(spec.task)
+        if len(ran) == 8:  # ruler's second sample: needle done, ruler half done, ppl not started
+            raise KeyboardInterrupt
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_evaluate", interrupt_eighth)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args)
+    assert ran == ["needle"] * 6 + ["ruler"] * 2
+    assert not (out / "ppl.jsonl").exists() and len(_records(out / "ruler.jsonl")) == 1
+    capsys.readouterr()
+
+    ran.clear()
+    monkeypatch.setattr(runner, "_evaluate", lambda spec, *a, **k: ran.append(spec.task) or real(spec, *a, **k))
+    assert cli.main(args) == 0
+    assert ran == ["ruler", "ppl", "ppl"]  # only what the interrupted run had not stored
+    captured = capsys.readouterr()
+    for task in ("needle", "ruler", "ppl"):
+        assert (out / f"{task}.md").read_text() in captured.out and f"## {task}\n" in captured.out
+        assert (out / f"{task}_summary.json").stat().st_size > 0
+        assert {r["label"] for r in _records(out / f"{task}.jsonl")} == {"dense", "sparse"}
+    assert "results, tables (needle.md, ruler.md, ppl.md) and plots in" in captured.err
+    for name in ("needle_side_by_side.png", "ruler.png", "ppl.png"):
+        assert (out / name).stat().st_size > 0, name
+    # Each task with its own defaults and options: --smoke's 1K and three depths, one sample per RULER
+    # task (only niah_single) and one ppl window of the text asked for.
+    assert sorted(r["depth"] for r in _records(out / "needle.jsonl") if r["label"] == "dense") == [0.0, 0.5, 1.0]
+    assert [(r["task"], r["length"]) for r in _records(out / "ruler.jsonl")] == [("niah_single", 1024)] * 2
+    assert [r["text"] for r in _records(out / "ppl.jsonl")] == ["pg", "pg"]
+
+    # A finished `all` rerun runs nothing.
+    monkeypatch.setattr(runner, "_evaluate", lambda *a, **k: pytest.fail("a stored sample ran"))
+    assert cli.main(args) == 0
+    assert [len(_records(out / f"{task}.jsonl")) for task in ("needle", "ruler", "ppl")] == [6, 2, 2]
+
+
+def test_eval_all_gives_each_task_the_options_it_reads(tmp_path, monkeypatch):
+    """Options that only some tasks read go to those under all; the rest keep the task's defaults
+    (ppl: a full cache and dense decoding). The specs are captured, so no model loads."""
+    specs = []
+
+    def capture(given):
+        specs.extend(given)
+        for spec in given:
+            (tmp_path / f"{spec.task}.md").write_text(f"{spec.task} table\n")
+        return [{"methods": {"dense": {}}}] * len(given)
+
+    monkeypatch.setattr(runner, "run_evals", capture)
+    assert cli.main(["eval", "all", "--out", str(tmp_path), "--method", "dense,sparse", "--preset", "default,fast",
+                     "--lengths", "8k,16k", "--samples", "20", "--depths", "0.5", "--tasks", "vt,cwe",
+                     "--haystack", "kjv", "--text", "austen", "--kv", "snapkv", "--kv-capacity", "512",
+                     "--kv-kernel", "7", "--decode-budget", "1024", "--prompt-style", "completion"]) == 0
+    needle, ruler, ppl = specs
+    assert [needle.task, ruler.task, ppl.task] == ["needle", "ruler", "ppl"]
+    for spec in specs:
+        spec.check()  # each valid for its task: ppl would refuse --kv and --decode-budget
+        assert list(spec.presets) == ["default", "fast"] and list(spec.lengths) == [8192, 16384]
+        assert list(spec.methods) == ["dense", "sparse"]
+    assert list(needle.depths) == [0.5] and needle.samples is None and needle.haystack == "kjv"
+    assert ruler.samples == 20 and list(ruler.ruler_tasks) == ["vt", "cwe"] and ruler.haystack == "kjv"
+    assert ppl.samples == 20 and ppl.text == "austen"
+    for spec in (needle, ruler):
+        assert (spec.kv, spec.kv_capacity, spec.kv_kernel, spec.decode_budget, spec.prompt_style) == \
+            ("snapkv", 512, 7, 1024, "completion")
+    assert (ppl.kv, ppl.kv_capacity, ppl.kv_kernel, ppl.decode_budget, ppl.prompt_style) == ("full", None, None, None, "auto")
+    # Defaults per task: all RULER tasks and every depth unless asked; ruler and ppl pick their own sample counts.
+    specs.clear()
+    assert cli.main(["eval", "all", "--out", str(tmp_path), "--smoke"]) == 0
+    needle, ruler, ppl = specs
+    assert list(ruler.ruler_tasks) == list(TASKS) and list(needle.depths) == [0.0, 0.5, 1.0]
+    assert (needle.samples, ruler.samples, ppl.samples) == (None, 1, 1) and list(ppl.presets) == ["default"]
+    specs.clear()
+    assert cli.main(["eval", "all", "--out", str(tmp_path)]) == 0
+    needle, ruler, ppl = specs
+    assert (needle.samples, ruler.samples, ppl.samples) == (None, None, None) and len(needle.depths) == 11
+
+
+def test_eval_spec_refuses_a_preset_string_for_a_list():
+    with pytest.raises(ValueError, match="presets must be a sequence of preset names such as .*, got the string 'fast'"):
+        runner.EvalSpec(task="needle", out="x", presets="fast").check()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["eval", "haystack"], "unknown eval task 'haystack'; expected one of needle, ruler, ppl"),
+        (["eval", "haystack"], "unknown eval task 'haystack'; expected one of needle, ruler, ppl or all"),
         (["eval", "needle", "--method", "dense,flash"], "--method: unknown flash"),
         (["eval", "needle", "--lengths", "16k", "--no-rope-scaling"], "exceed the model's context of 8192"),
         (["eval", "needle", "--haystack", "pg19"], "--haystack 'pg19' is not a known text"),
@@ -395,6 +545,22 @@ def test_eval_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
         (["ruler", "--text", "austen"], "--text applies to ppl, not ruler"),
         (["needle", "--preset", "fast", "--config", "patterns.json"], "--preset and --config both choose"),
         (["needle", "--preset", "fast", "--method", "dense,a-shape"], "--preset chooses the sparse method's patterns"),
+        # A list of presets: every item checked, with the same messages.
+        (["needle", "--preset", "default,nope"], "--preset must be one of default, fast, dense, got 'nope'"),
+        (["needle", "--preset", "default,,fast"], "--preset takes preset names separated by commas, such as "
+                                                  "default,fast; got an empty name in 'default,,fast'"),
+        (["ruler", "--preset", "fast,"], "got an empty name in 'fast,'"),
+        (["ppl", "--preset", "fast, fast"], "--preset names fast more than once: each preset runs once"),
+        (["needle", "--preset", "default,fast", "--config", "patterns.json"], "--preset and --config both choose"),
+        (["all", "--preset", "default,fast", "--method", "dense"], "--preset chooses the sparse method's patterns"),
+        # Under all, every task's options are checked before the model loads, the last task's too.
+        (["all", "--text", "nope"], "--text 'nope' is not a known text"),
+        (["all", "--tasks", "qa_squad"], "unknown RULER task(s) qa_squad"),
+        (["all", "--samples", "0"], "--samples must be >= 1, got 0"),
+        (["all", "--kv", "snapkv", "--kv-kernel", "4"], "--kv snapkv: kernel must be an odd positive int"),
+        (["all", "--decode-budget", "8"], "--decode-budget: budget must be at least sink + local"),
+        (["all", "--smoke", "--depths", "0.5"], "drop --smoke to choose --depths yourself"),
+        (["all", "--prompt-style", "chat", "--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N"),
         (["ruler", "--tasks", "qa_squad"], "unknown RULER task(s) qa_squad"),
         (["needle", "--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu9'"),
         (["needle", "--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),

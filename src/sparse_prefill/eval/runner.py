@@ -23,7 +23,7 @@ from ..checks import check_device, check_writable_directory, load_config_option
 from .store import ResultStore
 from .texts import TEXTS
 
-__all__ = ["EVAL_TASKS", "EvalSpec", "run_eval"]
+__all__ = ["EVAL_TASKS", "EvalSpec", "run_eval", "run_evals"]
 
 EVAL_TASKS = ("needle", "ruler", "ppl")
 PPL_BUCKETS = 16  # perplexity is reported per sixteenth of the window
@@ -38,7 +38,7 @@ class EvalSpec:
     model: str = "default"
     methods: Sequence[str] = METHODS
     config: str | None = None
-    preset: str = "default"
+    presets: Sequence[str] = ("default",)  # the sparse method runs once per preset, each under its own label
     lengths: Sequence[int] = (2048, 4096, 8192)
     samples: int | None = None
     depths: Sequence[float] = DEFAULT_DEPTHS
@@ -79,8 +79,17 @@ class EvalSpec:
             raise ValueError("--config sets the sparse method's patterns; add sparse to --method")
         from ..presets import PRESETS
 
-        if self.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if isinstance(self.presets, str):  # iterating "fast" would name presets "f", "a", ...
+            raise ValueError(f"presets must be a sequence of preset names such as ('default', 'fast'), "
+                             f"got the string {self.presets!r}")
+        if not self.presets:
+            raise ValueError(f"--preset names no preset; expected some of {', '.join(PRESETS)}")
+        for preset in self.presets:
+            if preset not in PRESETS:
+                raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        twice = sorted({p for p in self.presets if list(self.presets).count(p) > 1})
+        if twice:
+            raise ValueError(f"--preset names {', '.join(twice)} more than once: each preset runs once")
         from ..kv_cache import METHODS as KV_METHODS
 
         if self.kv not in KV_METHODS:
@@ -145,12 +154,55 @@ def _kv_suffix(spec: EvalSpec) -> str:
 
 def run_eval(spec: EvalSpec) -> dict[str, Any]:
     """Run what ``spec`` asks for that ``spec.out`` does not hold yet; write the report; return its summary."""
-    spec.check()
+    return run_evals([spec])[0]
+
+
+def run_evals(specs: Sequence[EvalSpec]) -> list[dict[str, Any]]:
+    """Run several evaluations in turn (``sparse-prefill eval all``: needle, ruler, ppl); return their summaries.
+
+    Every spec is checked first, then every spec's model-dependent checks run and its prompts are
+    built, all before the first sample: a problem with the last task is reported before the first
+    task spends hours. Each task stores, resumes and reports on its own, as :func:`run_eval` does.
+    """
+    for spec in specs:
+        spec.check()
+    plans = [_plan(spec) for spec in specs]
+    return [_run(plan) for plan in plans]
+
+
+@dataclass
+class _Plan:
+    """One checked evaluation, its model loaded and its prompts built: what is left is running them."""
+
+    spec: EvalSpec
+    device: torch.device
+    dtype: torch.dtype
+    config: Any  # PatternConfig, or None: the presets on every head
+    out: Path
+    native_context: int
+    store: ResultStore
+    items: list[Any]
+    runs: list[tuple[str, str, str]]  # (method, preset, label)
+
+
+def _runs(spec: EvalSpec) -> list[tuple[str, str, str]]:
+    """What each prompt is run with, as (method, preset, label): every method once, the sparse method
+    once per preset. Dense and a-shape ignore the preset and run once; their records name the first."""
+    runs = []
+    for method in spec.methods:
+        for preset in spec.presets if method == "sparse" else spec.presets[:1]:
+            runs.append((method, preset, _label(method, spec.config, preset) + _kv_suffix(spec)))
+    return runs
+
+
+def _plan(spec: EvalSpec) -> _Plan:
     device = check_device(spec.device, "--device")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # None: the preset on every head; anything else: a PatternConfig file.
     config = load_config_option(spec.config) if spec.config is not None else None
     out = check_writable_directory(spec.out, "--out")
+    # load_model keeps what it loaded for the process: under `eval all` the second and third task get
+    # the first one's model object, so the model loads once (and once per YaRN length).
     base = load_model(spec.model, dtype=dtype, device=device)
     # What needs the model is checked once it is loaded, before any sample runs.
     if config is not None:
@@ -186,19 +238,23 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
         if stored and stored != [style]:
             raise ValueError(f"--out {str(out)!r} holds {spec.task} results with {' and '.join(stored)} prompts and this run "
                              f"asks {style} prompts (--prompt-style {spec.prompt_style}): give another --out")
-    items = _items(spec, base.tokenizer, style)
-    todo = [(item, method) for item in items for method in spec.methods
-            if not store.done(item.key, _label(method, spec.config, spec.preset) + _kv_suffix(spec))]
-    bar = _bar(len(items) * len(spec.methods), len(items) * len(spec.methods) - len(todo), spec)
+    return _Plan(spec=spec, device=device, dtype=dtype, config=config, out=out, native_context=base.native_context,
+                 store=store, items=_items(spec, base.tokenizer, style), runs=_runs(spec))
+
+
+def _run(plan: _Plan) -> dict[str, Any]:
+    spec, store, items, runs = plan.spec, plan.store, plan.items, plan.runs
+    todo = [(item, run) for item in items for run in runs if not store.done(item.key, run[2])]
+    bar = _bar(len(items) * len(runs), len(items) * len(runs) - len(todo), spec)
     for length in sorted({item.length for item in items}):
-        pending = [(item, method) for item, method in todo if item.length == length]
+        pending = [(item, run) for item, run in todo if item.length == length]
         if not pending:
             continue
-        scaled = length if length > base.native_context else None
-        loaded = load_model(spec.model, dtype=dtype, device=device, rope_scaling_for=scaled)
-        for item, method in sorted(pending, key=lambda pair: spec.methods.index(pair[1])):
-            label = _label(method, spec.config, spec.preset) + _kv_suffix(spec)
-            state = apply_method(loaded.model, method, length, config if method == "sparse" else None, spec.preset,
+        scaled = length if length > plan.native_context else None
+        loaded = load_model(spec.model, dtype=plan.dtype, device=plan.device, rope_scaling_for=scaled)
+        # One method (and preset) at a time over the length's prompts: the model is switched once each.
+        for item, (method, preset, label) in sorted(pending, key=lambda pair: runs.index(pair[1])):
+            state = apply_method(loaded.model, method, length, plan.config if method == "sparse" else None, preset,
                                  decode=spec.decoding())
             if method == "dense" and (spec.kv != "full" or spec.decode_budget is not None):
                 # Dense prefill through sparse_prefill's attention (every call goes to SDPA): it hands
@@ -206,8 +262,8 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
                 from ..integrations.transformers import enable
 
                 state = enable(loaded.model, preset="dense", decode=spec.decoding())
-            record = _evaluate(spec, loaded, item, device)
-            record.update(key=item.key, label=label, method=method, config=spec.config or f"preset {spec.preset}", length=length,
+            record = _evaluate(spec, loaded, item, plan.device)
+            record.update(key=item.key, label=label, method=method, config=spec.config or f"preset {preset}", length=length,
                           kv=spec.kv, kv_capacity=spec.kv_capacity, kv_kernel=spec.kv_kernel,
                           decode_budget=spec.decode_budget,
                           yarn=loaded.rope_scaling is not None,
@@ -217,7 +273,7 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
             bar.update(1)
         apply_method(loaded.model, "dense", length)
     bar.close()
-    return write_report(spec.task, list(store), out)
+    return write_report(spec.task, list(store), plan.out)
 
 
 def _model_shape(model: Any) -> tuple[int, int]:
