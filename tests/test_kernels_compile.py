@@ -25,8 +25,8 @@ and TTIR's passes; ~0.1 s): globals, constexpr specialisation and type errors ar
 The whole pipeline (TTGIR, LLVM, PTX and ptxas, down to a cubin: 1-13 s a compile) runs on each
 kernel's first variant. num_warps and num_stages first matter in TTGIR (layouts, pipelining), so
 the kernel's next variants are taken to TTGIR, each with one autotune configuration not compiled
-yet, until every configuration has been. Compiling every variant and configuration to a cubin
-takes 5 minutes on 2 cores (``--stage cubin`` does it); this way the file takes about one.
+yet, until every configuration has been. Compiling every variant to a cubin instead
+takes minutes (``--stage cubin`` does it); this way the file takes 20 s on an idle 2-core machine.
 Compiles run in a fresh process (the conftest sets ``TRITON_INTERPRET=1`` before kernels are
 defined, and compiling needs it unset), with a worker per core and an empty Triton cache.
 
@@ -53,7 +53,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # about a minute on a 2-core machine
+pytestmark = pytest.mark.slow  # 20 s on an idle 2-core machine, up to a minute on a busy one
 
 META = torch.device("meta")
 TARGET_ARCH = 90  # sm_90: H100 and H200, our GPUs
