@@ -430,7 +430,8 @@ def test_ranking_keys_kernel_matches_pytorch(n_keys, page_size, heads, head_dim)
 @pytest.mark.parametrize("rows, n_pages, n_selected, ties", [(1, 1, 1, False), (3, 100, 7, False), (2, 5000, 300, False),
                                                            (4, 3000, 2999, True), (2, 4097, 1000, True),
                                                            (1, 2048, 2048, False)])
-def test_top_pages_kernel_selects_what_topk_selects(rows, n_pages, n_selected, ties):
+@pytest.mark.parametrize("pages_per_program", [None, 1024])
+def test_top_pages_kernel_selects_what_topk_selects(rows, n_pages, n_selected, ties, pages_per_program):
     """The radix select equals topk then a sort on ranking keys, ties in the score (rounded scores,
     the forced pages' shared key) going to the lower page."""
     from sparse_prefill.decoding import _ranking_key
@@ -442,7 +443,7 @@ def test_top_pages_kernel_selects_what_topk_selects(rows, n_pages, n_selected, t
     scores[0, : n_pages // 3] = -scores[0, : n_pages // 3].abs()  # negative scores order below positive ones
     keys = _ranking_key(scores, min(3, n_pages), max(min(3, n_pages), n_pages - 50))
     want = torch.topk(keys, n_selected, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
-    assert torch.equal(top_pages(keys, n_selected), want)
+    assert torch.equal(top_pages(keys, n_selected, pages_per_program=pages_per_program), want)
 
 
 def test_top_pages_kernel_rejects_what_it_cannot_run():
@@ -453,6 +454,8 @@ def test_top_pages_kernel_rejects_what_it_cannot_run():
         top_pages(keys, 11)
     with pytest.raises(ValueError, match="keys must be a contiguous int64 tensor, got torch.int32"):
         top_pages(keys.int(), 3)
+    with pytest.raises(ValueError, match="pages_per_program must be a positive multiple of 1024 or None, got 1000"):
+        top_pages(keys, 3, pages_per_program=1000)
 
 
 def test_kernel_reads_a_strided_cache_view():

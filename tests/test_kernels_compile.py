@@ -208,10 +208,12 @@ def _page_scores(case):
 
 
 def _top_pages(case):
-    """kernels/decode.py ``top_pages``: ``_top_pages`` (``decoding._choose``, up to RADIX_SELECT_MAX_PAGES)."""
-    from sparse_prefill.kernels.decode import RADIX_SELECT_MAX_PAGES, top_pages
+    """kernels/decode.py ``top_pages``: ``_radix_counts`` (one per digit), ``_radix_tally``, ``_radix_write``
+    (``decoding._choose`` on the GPU)."""
+    from sparse_prefill.kernels.decode import top_pages
 
-    for n_pages, n_selected, rows in ((RADIX_SELECT_MAX_PAGES, 256, (1, 8)), (300, 256, (4, 8)), (1, 1, (1, 1))):
+    for n_pages, n_selected, rows in ((16384, 256, (1, 8)), (131072, 2048, (1, 8)), (300, 256, (4, 8)),
+                                      (1, 1, (1, 1))):
         with case(f"{n_selected} of {n_pages} pages, {rows[0]} x {rows[1]} rows"):
             top_pages(_meta(*rows, n_pages, dtype=torch.int64), n_selected)
 

@@ -561,11 +561,10 @@ def _choose(keys: torch.Tensor | None, rows: tuple[int, int], n_keys: int, page_
         return PageSelection(torch.cat([pages(0, first_free), pages(first_local, n_pages)], dim=-1).contiguous(),
                              n_keys, page_size)
     n_selected = first_free + n_chosen + n_pages - first_local
-    if keys.is_cuda:
-        from .kernels.decode import RADIX_SELECT_MAX_PAGES, top_pages
+    if keys.is_cuda:  # a radix select over many programs: topk and a sort were most of a 128K step's selection
+        from .kernels.decode import top_pages
 
-        if n_pages <= RADIX_SELECT_MAX_PAGES:  # one launch for topk and a sort, most of a 128K step's selection
-            return PageSelection(top_pages(keys.contiguous(), n_selected), n_keys, page_size)
+        return PageSelection(top_pages(keys.contiguous(), n_selected), n_keys, page_size)
     best = torch.topk(keys, n_selected, dim=-1, sorted=False).indices  # the forced pages' keys rank first
     return PageSelection(best.sort(dim=-1).values.to(torch.int32), n_keys, page_size)
 

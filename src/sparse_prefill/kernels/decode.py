@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_HEAD_DIM", "decode_over_pages", "page_bounds", "page_ranking_keys", "split_layout", "top_pages", "RADIX_SELECT_MAX_PAGES"]
+__all__ = ["MAX_HEAD_DIM", "decode_over_pages", "page_bounds", "page_ranking_keys", "split_layout", "top_pages"]
 
 LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
 # ln(2): a base-2 log-sum-exp times LN2 is the natural one. A tl.constexpr, because compiled Triton
@@ -202,56 +202,115 @@ def _page_ranking_keys(
 
 
 # The selection's top-k: a radix select on the ranking keys' high 32 bits (the ordered score), one
-# 8-bit digit per pass, then one pass that writes the chosen pages in page order. One program per
-# row, so its time grows with the pages while torch.topk's barely does. H200, 8 rows, graphed
-# (2026-12-01): 57 us against topk + sort's 94 us at 16384 pages; 568 against 133 at 131072. (A
-# 256-bin tl.histogram beat 4-bit digits counted by comparison, 2.4x, and 2048 bins, 4x.)
-RADIX_SELECT_MAX_PAGES = 16384  # the largest page count measured faster than topk + sort
+# 8-bit digit per launch, then two launches that write the chosen pages in page order (no sort).
+# Each row's pages are split over enough programs to fill the GPU: one program per row took 57 us
+# against topk + sort's 94 us at 16384 pages, but 568 against 133 at 131072 (H200, 2026-12-01).
+# Launch d counts, per chunk of pages, digit d of the pages that match the digits chosen so far.
+# Every program of launch d + 1 first sums those counts and chooses digit d itself: each makes
+# the same choice, so none waits on another program of its launch; chunk 0 records it for later.
+# Constexprs: compiled kernels refuse plain globals (the interpreter allows them).
+RADIX_DIGITS = 4
+RADIX_BINS = tl.constexpr(256)
+RADIX_BLOCK = tl.constexpr(1024)  # pages per step of a program's loop over its chunk
+CHUNKS_PER_STEP = tl.constexpr(16)  # chunks' counts summed per step
 
 
 @triton.jit
-def _radix_digit(keys_row, n_pages, prefix, remaining, HI: tl.constexpr, LO: tl.constexpr, BINS: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """Narrow the threshold by one digit (bits ``LO .. HI - 1`` of the unsigned order).
-
-    ``prefix`` is the threshold's bits from ``HI`` up; ``remaining`` how many pages with those bits
-    are still to be chosen. Returns both extended by the digit: the largest digit value at or
-    above which at least ``remaining`` of the matching pages lie, and the count still wanted at it."""
-    bins = tl.arange(0, BINS)
-    hist = tl.zeros([BINS], tl.int32)
-    offsets = tl.arange(0, BLOCK)
-    for start in range(0, n_pages, BLOCK):
-        pages = start + offsets
-        ok = pages < n_pages
-        order = (tl.load(keys_row + pages, mask=ok, other=0) >> 32) + 2147483648  # signed score -> 0 .. 2**32 - 1
-        match = ok & ((order >> HI) == prefix)
-        digit = ((order >> LO) & (BINS - 1)).to(tl.int32)
-        hist += tl.histogram(digit, BINS, mask=match)
-    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-    chosen = tl.max(tl.where(at_or_above >= remaining, bins, -1), 0)
-    remaining -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
-    return prefix * BINS + chosen, remaining
+def _threshold_so_far(Partial, State, row, rows, n_chunks, n_selected, DIGITS_DONE: tl.constexpr):
+    """``(prefix, remaining)`` once digits ``0 .. DIGITS_DONE - 1`` are chosen: the threshold's top
+    ``8 * DIGITS_DONE`` bits, and how many pages at exactly those bits are still wanted."""
+    if DIGITS_DONE == 0:
+        prefix = row * 0
+        remaining = (row * 0).to(tl.int32) + n_selected
+    else:
+        if DIGITS_DONE == 1:
+            before = row * 0
+            remaining = (row * 0).to(tl.int32) + n_selected
+        else:  # recorded by chunk 0 of the previous launch
+            before = tl.load(State + ((DIGITS_DONE - 1) * rows + row) * 2)
+            remaining = tl.load(State + ((DIGITS_DONE - 1) * rows + row) * 2 + 1).to(tl.int32)
+        bins = tl.arange(0, RADIX_BINS)
+        chunks = tl.arange(0, CHUNKS_PER_STEP)
+        counts = Partial + ((DIGITS_DONE - 1) * rows + row) * n_chunks * RADIX_BINS
+        hist = tl.zeros([RADIX_BINS], tl.int32)
+        for first in range(0, n_chunks, CHUNKS_PER_STEP):
+            ok = (first + chunks) < n_chunks
+            hist += tl.sum(tl.load(counts + (first + chunks)[:, None] * RADIX_BINS + bins[None, :], mask=ok[:, None],
+                                   other=0), 0)
+        at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        chosen = tl.max(tl.where(at_or_above >= remaining, bins, -1), 0)  # the digit the k-th largest has
+        remaining -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
+        prefix = before * RADIX_BINS + chosen
+    return prefix, remaining
 
 
 @triton.jit
-def _top_pages(Keys, Pages, n_pages, n_selected, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per (batch, KV head) row: the ``n_selected`` largest keys' pages, ascending."""
+def _chunk_orders(Keys, row, part, n_pages, chunk, start):
+    """The unsigned score order (0 .. 2**32 - 1) of ``RADIX_BLOCK`` pages of this program's chunk."""
+    pages = part * chunk + start + tl.arange(0, RADIX_BLOCK)
+    ok = (pages < n_pages) & (start + tl.arange(0, RADIX_BLOCK) < chunk)
+    order = (tl.load(Keys + row * n_pages + pages, mask=ok, other=0) >> 32) + 2147483648
+    return order, pages, ok
+
+
+@triton.jit
+def _radix_counts(Keys, Partial, State, rows, n_pages, n_chunks, chunk, n_selected, DIGIT: tl.constexpr):
+    """Launch ``DIGIT``: choose the previous digit, then count this digit over the chunk."""
     row = tl.program_id(0).to(tl.int64)
-    keys_row = Keys + row * n_pages
-    threshold = row * 0  # int64 (n_pages may be specialised to a constant 1)
-    remaining = n_selected
-    for level in tl.static_range(32 // DIGIT_BITS):
-        threshold, remaining = _radix_digit(keys_row, n_pages, threshold, remaining, 32 - level * DIGIT_BITS,
-                                            32 - (level + 1) * DIGIT_BITS, 1 << DIGIT_BITS, BLOCK)
-    # Every page above the threshold, and the first ``remaining`` pages at it: a lower page wins a
-    # tie, as the keys' low bits say. Walking the pages in order writes them sorted.
-    offsets = tl.arange(0, BLOCK)
-    written = 0
-    ties_seen = 0
-    for start in range(0, n_pages, BLOCK):
-        pages = start + offsets
-        ok = pages < n_pages
-        order = (tl.load(keys_row + pages, mask=ok, other=0) >> 32) + 2147483648
+    part = tl.program_id(1)
+    prefix, remaining = _threshold_so_far(Partial, State, row, rows, n_chunks, n_selected, DIGIT)
+    state = State + (DIGIT * rows + row) * 2
+    tl.store(state, prefix, mask=part == 0)
+    tl.store(state + 1, remaining.to(tl.int64), mask=part == 0)
+    hist = tl.zeros([RADIX_BINS], tl.int32)
+    for start in range(0, chunk, RADIX_BLOCK):
+        order, pages, ok = _chunk_orders(Keys, row, part, n_pages, chunk, start)
+        match = ok & ((order >> (32 - 8 * DIGIT)) == prefix)
+        hist += tl.histogram(((order >> (24 - 8 * DIGIT)) & 255).to(tl.int32), RADIX_BINS, mask=match)
+    tl.store(Partial + ((DIGIT * rows + row) * n_chunks + part) * RADIX_BINS + tl.arange(0, RADIX_BINS), hist)
+
+
+@triton.jit
+def _radix_tally(Keys, Partial, State, Tally, rows, n_pages, n_chunks, chunk, n_selected):
+    """Choose the last digit (the whole threshold), then count the chunk's pages above it and at it."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    threshold, remaining = _threshold_so_far(Partial, State, row, rows, n_chunks, n_selected, 4)
+    state = State + (4 * rows + row) * 2
+    tl.store(state, threshold, mask=part == 0)
+    tl.store(state + 1, remaining.to(tl.int64), mask=part == 0)
+    above = 0
+    ties = 0
+    for start in range(0, chunk, RADIX_BLOCK):
+        order, pages, ok = _chunk_orders(Keys, row, part, n_pages, chunk, start)
+        above += tl.sum((ok & (order > threshold)).to(tl.int32), 0)
+        ties += tl.sum((ok & (order == threshold)).to(tl.int32), 0)
+    tally = Tally + (row * n_chunks + part) * 2
+    tl.store(tally, above)
+    tl.store(tally + 1, ties)
+
+
+@triton.jit
+def _radix_write(Keys, State, Tally, Pages, rows, n_pages, n_chunks, chunk, n_selected):
+    """Write the chunk's chosen pages at their place in the row's ascending list: every page above
+    the threshold, and the first ``remaining`` of the row's pages at it (a lower page wins a tie,
+    as the keys' low bits say)."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    threshold = tl.load(State + (4 * rows + row) * 2)
+    remaining = tl.load(State + (4 * rows + row) * 2 + 1).to(tl.int32)
+    chunks = tl.arange(0, CHUNKS_PER_STEP)
+    above_before = 0
+    ties_before = 0
+    for first in range(0, n_chunks, CHUNKS_PER_STEP):
+        earlier = (first + chunks) < part
+        tally = Tally + (row * n_chunks + first + chunks) * 2
+        above_before += tl.sum(tl.load(tally, mask=earlier, other=0), 0)
+        ties_before += tl.sum(tl.load(tally + 1, mask=earlier, other=0), 0)
+    written = above_before + tl.minimum(ties_before, remaining)
+    ties_seen = ties_before
+    for start in range(0, chunk, RADIX_BLOCK):
+        order, pages, ok = _chunk_orders(Keys, row, part, n_pages, chunk, start)
         tie = (ok & (order == threshold)).to(tl.int32)
         tie_rank = ties_seen + tl.cumsum(tie, 0) - tie
         chosen = ((ok & (order > threshold)) | ((tie == 1) & (tie_rank < remaining))).to(tl.int32)
@@ -425,7 +484,7 @@ def _launch_bounds(kernel, q: torch.Tensor, key_min: torch.Tensor, key_max: torc
     )
 
 
-def top_pages(keys: torch.Tensor, n_selected: int) -> torch.Tensor:
+def top_pages(keys: torch.Tensor, n_selected: int, *, pages_per_program: int | None = None) -> torch.Tensor:
     """The pages of the ``n_selected`` largest ranking keys per row, ascending: what ``torch.topk``
     then a sort of the indices give on :func:`page_ranking_keys`'s distinct keys.
 
@@ -436,6 +495,9 @@ def top_pages(keys: torch.Tensor, n_selected: int) -> torch.Tensor:
         ``n_pages - 1 - page``.
     n_selected : int
         ``1 <= n_selected <= n_pages``.
+    pages_per_program : int, optional
+        A multiple of ``RADIX_BLOCK`` (chosen to fill the GPU when None; tests set it to exercise
+        many chunks per row).
 
     Returns
     -------
@@ -446,7 +508,22 @@ def top_pages(keys: torch.Tensor, n_selected: int) -> torch.Tensor:
         raise ValueError(f"keys must be a contiguous int64 tensor, got {keys.dtype} with strides {keys.stride()}")
     if not 1 <= n_selected <= n_pages:
         raise ValueError(f"n_selected must be in 1 .. n_pages={n_pages}, got n_selected={n_selected}")
+    rows, block = keys.numel() // n_pages, RADIX_BLOCK.value
+    if pages_per_program is None:
+        parts = max(1, min(-(-PROGRAMS_PER_SM * _sm_count(keys.device) // rows), -(-n_pages // block)))
+        pages_per_program = -(-n_pages // (parts * block)) * block
+    elif isinstance(pages_per_program, bool) or not isinstance(pages_per_program, int) or pages_per_program < 1 \
+            or pages_per_program % block:
+        raise ValueError(f"pages_per_program must be a positive multiple of {block} or None, got {pages_per_program!r}")
+    n_chunks = -(-n_pages // pages_per_program)
+    partial = torch.empty(RADIX_DIGITS, rows, n_chunks, RADIX_BINS.value, dtype=torch.int32, device=keys.device)
+    state = torch.empty(RADIX_DIGITS + 1, rows, 2, dtype=torch.int64, device=keys.device)
+    tally = torch.empty(rows, n_chunks, 2, dtype=torch.int32, device=keys.device)
     pages = torch.empty(*keys.shape[:-1], n_selected, dtype=torch.int32, device=keys.device)
-    rows = keys.numel() // n_pages
-    _top_pages[(rows,)](keys, pages, n_pages, n_selected, DIGIT_BITS=8, BLOCK=4096, num_warps=8)
+    grid = (rows, n_chunks)
+    args = (rows, n_pages, n_chunks, pages_per_program, n_selected)
+    for digit in range(RADIX_DIGITS):
+        _radix_counts[grid](keys, partial, state, *args, DIGIT=digit, num_warps=4)
+    _radix_tally[grid](keys, partial, state, tally, *args, num_warps=4)
+    _radix_write[grid](keys, state, tally, pages, *args, num_warps=4)
     return pages
