@@ -32,7 +32,9 @@ MAX_HEAD_DIM = 256
 # launch over its last TUNING_BLOCKS only (the grid starts with the last, heaviest, query blocks):
 # the autotuner chooses there, and the whole launch reuses its choice and rewrites those rows.
 TUNING_BLOCKS = 128
-_tuned: set[tuple] = set()  # the keys (device, dtype, loops compiled in, ...) already autotuned
+_tuned: set[tuple] = set()
+# Interior tiles two key blocks at a time (see _block_pair); a module switch while it is measured.
+PAIR_INTERIOR_TILES = True  # the keys (device, dtype, loops compiled in, ...) already autotuned
 
 
 @triton.jit
@@ -59,6 +61,30 @@ def _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr):
     return acc, m_new, l_i
 
 
+@triton.jit
+def _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, key_ok, MASK_KEYS: tl.constexpr):
+    """K and V rows ``keys`` [N] of one head: [N, D] each; with ``MASK_KEYS``, zeros where
+    ``key_ok`` is false (interior tiles lie inside the sequence and load unmasked rows)."""
+    if MASK_KEYS:
+        ok = key_ok[:, None] & dim_ok[None, :]
+    else:
+        ok = dim_ok[None, :]
+    k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=ok, other=0.0)
+    v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=ok, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _block_pair(first, second, BLOCK_N: tl.constexpr):
+    """Key positions of key blocks ``first`` and ``second`` side by side: one 2 x BLOCK_N tile.
+
+    Interior tiles go two blocks at a time: the products are twice as wide and the softmax's
+    per-row reductions and rescaling run once per 128 keys instead of 64 (the kernel's limit at
+    head_dim 64, and its tile shape's at 128)."""
+    offs = tl.arange(0, 2 * BLOCK_N)
+    return tl.where(offs < BLOCK_N, first * BLOCK_N, second * BLOCK_N - BLOCK_N) + offs
+
+
 def _configs() -> list[triton.Config]:
     """Warps x pipeline depth; the tile is fixed at 64 x 64 by the plan."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter ignores both: one config
@@ -67,7 +93,7 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.autotune(configs=_configs(),
-                 key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS", "RETURN_LSE", "VARLEN"])
+                 key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS", "RETURN_LSE", "VARLEN", "PAIRED"])
 @triton.jit
 def _sparse_attention_fwd(
     Q, K, V, Out, Lse,
@@ -82,7 +108,7 @@ def _sparse_attention_fwd(
     seq, q_start, q_heads, group, n_blocks, n_rows, max_columns, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USES_DIAGONALS: tl.constexpr, USES_BLOCKS: tl.constexpr, USES_COLUMNS: tl.constexpr, RETURN_LSE: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, PAIRED: tl.constexpr,
 ):
     # Positions: the keys are 0 .. seq - 1, the queries q_start .. seq - 1 (row r of Q is position
     # q_start + r). Query block m covers positions 64 m .. 64 m + 63; a chunk's first block may hold
@@ -142,22 +168,28 @@ def _sparse_attention_fwd(
         # stays in bounds when mask_from is 0 (tl.where evaluates both sides).
         plain_upto = tl.maximum(tl.minimum(m, mask_from - 1), 0)
         n_plain = tl.where(mask_from > 0, tl.load(diagonal_limit + bh64 * n_blocks + plain_upto), 1)
-        for t in range(1, n_plain):
-            keys = (m - tl.load(diagonals + bh64 * n_blocks + t)) * BLOCK_N + offs_n
-            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=dim_ok[None, :], other=0.0)
-            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=dim_ok[None, :], other=0.0)
+        diagonal_row = diagonals + bh64 * n_blocks
+        if PAIRED:
+            for t in range(1, n_plain - 1, 2):
+                keys = _block_pair(m - tl.load(diagonal_row + t), m - tl.load(diagonal_row + t + 1), BLOCK_N)
+                k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
+                acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
+            plain_single_from = 1 + tl.maximum(n_plain - 1, 0) // 2 * 2  # the odd one left, if any
+        else:
+            plain_single_from = 1
+        for t in range(plain_single_from, n_plain):
+            keys = (m - tl.load(diagonal_row + t)) * BLOCK_N + offs_n
+            k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
         for t in range(tl.maximum(n_plain, 1), n_listed):
-            keys = (m - tl.load(diagonals + bh64 * n_blocks + t)) * BLOCK_N + offs_n
-            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=dim_ok[None, :], other=0.0)
-            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=dim_ok[None, :], other=0.0)
+            keys = (m - tl.load(diagonal_row + t)) * BLOCK_N + offs_n
+            k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
             keep = (rows[:, None] - keys[None, :] < head_window) | (keys[None, :] < head_sink)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
         if n_listed > 0:  # a head with block lists lists no diagonals
             keys = m * BLOCK_N + offs_n
             key_ok = keys < seq
-            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, key_ok, True)
             keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
             keep &= (rows[:, None] - keys[None, :] < head_window) | (keys[None, :] < head_sink)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
@@ -167,16 +199,22 @@ def _sparse_attention_fwd(
         list_row = bh64 * list_rows + m - q_start // BLOCK_M  # lists start at the first block
         n_listed = tl.load(block_count + list_row)
         list_base = blocks + tl.load(block_start + list_row)
-        for t in range(0, n_listed - 1):
+        if PAIRED:
+            for t in range(0, n_listed - 2, 2):
+                keys = _block_pair(tl.load(list_base + t), tl.load(list_base + t + 1), BLOCK_N)
+                k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
+                acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
+            single_from = tl.maximum(n_listed - 1, 0) // 2 * 2  # the odd one left, if any
+        else:
+            single_from = 0
+        for t in range(single_from, n_listed - 1):
             keys = tl.load(list_base + t) * BLOCK_N + offs_n
-            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=dim_ok[None, :], other=0.0)
-            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=dim_ok[None, :], other=0.0)
+            k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
         if n_listed > 0:
             keys = tl.load(list_base + n_listed - 1) * BLOCK_N + offs_n
             key_ok = keys < seq
-            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, key_ok, True)
             keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
 
@@ -190,8 +228,7 @@ def _sparse_attention_fwd(
             cols = tl.load(columns + bh64 * max_columns + slot, mask=in_list, other=0)
             covered = tl.load(diagonal_flag + bh64 * (n_blocks + 1) + m - cols // BLOCK_N, mask=in_list, other=1) != 0
             col_ok = in_list & ~covered
-            k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            k, v = _load_kv(k_base, v_base, cols, stride_ks, stride_vs, dims, dim_ok, col_ok, True)
             keep = tl.broadcast_to(col_ok[None, :], [BLOCK_M, BLOCK_N])
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
 
@@ -245,7 +282,7 @@ def run_plan(
     grids = [(n_rows, batch * q_heads)]
     varlen = plan.sequences is not None
     tuning_key = (q.device, q.dtype, head_dim_padded, plan.uses_diagonals, plan.uses_blocks, plan.uses_columns,
-                  lse is not None, varlen)
+                  lse is not None, varlen, PAIR_INTERIOR_TILES)
     if tuning_key not in _tuned:
         _tuned.add(tuning_key)
         if n_rows > TUNING_BLOCKS:  # autotune on the last query blocks first (see TUNING_BLOCKS)
@@ -273,7 +310,7 @@ def _launch(grid, q, k, v, out, lse, plan: SparsePlan, scale: float, head_dim: i
         plan.columns.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=BLOCK, BLOCK_N=BLOCK,
         USES_DIAGONALS=plan.uses_diagonals, USES_BLOCKS=plan.uses_blocks, USES_COLUMNS=plan.uses_columns,
-        RETURN_LSE=lse is not None, VARLEN=varlen,
+        RETURN_LSE=lse is not None, VARLEN=varlen, PAIRED=PAIR_INTERIOR_TILES,
     )
 
 
