@@ -32,9 +32,7 @@ MAX_HEAD_DIM = 256
 # launch over its last TUNING_BLOCKS only (the grid starts with the last, heaviest, query blocks):
 # the autotuner chooses there, and the whole launch reuses its choice and rewrites those rows.
 TUNING_BLOCKS = 128
-_tuned: set[tuple] = set()
-# Interior tiles two key blocks at a time (see _block_pair); a module switch while it is measured.
-PAIR_INTERIOR_TILES = True  # the keys (device, dtype, loops compiled in, ...) already autotuned
+_tuned: set[tuple] = set()  # the keys (device, dtype, loops compiled in, ...) already autotuned
 
 
 @triton.jit
@@ -74,17 +72,6 @@ def _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, key_ok, M
     return k, v
 
 
-@triton.jit
-def _block_pair(first, second, BLOCK_N: tl.constexpr):
-    """Key positions of key blocks ``first`` and ``second`` side by side: one 2 x BLOCK_N tile.
-
-    Interior tiles go two blocks at a time: the products are twice as wide and the softmax's
-    per-row reductions and rescaling run once per 128 keys instead of 64 (the kernel's limit at
-    head_dim 64, and its tile shape's at 128)."""
-    offs = tl.arange(0, 2 * BLOCK_N)
-    return tl.where(offs < BLOCK_N, first * BLOCK_N, second * BLOCK_N - BLOCK_N) + offs
-
-
 def _configs() -> list[triton.Config]:
     """Warps x pipeline depth; the tile is fixed at 64 x 64 by the plan."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter ignores both: one config
@@ -93,7 +80,7 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.autotune(configs=_configs(),
-                 key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS", "RETURN_LSE", "VARLEN", "PAIRED"])
+                 key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS", "RETURN_LSE", "VARLEN"])
 @triton.jit
 def _sparse_attention_fwd(
     Q, K, V, Out, Lse,
@@ -108,7 +95,7 @@ def _sparse_attention_fwd(
     seq, q_start, q_heads, group, n_blocks, n_rows, max_columns, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USES_DIAGONALS: tl.constexpr, USES_BLOCKS: tl.constexpr, USES_COLUMNS: tl.constexpr, RETURN_LSE: tl.constexpr,
-    VARLEN: tl.constexpr, PAIRED: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     # Positions: the keys are 0 .. seq - 1, the queries q_start .. seq - 1 (row r of Q is position
     # q_start + r). Query block m covers positions 64 m .. 64 m + 63; a chunk's first block may hold
@@ -169,15 +156,7 @@ def _sparse_attention_fwd(
         plain_upto = tl.maximum(tl.minimum(m, mask_from - 1), 0)
         n_plain = tl.where(mask_from > 0, tl.load(diagonal_limit + bh64 * n_blocks + plain_upto), 1)
         diagonal_row = diagonals + bh64 * n_blocks
-        if PAIRED:
-            for t in range(1, n_plain - 1, 2):
-                keys = _block_pair(m - tl.load(diagonal_row + t), m - tl.load(diagonal_row + t + 1), BLOCK_N)
-                k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
-                acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
-            plain_single_from = 1 + tl.maximum(n_plain - 1, 0) // 2 * 2  # the odd one left, if any
-        else:
-            plain_single_from = 1
-        for t in range(plain_single_from, n_plain):
+        for t in range(1, n_plain):
             keys = (m - tl.load(diagonal_row + t)) * BLOCK_N + offs_n
             k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
@@ -199,15 +178,7 @@ def _sparse_attention_fwd(
         list_row = bh64 * list_rows + m - q_start // BLOCK_M  # lists start at the first block
         n_listed = tl.load(block_count + list_row)
         list_base = blocks + tl.load(block_start + list_row)
-        if PAIRED:
-            for t in range(0, n_listed - 2, 2):
-                keys = _block_pair(tl.load(list_base + t), tl.load(list_base + t + 1), BLOCK_N)
-                k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
-                acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
-            single_from = tl.maximum(n_listed - 1, 0) // 2 * 2  # the odd one left, if any
-        else:
-            single_from = 0
-        for t in range(single_from, n_listed - 1):
+        for t in range(0, n_listed - 1):
             keys = tl.load(list_base + t) * BLOCK_N + offs_n
             k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
@@ -282,7 +253,7 @@ def run_plan(
     grids = [(n_rows, batch * q_heads)]
     varlen = plan.sequences is not None
     tuning_key = (q.device, q.dtype, head_dim_padded, plan.uses_diagonals, plan.uses_blocks, plan.uses_columns,
-                  lse is not None, varlen, PAIR_INTERIOR_TILES)
+                  lse is not None, varlen)
     if tuning_key not in _tuned:
         _tuned.add(tuning_key)
         if n_rows > TUNING_BLOCKS:  # autotune on the last query blocks first (see TUNING_BLOCKS)
@@ -310,7 +281,7 @@ def _launch(grid, q, k, v, out, lse, plan: SparsePlan, scale: float, head_dim: i
         plan.columns.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=BLOCK, BLOCK_N=BLOCK,
         USES_DIAGONALS=plan.uses_diagonals, USES_BLOCKS=plan.uses_blocks, USES_COLUMNS=plan.uses_columns,
-        RETURN_LSE=lse is not None, VARLEN=varlen, PAIRED=PAIR_INTERIOR_TILES,
+        RETURN_LSE=lse is not None, VARLEN=varlen,
     )
 
 
