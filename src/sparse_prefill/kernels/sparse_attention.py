@@ -33,6 +33,7 @@ MAX_HEAD_DIM = 256
 # the autotuner chooses there, and the whole launch reuses its choice and rewrites those rows.
 TUNING_BLOCKS = 128
 _tuned: set[tuple] = set()  # the keys (device, dtype, loops compiled in, ...) already autotuned
+TMA_KEY_BLOCKS = True  # a module switch while the descriptor loads are measured against pointer loads
 
 
 @triton.jit
@@ -72,6 +73,21 @@ def _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, key_ok, M
     return k, v
 
 
+@triton.jit
+def _load_key_block(k_base, v_base, k_desc, v_desc, batch, kv_head, first_key, offs_n, stride_ks, stride_vs, dims,
+                    dim_ok, seq, MASK_KEYS: tl.constexpr, TMA: tl.constexpr):
+    """K and V of the 64 keys from ``first_key`` on: through the tensor descriptors (TMA: rows past
+    the sequence read as zeros), or as :func:`_load_kv` rows (masked past ``seq`` with ``MASK_KEYS``)."""
+    if TMA:
+        shape: tl.constexpr = [offs_n.shape[0], dims.shape[0]]
+        k = k_desc.load([batch, kv_head, first_key, 0]).reshape(shape)
+        v = v_desc.load([batch, kv_head, first_key, 0]).reshape(shape)
+    else:
+        keys = first_key + offs_n
+        k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys < seq, MASK_KEYS)
+    return k, v
+
+
 def _configs() -> list[triton.Config]:
     """Warps x pipeline depth; the tile is fixed at 64 x 64 by the plan."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter ignores both: one config
@@ -80,10 +96,10 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.autotune(configs=_configs(),
-                 key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS", "RETURN_LSE", "VARLEN"])
+                 key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS", "RETURN_LSE", "VARLEN", "TMA"])
 @triton.jit
 def _sparse_attention_fwd(
-    Q, K, V, Out, Lse,
+    Q, K, V, KDesc, VDesc, Out, Lse,
     diagonals, diagonal_limit, diagonal_flag, window, sink,
     blocks, block_start, block_count,
     columns, column_before, sequences,
@@ -95,7 +111,7 @@ def _sparse_attention_fwd(
     seq, q_start, q_heads, group, n_blocks, n_rows, max_columns, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USES_DIAGONALS: tl.constexpr, USES_BLOCKS: tl.constexpr, USES_COLUMNS: tl.constexpr, RETURN_LSE: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, TMA: tl.constexpr,
 ):
     # Positions: the keys are 0 .. seq - 1, the queries q_start .. seq - 1 (row r of Q is position
     # q_start + r). Query block m covers positions 64 m .. 64 m + 63; a chunk's first block may hold
@@ -157,18 +173,21 @@ def _sparse_attention_fwd(
         n_plain = tl.where(mask_from > 0, tl.load(diagonal_limit + bh64 * n_blocks + plain_upto), 1)
         diagonal_row = diagonals + bh64 * n_blocks
         for t in range(1, n_plain):
-            keys = (m - tl.load(diagonal_row + t)) * BLOCK_N + offs_n
-            k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
+            k, v = _load_key_block(k_base, v_base, KDesc, VDesc, batch, kv_head, (m - tl.load(diagonal_row + t)) * BLOCK_N,
+                                   offs_n, stride_ks, stride_vs, dims, dim_ok, seq, False, TMA)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
         for t in range(tl.maximum(n_plain, 1), n_listed):
-            keys = (m - tl.load(diagonal_row + t)) * BLOCK_N + offs_n
-            k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
+            first_key = (m - tl.load(diagonal_row + t)) * BLOCK_N
+            keys = first_key + offs_n
+            k, v = _load_key_block(k_base, v_base, KDesc, VDesc, batch, kv_head, first_key, offs_n, stride_ks,
+                                   stride_vs, dims, dim_ok, seq, False, TMA)
             keep = (rows[:, None] - keys[None, :] < head_window) | (keys[None, :] < head_sink)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
         if n_listed > 0:  # a head with block lists lists no diagonals
             keys = m * BLOCK_N + offs_n
             key_ok = keys < seq
-            k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, key_ok, True)
+            k, v = _load_key_block(k_base, v_base, KDesc, VDesc, batch, kv_head, m * BLOCK_N, offs_n, stride_ks,
+                                   stride_vs, dims, dim_ok, seq, True, TMA)
             keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
             keep &= (rows[:, None] - keys[None, :] < head_window) | (keys[None, :] < head_sink)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
@@ -179,13 +198,15 @@ def _sparse_attention_fwd(
         n_listed = tl.load(block_count + list_row)
         list_base = blocks + tl.load(block_start + list_row)
         for t in range(0, n_listed - 1):
-            keys = tl.load(list_base + t) * BLOCK_N + offs_n
-            k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, keys, False)
+            k, v = _load_key_block(k_base, v_base, KDesc, VDesc, batch, kv_head, tl.load(list_base + t) * BLOCK_N, offs_n,
+                                   stride_ks, stride_vs, dims, dim_ok, seq, False, TMA)
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, all_kept, False)
         if n_listed > 0:
-            keys = tl.load(list_base + n_listed - 1) * BLOCK_N + offs_n
+            first_key = tl.load(list_base + n_listed - 1) * BLOCK_N
+            keys = first_key + offs_n
             key_ok = keys < seq
-            k, v = _load_kv(k_base, v_base, keys, stride_ks, stride_vs, dims, dim_ok, key_ok, True)
+            k, v = _load_key_block(k_base, v_base, KDesc, VDesc, batch, kv_head, first_key, offs_n, stride_ks,
+                                   stride_vs, dims, dim_ok, seq, True, TMA)
             keep = (keys[None, :] <= rows[:, None]) & key_ok[None, :]
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
 
@@ -253,7 +274,7 @@ def run_plan(
     grids = [(n_rows, batch * q_heads)]
     varlen = plan.sequences is not None
     tuning_key = (q.device, q.dtype, head_dim_padded, plan.uses_diagonals, plan.uses_blocks, plan.uses_columns,
-                  lse is not None, varlen)
+                  lse is not None, varlen, _uses_tma(k, v, head_dim, head_dim_padded, varlen))
     if tuning_key not in _tuned:
         _tuned.add(tuning_key)
         if n_rows > TUNING_BLOCKS:  # autotune on the last query blocks first (see TUNING_BLOCKS)
@@ -267,7 +288,8 @@ def _launch(grid, q, k, v, out, lse, plan: SparsePlan, scale: float, head_dim: i
             n_blocks: int, n_rows: int, varlen: bool) -> None:
     q_heads = q.shape[1]
     _sparse_attention_fwd[grid](
-        q, k, v, out, out if lse is None else lse,  # Lse is never touched unless RETURN_LSE
+        q, k, v, *_key_block_descriptors(k, v, head_dim, head_dim_padded, varlen), out,
+        out if lse is None else lse,  # Lse is never touched unless RETURN_LSE
         plan.diagonals, plan.diagonal_limit, plan.diagonal_flag, plan.window, plan.sink,
         plan.blocks, plan.block_start, plan.block_count,
         plan.columns, plan.column_before,
@@ -281,8 +303,31 @@ def _launch(grid, q, k, v, out, lse, plan: SparsePlan, scale: float, head_dim: i
         plan.columns.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=BLOCK, BLOCK_N=BLOCK,
         USES_DIAGONALS=plan.uses_diagonals, USES_BLOCKS=plan.uses_blocks, USES_COLUMNS=plan.uses_columns,
-        RETURN_LSE=lse is not None, VARLEN=varlen,
+        RETURN_LSE=lse is not None, VARLEN=varlen, TMA=_uses_tma(k, v, head_dim, head_dim_padded, varlen),
     )
+
+
+def _uses_tma(k: torch.Tensor, v: torch.Tensor, head_dim: int, head_dim_padded: int, varlen: bool) -> bool:
+    """Whether the key blocks load through tensor descriptors (TMA on Hopper): a head filling its
+    tile exactly, one sequence per batch element, and the addresses and strides TMA accepts (16-byte
+    aligned, no broadcast dimension). Gathered columns and packed sequences keep pointer loads."""
+    if not TMA_KEY_BLOCKS or head_dim != head_dim_padded or varlen:
+        return False
+    for tensor in (k, v):
+        size = tensor.element_size()
+        if tensor.data_ptr() % 16 or any(st == 0 or st * size % 16 for st, n in zip(tensor.stride()[:-1], tensor.shape) if n > 1):
+            return False
+    return True
+
+
+def _key_block_descriptors(k: torch.Tensor, v: torch.Tensor, head_dim: int, head_dim_padded: int, varlen: bool):
+    """The tensor descriptors of one 64-key block of K and of V (or K and V themselves, unused, without TMA)."""
+    if not _uses_tma(k, v, head_dim, head_dim_padded, varlen):
+        return k, v
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, 1, BLOCK, head_dim]
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in (k, v))
 
 
 def _check_sequences(sequences: tuple[tuple[int, int, int, int], ...], batch: int, q_len: int, kv_len: int) -> None:
