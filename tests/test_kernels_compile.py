@@ -373,15 +373,23 @@ def _jit_function(kernel):
     return kernel
 
 
-def _configs(launch: Launch) -> list[dict]:
-    """The launch options of each configuration the launch compiles (its autotuner's, pruned as it would)."""
+def _configs(launch: Launch) -> list:
+    """Each configuration the launch compiles (its autotuner's, pruned as it would), as a function
+    that prepares the arguments as the autotuner does before that configuration's launch (its
+    ``pre_hook``: a tensor descriptor's block follows the tile) and returns the launch options."""
     from triton.runtime.autotuner import Autotuner
 
     kernel, kwargs = launch.kernel, launch.kwargs
     if not isinstance(kernel, Autotuner):
-        return [{}]
+        return [lambda: {}]
     kernel.nargs = dict(zip(kernel.arg_names, launch.args))
-    return [config.all_kwargs() for config in kernel.prune_configs(kwargs)]
+
+    def prepare(config):
+        if config.pre_hook is not None:
+            config.pre_hook({**kernel.nargs, **kwargs, **config.all_kwargs()})
+        return config.all_kwargs()
+
+    return [lambda config=config: prepare(config) for config in kernel.prune_configs(kwargs)]
 
 
 def _specialise(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
@@ -443,7 +451,7 @@ def compile_jobs(launches: list[Launch], stage: str | None = None) -> list[Job]:
         kernel = f"{'self_check' if launch.site == 'self_check' else fn.fn.__module__}.{fn.__name__}"
         kwargs = {k: v for k, v in launch.kwargs.items() if k not in ("grid", "warmup")}
         variants = [(json.dumps(config, sort_keys=True), *_specialise(fn, launch.args, {**kwargs, **config}))
-                    for config in _configs(launch)]
+                    for config in (prepare() for prepare in _configs(launch))]
         key = repr((kernel, *(sorted(part.items()) for part in variants[0][1:4])))
         if key in seen:
             continue

@@ -33,7 +33,6 @@ MAX_HEAD_DIM = 256
 # the autotuner chooses there, and the whole launch reuses its choice and rewrites those rows.
 TUNING_BLOCKS = 128
 _tuned: set[tuple] = set()  # the keys (device, dtype, loops compiled in, ...) already autotuned
-TMA_KEY_BLOCKS = True  # a module switch while the descriptor loads are measured against pointer loads
 
 
 @triton.jit
@@ -310,8 +309,12 @@ def _launch(grid, q, k, v, out, lse, plan: SparsePlan, scale: float, head_dim: i
 def _uses_tma(k: torch.Tensor, v: torch.Tensor, head_dim: int, head_dim_padded: int, varlen: bool) -> bool:
     """Whether the key blocks load through tensor descriptors (TMA on Hopper): a head filling its
     tile exactly, one sequence per batch element, and the addresses and strides TMA accepts (16-byte
-    aligned, no broadcast dimension). Gathered columns and packed sequences keep pointer loads."""
-    if not TMA_KEY_BLOCKS or head_dim != head_dim_padded or varlen:
+    aligned, no broadcast dimension). Gathered columns and packed sequences keep pointer loads.
+
+    Same outputs bit for bit, and faster on an H200 (2026-12-01, planted 128K, share of cuDNN's
+    TF/s, pointer loads -> descriptors): head_dim 128 Block-Coverage 64% -> 77%, Block-Sparse 63% ->
+    73%, A-shape 66% -> 77%, Vertical-Slash 58% -> 63%; head_dim 64 Block-Coverage 80% -> 91%."""
+    if head_dim != head_dim_padded or varlen:
         return False
     for tensor in (k, v):
         size = tensor.element_size()
