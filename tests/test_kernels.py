@@ -221,10 +221,12 @@ def test_fused_last_query_statistics_match_pytorch(seq, last_q, q_len):
 
 
 @pytest.mark.parametrize("seq, stride, first_block", [(1, 16, 0), (64, 16, 0), (200, 16, 0), (300, 8, 0), (130, 64, 0),
-                                                     (257, 4, 0), (700, 32, 0), (300, 8, 2), (700, 16, 10), (257, 4, 4)])
+                                                     (257, 4, 0), (700, 32, 0), (300, 8, 2), (700, 16, 10), (257, 4, 4),
+                                                     (256, 16, 0), (512, 32, 2), (640, 64, 3)])
 def test_antidiagonal_tile_mass_matches_pytorch(seq, stride, first_block):
     """The Triton tile masses equal the PyTorch definition (float32, selected heads, GQA, padding),
-    also for the query blocks of a chunk (``first_block`` > 0: the queries from position 64 first_block)."""
+    also for the query blocks of a chunk (``first_block`` > 0: the queries from position 64 first_block).
+    Lengths that are whole groups load through tensor descriptors, the others through masked pointers."""
     from sparse_prefill.kernels.coverage import antidiagonal_tile_mass
     from sparse_prefill.kinds.block_coverage import tile_mass
 
