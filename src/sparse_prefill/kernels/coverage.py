@@ -36,11 +36,13 @@ def _score_configs() -> list[triton.Config]:
     and larger tiles re-read Q and K fewer times."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter ignores warps and stages: one config
         return [triton.Config({"GROUPS_M": 64, "GROUPS_N": 64}, num_warps=4, num_stages=1, pre_hook=_size_group_blocks)]
-    # 64 x 256 with 8 warps: 1.65 ms at 128K (SmolLM2's 9 heads, stride 32; H200) against 1.9-2.0
-    # for the best of the others.
-    shapes = [(64, 64, 4), (128, 64, 8), (64, 128, 4), (128, 128, 8), (64, 256, 8)]
+    # The four fastest of 27 tile x warps x depth configurations at 128K (SmolLM2's 9 heads, stride
+    # 32; H200, 2026-12-01): 64 x 256 with 8 warps 1.65 ms, then 64 x 128 (8 or 4 warps) and
+    # 128 x 128 at 1.89-2.05 ms, all 3 deep; 2-deep pipelines, 64-wide tiles and 128 x 64 took
+    # 2.4-3.9 ms. Each configuration costs a compile on first use (~5 s), so only these are tried.
+    shapes = [(64, 128, 4), (64, 128, 8), (128, 128, 8), (64, 256, 8)]
     return [triton.Config({"GROUPS_M": m, "GROUPS_N": n}, num_warps=w, num_stages=s, pre_hook=_size_group_blocks)
-            for m, n, w in shapes for s in (2, 3, 4)]
+            for m, n, w in shapes for s in (3, 4)]
 
 
 def _size_group_blocks(args: dict) -> None:
@@ -53,7 +55,7 @@ def _size_group_blocks(args: dict) -> None:
 
 def _prune_wide_heads(configs: list[triton.Config], named_args: dict, **constexprs) -> list[triton.Config]:
     """At head_dim 256 (Gemma 3) the 128 x 128 tiles and 4-deep pipelines spill or exceed shared
-    memory, yet each still takes seconds to compile: autotuning all 12 took over 100 s on an H200.
+    memory, yet each still takes seconds to compile: autotuning twelve took over 100 s on an H200.
     Keep the tiles with at most 64 x 128 groups and pipelines at most 3 deep there."""
     if constexprs.get("HEAD_DIM_PADDED", 0) < 256:
         return configs
