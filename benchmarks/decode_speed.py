@@ -4,8 +4,8 @@ Llama-3-8B shapes (32 query / 8 KV heads, head_dim 128), bf16 cache on the GPU, 
 token over a cache of N keys with random values (speed does not depend on them). Per length:
 
   dense_cudnn, dense_flash   torch SDPA of the one query over the whole cache (cuDNN / FA2 backends)
-  select                     sparse_prefill.decoding.select_pages: ranking-key kernel, then the radix-select kernel
-                             (<= 16384 pages) or topk and a sort
+  select                     sparse_prefill.decoding.select_pages: ranking-key kernel, then the radix select
+                             (six launches, each row's pages split over ~4 programs per SM)
   kernel                     decode_attention over the selection (split-K kernel + merge)
   sparse                     both, as sparse_decode_attention runs them
 

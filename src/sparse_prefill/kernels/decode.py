@@ -204,7 +204,8 @@ def _page_ranking_keys(
 # The selection's top-k: a radix select on the ranking keys' high 32 bits (the ordered score), one
 # 8-bit digit per launch, then two launches that write the chosen pages in page order (no sort).
 # Each row's pages are split over enough programs to fill the GPU: one program per row took 57 us
-# against topk + sort's 94 us at 16384 pages, but 568 against 133 at 131072 (H200, 2026-12-01).
+# against topk + sort's 94 us at 16384 pages, but 568 against 133 at 131072; split, 20 us at 16384
+# and 59 at 131072 (8 rows, CUDA-graphed, H200, 2026-12-01).
 # Launch d counts, per chunk of pages, digit d of the pages that match the digits chosen so far.
 # Every program of launch d + 1 first sums those counts and chooses digit d itself: each makes
 # the same choice, so none waits on another program of its launch; chunk 0 records it for later.
