@@ -269,3 +269,18 @@ def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage,
     # Each row's list packed right after the previous one's, as many as the rule keeps.
     assert torch.equal(start.view(-1)[1:], (start + count).view(-1)[:-1])
     assert torch.equal(BlockSparseIndex(blocks, start, count).padded().long(), want)
+
+
+def test_tma_loadable_says_which_layouts_descriptors_accept():
+    """The kernels fall back to pointer loads exactly where a TMA descriptor would be refused."""
+    from sparse_prefill.kernels.tma import tma_loadable
+
+    x = torch.zeros(2, 4, 128, 64, dtype=torch.bfloat16)
+    assert tma_loadable(x)
+    assert tma_loadable(torch.zeros(2, 128, 4, 64, dtype=torch.bfloat16).transpose(1, 2))  # transformers' layout
+    assert tma_loadable(x[:, :, 64:])  # a chunk's keys: the offset is a multiple of 16 bytes
+    assert not tma_loadable(x.view(-1)[1:].as_strided((2, 4, 127, 64), (32768, 8192, 64, 1)))  # 2-byte offset
+    assert not tma_loadable(x[:1].expand(2, -1, -1, -1))  # a broadcast batch has stride 0
+    assert not tma_loadable(torch.zeros(1, 2, 64, 4, dtype=torch.float16))  # rows of 8 bytes
+    assert not tma_loadable(x.transpose(2, 3))  # last dimension not contiguous
+    assert tma_loadable(torch.zeros(1, 1, 1, 64, dtype=torch.float16))  # extents of 1 need no stride

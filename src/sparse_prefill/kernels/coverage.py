@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..kinds.common import BLOCK
+from .tma import tma_loadable
 
 LOG2E = 1.4426950408889634  # 1/ln(2)
 # Room for every causal tile, where it takes at most this: the lists' buffer is then allocated
@@ -262,11 +263,7 @@ def _group_views_fit_tma(q: torch.Tensor, k: torch.Tensor, stride: int) -> bool:
     head_dim = q.shape[-1]
     if head_dim != max(16, triton.next_power_of_2(head_dim)) or q.shape[2] % stride or k.shape[2] % stride:
         return False
-    for tensor in (q, k):
-        size = tensor.element_size()
-        if tensor.data_ptr() % 16 or any(st == 0 or st * size % 16 for st, n in zip(tensor.stride()[:-1], tensor.shape) if n > 1):
-            return False
-    return True
+    return tma_loadable(q) and tma_loadable(k)
 
 
 def _group_descriptors(q: torch.Tensor, k: torch.Tensor, stride: int):

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ..kinds.common import device_values
 from .plan import BLOCK, SparsePlan
+from .tma import tma_loadable
 
 __all__ = ["MAX_HEAD_DIM", "run_plan"]
 
@@ -314,13 +315,7 @@ def _uses_tma(k: torch.Tensor, v: torch.Tensor, head_dim: int, head_dim_padded: 
     Same outputs bit for bit, and faster on an H200 (2026-12-01, planted 128K, share of cuDNN's
     TF/s, pointer loads -> descriptors): head_dim 128 Block-Coverage 64% -> 77%, Block-Sparse 63% ->
     73%, A-shape 66% -> 77%, Vertical-Slash 58% -> 63%; head_dim 64 Block-Coverage 80% -> 91%."""
-    if head_dim != head_dim_padded or varlen:
-        return False
-    for tensor in (k, v):
-        size = tensor.element_size()
-        if tensor.data_ptr() % 16 or any(st == 0 or st * size % 16 for st, n in zip(tensor.stride()[:-1], tensor.shape) if n > 1):
-            return False
-    return True
+    return head_dim == head_dim_padded and not varlen and tma_loadable(k) and tma_loadable(v)
 
 
 def _key_block_descriptors(k: torch.Tensor, v: torch.Tensor, head_dim: int, head_dim_padded: int, varlen: bool):
