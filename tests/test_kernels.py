@@ -284,3 +284,13 @@ def test_tma_loadable_says_which_layouts_descriptors_accept():
     assert not tma_loadable(torch.zeros(1, 2, 64, 4, dtype=torch.float16))  # rows of 8 bytes
     assert not tma_loadable(x.transpose(2, 3))  # last dimension not contiguous
     assert tma_loadable(torch.zeros(1, 1, 1, 64, dtype=torch.float16))  # extents of 1 need no stride
+
+
+def test_no_tma_without_descriptors_in_triton():
+    """A Triton older than 3.4 has no host tensor descriptors: the kernels keep pointer loads."""
+    from sparse_prefill.kernels import tma
+
+    x = torch.zeros(1, 2, 128, 64, dtype=torch.bfloat16)
+    with mock.patch.object(tma, "_descriptors_available", lambda: False):
+        assert not tma.tma_loadable(x)
+    assert tma.tma_loadable(x)
