@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..kinds.common import BLOCK
-from .tma import tma_loadable
+from .tma import descriptor, tma_loadable
 
 LOG2E = 1.4426950408889634  # 1/ln(2)
 # Room for every causal tile, where it takes at most this: the lists' buffer is then allocated
@@ -256,28 +256,22 @@ def _write_blocks(mass, thresholds, start, blocks, first_block, n_rows, n_blocks
         written += tl.sum(keep.to(tl.int32))
 
 
-def _group_views_fit_tma(q: torch.Tensor, k: torch.Tensor, stride: int) -> bool:
+def _group_views_fit_tma(q: torch.Tensor, k: torch.Tensor, stride: int, head_dim_padded: int) -> bool:
     """Whether Q and K load through descriptors of their [batch, heads, groups, stride, dim] views:
     whole groups only (a partial last group would read past the tensor), a head filling its tile,
     and TMA's 16-byte alignment. Otherwise the scoring pass loads masked rows through pointers."""
-    head_dim = q.shape[-1]
-    if head_dim != max(16, triton.next_power_of_2(head_dim)) or q.shape[2] % stride or k.shape[2] % stride:
+    if q.shape[-1] != head_dim_padded or q.shape[2] % stride or k.shape[2] % stride:
         return False
     return tma_loadable(q) and tma_loadable(k)
 
 
-def _group_descriptors(q: torch.Tensor, k: torch.Tensor, stride: int):
-    """Tensor descriptors of Q and K as [batch, heads, groups, stride, dim]; a block is the (group,
-    step) slab the scoring pass multiplies: its tile's groups at one antidiagonal step."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    def view(tensor):  # the block's group count is the configuration's (_size_group_blocks)
-        batch, heads, length, dim = tensor.shape
-        sb, sh, ss, _ = tensor.stride()
-        return TensorDescriptor(tensor, [batch, heads, length // stride, stride, dim], [sb, sh, ss * stride, ss, 1],
-                                [1, 1, 16, 1, dim])
-
-    return view(q), view(k)
+def _group_descriptor(tensor: torch.Tensor, stride: int):
+    """``tensor`` as [batch, heads, groups, stride, dim]; a block is the (group, step) slab the scoring
+    pass multiplies, its tile's groups at one antidiagonal step (their count set by _size_group_blocks)."""
+    batch, heads, length, dim = tensor.shape
+    sb, sh, ss, _ = tensor.stride()
+    return descriptor(tensor, [batch, heads, length // stride, stride, dim], [sb, sh, ss * stride, ss, 1],
+                      [1, 1, 16, 1, dim])
 
 
 def antidiagonal_tile_mass(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, stride: int, scale: float,
@@ -298,13 +292,15 @@ def antidiagonal_tile_mass(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor
     block_lse = torch.empty(2, batch * n, n_groups, n_blocks, dtype=torch.float32, device=q.device)
     row_lse = torch.empty(2, batch * n, n_groups, dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(n_groups, meta["GROUPS_M"]), batch * n)  # noqa: E731
-    tma = _group_views_fit_tma(q, k, stride)
+    head_dim_padded = max(16, triton.next_power_of_2(head_dim))
+    tma = _group_views_fit_tma(q, k, stride, head_dim_padded)
     _antidiagonal_block_lse[grid](
-        q, k, *(_group_descriptors(q, k, stride) if tma else (q, k)), heads.to(device=q.device, dtype=torch.int32),
+        q, k, *((_group_descriptor(q, stride), _group_descriptor(k, stride)) if tma else (q, k)),
+        heads.to(device=q.device, dtype=torch.int32),
         block_lse, row_lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         seq, q_len, first_block * BLOCK // stride, n_groups, n_blocks, n, q_heads // k.shape[1], scale * LOG2E,
-        STRIDE=stride, HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
+        STRIDE=stride, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TMA=tma,
     )
     mass = torch.empty(batch * n, n_rows, n_blocks, dtype=torch.float32, device=q.device)

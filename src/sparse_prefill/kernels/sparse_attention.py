@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..kinds.common import device_values
 from .plan import BLOCK, SparsePlan
-from .tma import tma_loadable
+from .tma import descriptor, tma_loadable
 
 __all__ = ["MAX_HEAD_DIM", "run_plan"]
 
@@ -273,22 +273,27 @@ def run_plan(
     # Query blocks with work: n_blocks - first_block for one sequence, the longest's for several.
     grids = [(n_rows, batch * q_heads)]
     varlen = plan.sequences is not None
+    tma = _uses_tma(k, v, head_dim, head_dim_padded, varlen)
+    # One 64-key block of K and of V per descriptor load (K and V themselves, unused, without TMA).
+    kv_blocks = tuple(descriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK, head_dim]) for t in (k, v)) \
+        if tma else (k, v)
     tuning_key = (q.device, q.dtype, head_dim_padded, plan.uses_diagonals, plan.uses_blocks, plan.uses_columns,
-                  lse is not None, varlen, _uses_tma(k, v, head_dim, head_dim_padded, varlen))
+                  lse is not None, varlen, tma)
     if tuning_key not in _tuned:
         _tuned.add(tuning_key)
         if n_rows > TUNING_BLOCKS:  # autotune on the last query blocks first (see TUNING_BLOCKS)
             grids.insert(0, (TUNING_BLOCKS, batch * q_heads))
     for grid in grids:
-        _launch(grid, q, k, v, out, lse, plan, scale, head_dim, head_dim_padded, n_blocks, n_rows, varlen)
+        _launch(grid, q, k, v, kv_blocks, out, lse, plan, scale, head_dim, head_dim_padded, n_blocks, n_rows, varlen,
+                tma)
     return out
 
 
-def _launch(grid, q, k, v, out, lse, plan: SparsePlan, scale: float, head_dim: int, head_dim_padded: int,
-            n_blocks: int, n_rows: int, varlen: bool) -> None:
+def _launch(grid, q, k, v, kv_blocks, out, lse, plan: SparsePlan, scale: float, head_dim: int, head_dim_padded: int,
+            n_blocks: int, n_rows: int, varlen: bool, tma: bool) -> None:
     q_heads = q.shape[1]
     _sparse_attention_fwd[grid](
-        q, k, v, *_key_block_descriptors(k, v, head_dim, head_dim_padded, varlen), out,
+        q, k, v, *kv_blocks, out,
         out if lse is None else lse,  # Lse is never touched unless RETURN_LSE
         plan.diagonals, plan.diagonal_limit, plan.diagonal_flag, plan.window, plan.sink,
         plan.blocks, plan.block_start, plan.block_count,
@@ -303,7 +308,7 @@ def _launch(grid, q, k, v, out, lse, plan: SparsePlan, scale: float, head_dim: i
         plan.columns.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=BLOCK, BLOCK_N=BLOCK,
         USES_DIAGONALS=plan.uses_diagonals, USES_BLOCKS=plan.uses_blocks, USES_COLUMNS=plan.uses_columns,
-        RETURN_LSE=lse is not None, VARLEN=varlen, TMA=_uses_tma(k, v, head_dim, head_dim_padded, varlen),
+        RETURN_LSE=lse is not None, VARLEN=varlen, TMA=tma,
     )
 
 
@@ -316,16 +321,6 @@ def _uses_tma(k: torch.Tensor, v: torch.Tensor, head_dim: int, head_dim_padded: 
     TF/s, pointer loads -> descriptors): head_dim 128 Block-Coverage 64% -> 77%, Block-Sparse 63% ->
     73%, A-shape 66% -> 77%, Vertical-Slash 58% -> 63%; head_dim 64 Block-Coverage 80% -> 91%."""
     return head_dim == head_dim_padded and not varlen and tma_loadable(k) and tma_loadable(v)
-
-
-def _key_block_descriptors(k: torch.Tensor, v: torch.Tensor, head_dim: int, head_dim_padded: int, varlen: bool):
-    """The tensor descriptors of one 64-key block of K and of V (or K and V themselves, unused, without TMA)."""
-    if not _uses_tma(k, v, head_dim, head_dim_padded, varlen):
-        return k, v
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    block = [1, 1, BLOCK, head_dim]
-    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in (k, v))
 
 
 def _check_sequences(sequences: tuple[tuple[int, int, int, int], ...], batch: int, q_len: int, kv_len: int) -> None:

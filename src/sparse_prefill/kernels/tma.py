@@ -45,3 +45,11 @@ def tma_loadable(tensor: torch.Tensor) -> bool:
         return False
     return all(stride != 0 and stride * size % 16 == 0
                for stride, extent in zip(tensor.stride()[:-1], tensor.shape[:-1]) if extent > 1)
+
+
+def descriptor(tensor: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
+    """A host tensor descriptor of ``tensor`` seen as ``shape`` with ``strides`` (elements), loading
+    boxes of ``block``; only where :func:`tma_loadable` said yes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor  # Triton >= 3.4 (checked by tma_loadable)
+
+    return TensorDescriptor(tensor, shape, strides, block)
