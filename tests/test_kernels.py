@@ -222,18 +222,23 @@ def test_fused_last_query_statistics_match_pytorch(seq, last_q, q_len):
 
 @pytest.mark.parametrize("seq, stride, first_block", [(1, 16, 0), (64, 16, 0), (200, 16, 0), (300, 8, 0), (130, 64, 0),
                                                      (257, 4, 0), (700, 32, 0), (300, 8, 2), (700, 16, 10), (257, 4, 4),
-                                                     (256, 16, 0), (512, 32, 2), (640, 64, 3)])
+                                                     (256, 16, 0), (512, 32, 2), (640, 64, 3), (2100, 64, 0),
+                                                     (2100, 64, 20)])
 def test_antidiagonal_tile_mass_matches_pytorch(seq, stride, first_block):
     """The Triton tile masses equal the PyTorch definition (float32, selected heads, GQA, padding),
     also for the query blocks of a chunk (``first_block`` > 0: the queries from position 64 first_block).
-    Lengths that are whole groups load through tensor descriptors, the others through masked pointers."""
+    Lengths that are whole groups load through tensor descriptors, the others through masked pointers.
+    Rows run in launches of 16, 32, 64 ... key blocks (the narrowest cut to 16 from 256, so that 33
+    blocks take three)."""
+    from sparse_prefill.kernels import coverage as coverage_kernels
     from sparse_prefill.kernels.coverage import antidiagonal_tile_mass
     from sparse_prefill.kinds.block_coverage import tile_mass
 
     q, k, _ = fresh_qkv(2, 4, 2, seq, 64, torch.float32)
     q = q[:, :, first_block * 64 :]
     heads = torch.tensor([0, 3, 2])
-    got = antidiagonal_tile_mass(q, k, heads, stride, 0.125, first_block)  # [batch * 3, n_rows, n_blocks]
+    with mock.patch.object(coverage_kernels, "SMALLEST_CHUNK", 16):
+        got = antidiagonal_tile_mass(q, k, heads, stride, 0.125, first_block)  # [batch * 3, n_rows, n_blocks]
     n_rows, n_blocks = got.shape[1:]
     causal = torch.arange(n_blocks, device=DEVICE)[None, :] <= first_block + torch.arange(n_rows, device=DEVICE)[:, None]
     for b in range(2):
@@ -242,11 +247,13 @@ def test_antidiagonal_tile_mass_matches_pytorch(seq, stride, first_block):
 
 
 @given(n_blocks=st.integers(1, 40), coverage=st.floats(0.05, 1.0), ties=st.booleans(), seed=st.integers(0, 2**31 - 1),
-       chunk=st.floats(0.0, 1.0), max_chunk=st.sampled_from([2048, 16]))
-def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage, ties, seed, chunk, max_chunk):
+       chunk=st.floats(0.0, 1.0), max_chunk=st.sampled_from([2048, 16]), smallest_chunk=st.sampled_from([256, 16]))
+def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage, ties, seed, chunk, max_chunk,
+                                                             smallest_chunk):
     """The search on the float bits finds exactly the sort-based threshold, ties and all, with a row
     held whole in registers and with a row read in chunks (``max_chunk`` 16: rows past 16 blocks,
-    as rows past 128K tokens are with the real 2048).
+    as rows past 128K tokens are with the real 2048), the rows in one launch or in launches of
+    doubling widths (``smallest_chunk`` 16: 16, 32, 64 key blocks).
 
     Masses are multiples of 2^-12 and coverages multiples of 1/64, so that every sum and the target
     (coverage x total - forced) are exact in float32 whatever the order of the additions and whether
@@ -263,7 +270,8 @@ def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage,
     first = int(chunk * (n_blocks - 1))  # the rows of a chunk's query blocks first .. n_blocks - 1
     mass = ((mass * steps).round() / steps).tril()[:, first:].to(DEVICE).contiguous()
     cover = torch.tensor([round(coverage * 64) / 64, 1.0, 0.5], device=DEVICE)
-    with mock.patch.object(coverage_kernels, "MAX_CHUNK", max_chunk):
+    with mock.patch.object(coverage_kernels, "MAX_CHUNK", max_chunk), \
+            mock.patch.object(coverage_kernels, "SMALLEST_CHUNK", smallest_chunk):
         blocks, start, count = coverage_block_lists(mass, cover, first)
     want = blocks_at_threshold(mass, coverage_threshold(mass, cover, first), first)
     # Each row's list packed right after the previous one's, as many as the rule keeps.

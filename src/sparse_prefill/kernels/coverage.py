@@ -150,12 +150,12 @@ def _antidiagonal_block_lse(
 
 @triton.jit
 def _tile_mass(
-    block_lse, row_lse, mass, seq, first_block, n_groups, n_rows, n_blocks, estimate_stride,
+    block_lse, row_lse, mass, seq, first_block, first_row, n_groups, n_rows, n_blocks, estimate_stride,
     STRIDE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """mass[row, r, c]: the mean of the two estimates' softmax mass of tile (m, c), summed over the
-    query groups of block m = first_block + r."""
-    r = tl.program_id(0)
+    query groups of block m = first_block + r; this launch's rows r start at ``first_row``."""
+    r = first_row + tl.program_id(0)
     m = first_block + r
     bh = tl.program_id(1).to(tl.int64)
     PER_BLOCK: tl.constexpr = 64 // STRIDE
@@ -186,10 +186,10 @@ def _free_sum_above(row, m, threshold, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _coverage_threshold(
-    mass, coverage, thresholds, counts, first_block, n_rows, n_blocks,
+    mass, coverage, thresholds, counts, first_block, first_row, n_rows, n_blocks,
     BLOCK_C: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
-    r = tl.program_id(0)
+    r = first_row + tl.program_id(0)
     m = first_block + r  # the query block: its causal key blocks are 0 .. m
     bh = tl.program_id(1)
     row = mass + (bh.to(tl.int64) * n_rows + r) * n_blocks
@@ -239,8 +239,8 @@ def _coverage_threshold(
 
 
 @triton.jit
-def _write_blocks(mass, thresholds, start, blocks, first_block, n_rows, n_blocks, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0)
+def _write_blocks(mass, thresholds, start, blocks, first_block, first_row, n_rows, n_blocks, BLOCK_C: tl.constexpr):
+    r = first_row + tl.program_id(0)
     m = first_block + r
     bh = tl.program_id(1).to(tl.int64)
     row = mass + (bh * n_rows + r) * n_blocks
@@ -304,8 +304,9 @@ def antidiagonal_tile_mass(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TMA=tma,
     )
     mass = torch.empty(batch * n, n_rows, n_blocks, dtype=torch.float32, device=q.device)
-    _tile_mass[(n_rows, batch * n)](block_lse, row_lse, mass, seq, first_block, n_groups, n_rows, n_blocks,
-                                    batch * n * n_groups, STRIDE=stride, BLOCK_C=_chunk(n_blocks))
+    for first_row, end_row, chunk in _row_ranges(first_block, n_rows):
+        _tile_mass[(end_row - first_row, batch * n)](block_lse, row_lse, mass, seq, first_block, first_row, n_groups,
+                                                     n_rows, n_blocks, batch * n * n_groups, STRIDE=stride, BLOCK_C=chunk)
     return mass
 
 
@@ -321,9 +322,12 @@ def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor,
     rows, n_rows, n_blocks = mass.shape
     thresholds = torch.empty(rows, n_rows, dtype=torch.float32, device=mass.device)
     count = torch.empty(rows, n_rows, dtype=torch.int32, device=mass.device)
-    chunk = _chunk(n_blocks)
-    _coverage_threshold[(n_rows, rows)](mass, coverage.float().contiguous(), thresholds, count, first_block, n_rows,
-                                        n_blocks, BLOCK_C=chunk, ONE_CHUNK=n_blocks <= chunk)
+    ranges = _row_ranges(first_block, n_rows)
+    coverage = coverage.float().contiguous()
+    for first_row, end_row, chunk in ranges:
+        _coverage_threshold[(end_row - first_row, rows)](mass, coverage, thresholds, count, first_block, first_row,
+                                                         n_rows, n_blocks, BLOCK_C=chunk,
+                                                         ONE_CHUNK=first_block + end_row <= chunk)
     flat = count.view(-1).cumsum(0)  # int64
     start = (flat - count.view(-1)).view(rows, n_rows)
     causal_tiles = rows * (n_rows * (first_block + 1) + n_rows * (n_rows - 1) // 2)  # every row keeping all it sees
@@ -332,13 +336,30 @@ def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor,
     else:
         size = int(flat[-1])  # one host synchronisation: the kept total
     blocks = torch.empty(max(size, 1), dtype=torch.int32, device=mass.device)
-    _write_blocks[(n_rows, rows)](mass, thresholds, start, blocks, first_block, n_rows, n_blocks, BLOCK_C=chunk)
+    for first_row, end_row, chunk in ranges:
+        _write_blocks[(end_row - first_row, rows)](mass, thresholds, start, blocks, first_block, first_row, n_rows,
+                                                   n_blocks, BLOCK_C=chunk)
     return blocks, start, count
 
 
 # Key blocks a program holds at a time: a row up to 2048 blocks (128K tokens) is one chunk.
 MAX_CHUNK = 2048
+# The narrowest chunk the per-row kernels get a launch of their own for.
+SMALLEST_CHUNK = 256
 
 
-def _chunk(n_blocks: int) -> int:
-    return min(triton.next_power_of_2(max(n_blocks, 16)), MAX_CHUNK)
+def _row_ranges(first_block: int, n_rows: int) -> list[tuple[int, int, int]]:
+    """The rows of the per-row kernels as launches ``(first_row, end_row, chunk)``: query block
+    ``m`` reads key blocks ``0 .. m``, so the early rows get a narrower chunk than the last. One
+    launch with the widest chunk for every row spent half its vector work on masked lanes at 128K
+    (2048 rows); doubling widths from ``SMALLEST_CHUNK`` cut that work by a third, at three more launches
+    per kernel."""
+    ranges, row = [], 0
+    while row < n_rows:
+        widest = max(triton.next_power_of_2(first_block + n_rows), 16)  # the last row's key blocks
+        chunk = min(max(triton.next_power_of_2(first_block + row + 1), SMALLEST_CHUNK), widest, MAX_CHUNK)
+        # Rows whose key blocks 0 .. m fit the chunk; past MAX_CHUNK one chunk walks the rest.
+        end = n_rows if chunk == MAX_CHUNK else min(n_rows, chunk - first_block)
+        ranges.append((row, end, chunk))
+        row = end
+    return ranges

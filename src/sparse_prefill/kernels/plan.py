@@ -123,9 +123,14 @@ class PlanWriter:
         n_rows = self.n_rows
         int32 = dict(dtype=torch.int32, device=device)
         self.diagonal_flag[:, :, nb] = False
-        arange = torch.arange(nb + 1, device=device)
-        diagonals = torch.where(self.diagonal_flag, arange, nb).sort(dim=2).values[:, :, :nb]
-        diagonal_limit = self.diagonal_flag[:, :, :nb].to(torch.int32).cumsum(dim=2)
+        uses_diagonals = sum(len(heads) for heads, _ in self._blocks) < q_heads  # the others walk diagonals
+        if uses_diagonals:
+            arange = torch.arange(nb + 1, device=device)
+            diagonals = torch.where(self.diagonal_flag, arange, nb).sort(dim=2).values[:, :, :nb]
+            diagonal_limit = self.diagonal_flag[:, :, :nb].to(torch.int32).cumsum(dim=2)
+        else:  # every head lists blocks (Block-Coverage's default): no diagonal anywhere, no sort to pay
+            diagonals = torch.full((batch, q_heads, nb), nb, **int32)
+            diagonal_limit = torch.zeros(batch, q_heads, nb, **int32)
 
         # Heads share a buffer where one estimate served them: each distinct buffer is taken once, and
         # its heads' starts are written together (a few launches per buffer, not per head).
@@ -151,8 +156,11 @@ class PlanWriter:
         columns = torch.full((batch, q_heads, max_columns), seq, **int32)
         for heads, listed in self._columns:
             columns[:, heads, : listed.shape[2]] = listed.clamp(max=seq).to(torch.int32)
-        starts = (torch.arange(nb, device=device) * BLOCK).to(torch.int32)
-        column_before = torch.searchsorted(columns.view(-1, max_columns), starts.expand(batch * q_heads, -1).contiguous())
+        if self._columns:
+            starts = (torch.arange(nb, device=device) * BLOCK).to(torch.int32)
+            column_before = torch.searchsorted(columns.view(-1, max_columns), starts.expand(batch * q_heads, -1).contiguous())
+        else:  # only padding (seq), after every query block's start
+            column_before = torch.zeros(batch * q_heads, nb, **int32)
 
         bh = batch * q_heads
         return SparsePlan(
@@ -169,7 +177,7 @@ class PlanWriter:
             columns=columns.reshape(bh, max_columns).contiguous(),
             column_before=column_before.to(torch.int32).reshape(bh, nb).contiguous(),
             indices=indices,
-            uses_diagonals=sum(len(heads) for heads, _ in self._blocks) < q_heads,  # the others walk diagonals
+            uses_diagonals=uses_diagonals,
             uses_blocks=bool(self._blocks),
             uses_columns=any(listed.shape[2] for _, listed in self._columns),
         )
