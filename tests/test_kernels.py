@@ -243,7 +243,8 @@ def test_antidiagonal_tile_mass_matches_pytorch(seq, stride, first_block):
     causal = torch.arange(n_blocks, device=DEVICE)[None, :] <= first_block + torch.arange(n_rows, device=DEVICE)[:, None]
     for b in range(2):
         want = tile_mass(q[b, heads], k[b, heads // 2], stride, 0.125, first_block=first_block)
-        torch.testing.assert_close(got[3 * b : 3 * b + 3] * causal, want, rtol=1e-4, atol=1e-5)
+        # Entries above the diagonal are unspecified (a narrow launch never writes them): compared as 0.
+        torch.testing.assert_close(torch.where(causal, got[3 * b : 3 * b + 3], 0.0), want, rtol=1e-4, atol=1e-5)
 
 
 @given(n_blocks=st.integers(1, 40), coverage=st.floats(0.05, 1.0), ties=st.booleans(), seed=st.integers(0, 2**31 - 1),

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from ..kinds import HeadIndex, Pattern, estimate_layer, index_unit
-from ..kinds.common import BLOCK
+from ..kinds.common import BLOCK, device_values
 
 NO_WINDOW = 2**30  # a window longer than any sequence: no tile gets the A-shape mask
 
@@ -110,6 +110,14 @@ class PlanWriter:
         self._blocks: list[tuple[list[int], list]] = []
         self._columns: list[tuple[list[int], torch.Tensor]] = []
 
+    def head_index(self, heads: list[int]) -> slice | torch.Tensor:
+        """``heads`` as an index of the lists' head dimension: a slice where they are a run (every head
+        of a one-kind layer), else a cached device tensor. Indexing a GPU tensor with a Python list
+        copies the list from host memory, and that copy waits for the GPU's whole queue."""
+        if heads == list(range(heads[0], heads[-1] + 1)):
+            return slice(heads[0], heads[-1] + 1)
+        return device_values(heads, self.device)
+
     def set_blocks(self, heads: list[int], indices: list) -> None:
         """indices: one :class:`~sparse_prefill.kinds.BlockSparseIndex` per head, with ``n_rows`` rows."""
         self._blocks.append((heads, indices))
@@ -146,7 +154,7 @@ class PlanWriter:
         parts, offset = [], 0
         for buffer, heads, listed in sharing.values():
             parts.append(buffer.to(torch.int32))
-            where = _head_index(heads)
+            where = self.head_index(heads)
             block_start[:, where] = torch.stack([index.start for index in listed], dim=1) + offset
             block_count[:, where] = torch.stack([index.count for index in listed], dim=1)
             offset += buffer.numel()
@@ -155,7 +163,7 @@ class PlanWriter:
         max_columns = max([listed.shape[2] for _, listed in self._columns] + [1])
         columns = torch.full((batch, q_heads, max_columns), seq, **int32)
         for heads, listed in self._columns:
-            columns[:, heads, : listed.shape[2]] = listed.clamp(max=seq).to(torch.int32)
+            columns[:, self.head_index(heads), : listed.shape[2]] = listed.clamp(max=seq).to(torch.int32)
         if self._columns:
             starts = (torch.arange(nb, device=device) * BLOCK).to(torch.int32)
             column_before = torch.searchsorted(columns.view(-1, max_columns), starts.expand(batch * q_heads, -1).contiguous())
@@ -181,14 +189,6 @@ class PlanWriter:
             uses_blocks=bool(self._blocks),
             uses_columns=any(listed.shape[2] for _, listed in self._columns),
         )
-
-
-def _head_index(heads: list[int]) -> slice | list[int]:
-    """``heads`` as a slice where they are a run (every head of a Block-Coverage layer): indexing a
-    GPU tensor with a list copies the list from host memory, which waits for the GPU's queue."""
-    if heads == list(range(heads[0], heads[-1] + 1)):
-        return slice(heads[0], heads[-1] + 1)
-    return heads
 
 
 def plan_from_indices(indices: Sequence[HeadIndex], batch: int, seq: int, device: torch.device,

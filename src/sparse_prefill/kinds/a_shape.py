@@ -67,10 +67,11 @@ def add_to_plan(writer, heads: list[int], indices: list[AShapeIndex]) -> None:
     last = device_values([index.last_diagonal() for index in indices], device)
     local = device_values([index.local for index in indices], device, torch.int32)
     sink = device_values([index.sink for index in indices], device, torch.int32)
-    writer.diagonal_flag[:, heads] |= (torch.arange(writer.n_blocks + 1, device=device)[None, :] <= last[:, None])
+    where = writer.head_index(heads)
+    writer.diagonal_flag[:, where] |= (torch.arange(writer.n_blocks + 1, device=device)[None, :] <= last[:, None])
     # Tiles the window's edge cuts through get the element mask (i - j < local or j < sink).
-    writer.window[:, heads] = local
-    writer.sink[:, heads] = sink
+    writer.window[:, where] = local
+    writer.sink[:, where] = sink
     positions = torch.arange(max(index.sink for index in indices), device=device)
     sink_columns = torch.where(positions[None, :] < sink[:, None], positions[None, :], writer.seq)  # past seq: dropped
     writer.set_columns(heads, sink_columns.expand(writer.batch, -1, -1))

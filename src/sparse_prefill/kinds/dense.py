@@ -43,7 +43,7 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list,
 
 
 def add_to_plan(writer, heads: list[int], indices: list[DenseIndex]) -> None:
-    writer.diagonal_flag[:, heads, : writer.n_blocks] = True
+    writer.diagonal_flag[:, writer.head_index(heads), : writer.n_blocks] = True
 
 
 def computed_pairs(index: DenseIndex, seq: int) -> tuple[torch.Tensor, torch.Tensor]:

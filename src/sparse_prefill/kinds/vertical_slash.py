@@ -236,7 +236,7 @@ def add_to_plan(writer, heads: list[int], indices: list[VerticalSlashIndex]) -> 
     # Padding repeats diagonal 0 (always kept) and puts columns past the sequence (dropped).
     diagonals = stack_padded([index.diagonals for index in indices], 0)  # [batch, len(heads), S]
     flags = torch.zeros(writer.batch, len(heads), writer.n_blocks + 1, dtype=torch.bool, device=writer.device)
-    writer.diagonal_flag[:, heads] |= flags.scatter_(2, diagonals, True)
+    writer.diagonal_flag[:, writer.head_index(heads)] |= flags.scatter_(2, diagonals, True)
     writer.set_columns(heads, stack_padded([index.columns for index in indices], writer.seq))
 
 
