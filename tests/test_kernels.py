@@ -220,6 +220,31 @@ def test_fused_last_query_statistics_match_pytorch(seq, last_q, q_len):
     torch.testing.assert_close(row_sum[used], want.row_sum[used], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("seq, last_q, q_len, n_columns", [(1, 64, 1, 1), (50, 64, 50, 8), (200, 64, 200, 70),
+                                                           (333, 100, 333, 130), (333, 100, 170, 40), (700, 16, 700, 5),
+                                                           (640, 64, 640, 200)])
+def test_fused_diagonal_scores_match_pytorch(seq, last_q, q_len, n_columns):
+    """Vertical-Slash's diagonal scores in one launch equal the PyTorch definition: heads with their
+    own numbers of last rows (spanning one or two query blocks), of a chunk's queries, and of counted
+    columns (the rest of each row of ``columns`` ignored, as top_per_head pads it)."""
+    from sparse_prefill.kernels.last_query import diagonal_scores as fused
+    from sparse_prefill.kinds.vertical_slash import diagonal_scores, last_query_statistics
+
+    q, k, _ = fresh_qkv(2, 4, 2, seq, 64, torch.float32)
+    q = q[:, :, seq - q_len :]
+    heads = [3, 0, 1]
+    last = [min(last_q, q_len), min(last_q, q_len) // 2 + 1, 1]
+    stats = last_query_statistics(q, k, heads, last, 0.125)  # float32: the PyTorch path on any device
+    g = torch.Generator().manual_seed(seq)
+    width = min(n_columns, seq)
+    columns = torch.stack([torch.randperm(seq, generator=g)[:width].sort().values for _ in range(6)]).to(DEVICE)
+    counts = torch.tensor([width, max(1, width // 2), 1] * 2, device=DEVICE)
+    want = diagonal_scores(stats, q, k, heads, columns, counts, 0.125)
+    got = fused(q, k, torch.tensor(heads, device=DEVICE), columns, counts, stats.block_sums, stats.row_max,
+                stats.row_sum, stats.row_used, 0.125)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("seq, stride, first_block", [(1, 16, 0), (64, 16, 0), (200, 16, 0), (300, 8, 0), (130, 64, 0),
                                                      (257, 4, 0), (700, 32, 0), (300, 8, 2), (700, 16, 10), (257, 4, 4),
                                                      (256, 16, 0), (512, 32, 2), (640, 64, 3), (2100, 64, 0),

@@ -252,15 +252,20 @@ def _block_coverage_lists(case):
 
 
 def _last_query(case):
-    """kernels/last_query.py ``last_query_scores``: ``_row_statistics`` then ``_column_and_block_sums``."""
-    from sparse_prefill.kernels.last_query import last_query_scores
+    """kernels/last_query.py ``last_query_scores`` (``_row_statistics`` then ``_column_and_block_sums``),
+    then ``diagonal_scores`` (``_diagonal_scores``) on what it returns and 1000 chosen columns."""
+    from sparse_prefill.kernels.last_query import diagonal_scores, last_query_scores
 
     def one(label, dtype, head_dim, *, batch=1, q_heads=32, kv_heads=8, seq=65536, q_len=None, n_rows=64, heads=None):
         with case(label):
             q, k, _ = _qkv(dtype, batch, q_heads, kv_heads, seq if q_len is None else q_len, seq, head_dim)
             n = q_heads if heads is None else heads
-            last_query_scores(q, k, torch.arange(n, device=META), _meta(batch * n, dtype=torch.int32), n_rows,
-                              head_dim**-0.5)
+            ids = torch.arange(n, device=META)
+            _, block_sums, row_max, row_sum = last_query_scores(q, k, ids, _meta(batch * n, dtype=torch.int32), n_rows,
+                                                                head_dim**-0.5)
+            width = min(1000, seq)
+            diagonal_scores(q, k, ids, _meta(batch * n, width, dtype=torch.int64), _meta(batch * n, dtype=torch.int64),
+                            block_sums, row_max, row_sum, _meta(batch * n, n_rows, dtype=torch.bool), head_dim**-0.5)
 
     for dtype in (torch.bfloat16, torch.float16):
         for head_dim in (64, 128, 256):

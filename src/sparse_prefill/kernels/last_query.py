@@ -13,6 +13,11 @@ and never hold the ``n_last x seq`` probabilities in memory (the definition, in 
 
 Outputs are ``[bh, seq]`` column scores and ``[bh, n_rows, n_tiles]`` row-block sums, about
 1/64 of the probabilities' size; ``bh`` runs over the batch and the selected query heads.
+
+3. ``_diagonal_scores``: once the columns are chosen, each head's block-diagonal scores, what the
+   chosen columns leave of the last rows' attention on every block diagonal (the definition:
+   :func:`sparse_prefill.kinds.vertical_slash.diagonal_scores`), in one launch: the same in PyTorch
+   took ~40 small operations, and at SmolLM2's size the estimator is bound by the host issuing them.
 """
 
 from __future__ import annotations
@@ -162,3 +167,90 @@ def last_query_scores(
         seq, seq - q.shape[2], n, group, n_rows, n_tiles, scale * LOG2E, **common,
     )
     return column_scores, block_sums[:, :n_rows], row_max[:, :n_rows], row_sum[:, :n_rows]
+
+
+@triton.jit
+def _diagonal_scores(
+    Q, K, heads, columns, counts, block_sums, row_max, row_sum, row_used, scores,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_cr, stride_br, stride_bq, stride_sr, stride_ur,
+    seq, q_start, n_selected, group, n_rows, n_tiles, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
+    TILE: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """scores[bh, d]: the used last rows' attention on block diagonal ``d`` (their block sums on key
+    block ``row's block - d``), less the chosen columns' share of it (``columns[bh, :counts[bh]]``)."""
+    bh = tl.program_id(0)
+    bh64 = bh.to(tl.int64)
+    batch = bh // n_selected
+    head = tl.load(heads + bh % n_selected)
+    rows = tl.arange(0, BLOCK_Q)
+    in_rows = rows < n_rows
+    positions = seq - n_rows + rows
+    row_block = positions // TILE
+    out = scores + bh64 * n_tiles
+    # 1. Block sums along each diagonal (rows not used by the head hold zeros there).
+    for first in range(0, n_tiles, BLOCK_D):
+        d = first + tl.arange(0, BLOCK_D)
+        key_block = row_block[:, None] - d[None, :]
+        ok = in_rows[:, None] & (key_block >= 0) & (d < n_tiles)[None, :]
+        sums = tl.load(block_sums + bh64 * stride_br + rows[:, None] * stride_bq + key_block, mask=ok, other=0.0)
+        tl.store(out + d, tl.sum(sums, 0), mask=d < n_tiles)
+    tl.debug_barrier()  # the stores above land before this program's atomics below
+    # 2. Less the chosen columns' attention, recomputed for those keys only and added to the diagonal
+    #    of each row block the last rows span (at most ROW_BLOCKS of them).
+    used = tl.load(row_used + bh64 * stride_ur + rows, mask=in_rows, other=0) != 0
+    q, _, _ = _last_queries(Q, stride_qb, stride_qh, stride_qs, batch, head, seq, q_start, n_rows, 0,
+                            HEAD_DIM, HEAD_DIM_PADDED, BLOCK_Q)
+    m = tl.load(row_max + bh64 * stride_sr + rows, mask=in_rows, other=0.0)
+    l = tl.load(row_sum + bh64 * stride_sr + rows, mask=in_rows & used, other=1.0)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    k_base = K + batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
+    n_columns = tl.load(counts + bh)
+    first_row_block = (seq - n_rows) // TILE
+    for first in range(0, n_columns, TILE):
+        slot = first + tl.arange(0, TILE)
+        listed = slot < n_columns
+        cols = tl.load(columns + bh64 * stride_cr + slot, mask=listed, other=0)
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :],
+                    mask=listed[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        keep = used[:, None] & listed[None, :] & (cols[None, :] <= positions[:, None])
+        p = tl.where(keep, tl.math.exp2(s - m[:, None]) / l[:, None], 0.0)
+        for j in tl.static_range(ROW_BLOCKS):
+            block = first_row_block + j
+            share = tl.sum(tl.where((row_block == block)[:, None], p, 0.0), 0)
+            diagonal = block - cols // TILE
+            tl.atomic_add(out + diagonal, -share, mask=listed & (diagonal >= 0) & (share != 0.0))
+
+
+def diagonal_scores(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, columns: torch.Tensor, counts: torch.Tensor,
+                    block_sums: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor, row_used: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """float32 [bh, n_tiles]: :func:`sparse_prefill.kinds.vertical_slash.diagonal_scores` in one launch.
+
+    q, k as for :func:`last_query_scores`; ``heads`` long [n]; ``columns`` [bh, V] key positions,
+    of which each row's first ``counts`` [bh] count; the statistics as ``last_query_scores`` returns
+    them (``n_rows`` last rows) and ``row_used`` bool [bh, n_rows]. Rows of ``columns`` and of the
+    statistics may be strided; their last dimension must be contiguous.
+    """
+    batch, q_heads, _, head_dim = q.shape
+    seq = k.shape[2]
+    bh, n_rows, n_tiles = block_sums.shape
+    block_q = max(16, triton.next_power_of_2(n_rows))
+    scores = torch.empty(bh, n_tiles, dtype=torch.float32, device=q.device)
+    used = row_used.view(torch.int8) if row_used.dtype == torch.bool else row_used
+    if row_sum.stride() != row_max.stride() or columns.stride(-1) != 1 or block_sums.stride(-1) != 1:
+        raise ValueError("diagonal_scores needs row_max and row_sum laid out alike and columns and block_sums contiguous "
+                         f"in their last dimension, got strides {row_max.stride()}, {row_sum.stride()}, "
+                         f"{columns.stride()}, {block_sums.stride()}")
+    _diagonal_scores[(bh,)](
+        q, k, heads, columns, counts, block_sums, row_max, row_sum, used, scores,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        columns.stride(0), block_sums.stride(0), block_sums.stride(1), row_max.stride(0), used.stride(0),
+        seq, seq - q.shape[2], heads.numel(), q_heads // k.shape[1], n_rows, n_tiles, scale * LOG2E,
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)), BLOCK_Q=block_q,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TILE=TILE, ROW_BLOCKS=triton.cdiv(block_q, TILE) + 1,
+        BLOCK_D=128,
+    )
+    return scores

@@ -178,6 +178,8 @@ def top_per_head(scores: torch.Tensor, counts: list[int], batch: int, forced: in
     """
     count = max(counts)
     ranked = ranked_with_forced(scores, count, forced)
+    if min(counts) == count:  # one budget for every head (the usual case): nothing to cut
+        return ranked.sort(dim=1).values
     per_row = device_values(counts * batch, scores.device)[:, None]  # [batch*n_heads, 1]
     rank = torch.arange(count, device=scores.device)[None, :]
     big = scores.shape[1]
@@ -193,12 +195,16 @@ def diagonal_scores(stats: LastQueryStatistics, q: torch.Tensor, k: torch.Tensor
     attention is recomputed for those keys only and taken out of the row-block sums; block diagonal
     ``d`` of the row at position ``i`` is its sum over key block ``i // 64 - d``.
     """
+    ids = device_values(heads, q.device)
+    if on_triton(q):
+        from ..kernels.last_query import diagonal_scores as fused  # lazy: importing the package never imports Triton
+
+        return fused(q, k, ids, columns, counts, stats.block_sums, stats.row_max, stats.row_sum, stats.row_used, scale)
     batch, q_heads, q_len, dim = q.shape
     seq = k.shape[2]
     group = q_heads // k.shape[1]
     n_last = stats.n_last
     dtype = stats.block_sums.dtype
-    ids = device_values(heads, q.device)
     positions = torch.arange(seq - n_last, seq, device=q.device)
     q_rows = q[:, ids, q_len - n_last :].flatten(0, 1).to(dtype)  # [rows, n_last, dim]
     kv_rows = (torch.arange(batch, device=q.device)[:, None] * k.shape[1] + (ids // group)[None, :]).flatten()
