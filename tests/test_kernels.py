@@ -67,19 +67,6 @@ def test_mixed_patterns_match_reference(seq, dim, heads, batch, dtype):
     check_against_reference(q, k, v, patterns)
 
 
-@pytest.mark.parametrize("dim, through_tma", [(64, True), (80, False)])
-def test_gathered_columns_match_reference_through_descriptors_and_pointers(dim, through_tma):
-    """Many gathered columns (several 64-column tiles, some covered by kept diagonals, padding past
-    the list) over two batch elements and GQA: through per-head gathered buffers and TMA where the
-    head fills its tile (64), through row pointers otherwise (80)."""
-    from sparse_prefill.kernels import sparse_attention
-
-    q, k, v = fresh_qkv(2, 4, 2, 600, dim, LOW_PRECISION)
-    assert sparse_attention._uses_tma(k, v, dim, max(16, triton.next_power_of_2(dim)), False) == through_tma
-    check_against_reference(q, k, v, [VerticalSlash(200, 128), VerticalSlash(150, 300), AShape(70, 128),
-                                      VerticalSlash(3, 64)])
-
-
 def test_plan_estimates_what_the_reference_estimates():
     """Same kept sets as the reference estimators (float32 inputs on CPU: no ties, same arithmetic)."""
     planted = planted_qkv(batch=2, q_heads=6, kv_heads=2, seq=300, head_dim=64)

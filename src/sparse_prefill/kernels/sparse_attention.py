@@ -99,7 +99,7 @@ def _configs() -> list[triton.Config]:
                  key=["HEAD_DIM_PADDED", "USES_DIAGONALS", "USES_BLOCKS", "USES_COLUMNS", "RETURN_LSE", "VARLEN", "TMA"])
 @triton.jit
 def _sparse_attention_fwd(
-    Q, K, V, KDesc, VDesc, KColumns, VColumns, Out, Lse,
+    Q, K, V, KDesc, VDesc, Out, Lse,
     diagonals, diagonal_limit, diagonal_flag, window, sink,
     blocks, block_start, block_count,
     columns, column_before, sequences,
@@ -211,8 +211,7 @@ def _sparse_attention_fwd(
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
 
     # 3. Gathered columns before the query block (those inside it lie on diagonal 0, computed
-    #    above), skipped where a kept diagonal tile of this query block already holds them. With
-    #    TMA their K/V rows come from per-head buffers gathered before the launch (masked as here).
+    #    above), skipped where a kept diagonal tile of this query block already holds them.
     if USES_COLUMNS:
         n_before = tl.load(column_before + bh64 * n_blocks + m)
         for start in range(0, n_before, BLOCK_N):
@@ -221,12 +220,7 @@ def _sparse_attention_fwd(
             cols = tl.load(columns + bh64 * max_columns + slot, mask=in_list, other=0)
             covered = tl.load(diagonal_flag + bh64 * (n_blocks + 1) + m - cols // BLOCK_N, mask=in_list, other=1) != 0
             col_ok = in_list & ~covered
-            if TMA:  # the head's gathered K/V rows, contiguous: slots past the list read as zeros
-                shape: tl.constexpr = [BLOCK_N, HEAD_DIM_PADDED]
-                k = KColumns.load([bh, start, 0]).reshape(shape)
-                v = VColumns.load([bh, start, 0]).reshape(shape)
-            else:
-                k, v = _load_kv(k_base, v_base, cols, stride_ks, stride_vs, dims, dim_ok, col_ok, True)
+            k, v = _load_kv(k_base, v_base, cols, stride_ks, stride_vs, dims, dim_ok, col_ok, True)
             keep = tl.broadcast_to(col_ok[None, :], [BLOCK_M, BLOCK_N])
             acc, m_i, l_i = _tile_update(acc, m_i, l_i, q, k, v, qk_scale, keep, True)
 
@@ -283,7 +277,6 @@ def run_plan(
     # One 64-key block of K and of V per descriptor load (K and V themselves, unused, without TMA).
     kv_blocks = tuple(descriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK, head_dim]) for t in (k, v)) \
         if tma else (k, v)
-    kv_blocks += _gathered_columns(k, v, plan, q_heads, head_dim) if tma and plan.uses_columns else (k, v)
     tuning_key = (q.device, q.dtype, head_dim_padded, plan.uses_diagonals, plan.uses_blocks, plan.uses_columns,
                   lse is not None, varlen, tma)
     if tuning_key not in _tuned:
@@ -317,20 +310,6 @@ def _launch(grid, q, k, v, kv_blocks, out, lse, plan: SparsePlan, scale: float, 
         USES_DIAGONALS=plan.uses_diagonals, USES_BLOCKS=plan.uses_blocks, USES_COLUMNS=plan.uses_columns,
         RETURN_LSE=lse is not None, VARLEN=varlen, TMA=tma,
     )
-
-
-def _gathered_columns(k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, q_heads: int, head_dim: int) -> tuple:
-    """Descriptors of each query head's gathered-column K and V rows, ``[batch * q_heads, max_columns,
-    head_dim]``, so that the kernel loads 64 of them in one TMA copy instead of 64 row gathers (a few
-    MiB: 1000 columns of 32 heads at head_dim 128 is 16 MiB for K and V together). Padding slots
-    (column ``seq``) read row ``seq - 1``; the kernel masks them."""
-    batch, kv_heads, seq, _ = k.shape
-    group = q_heads // kv_heads
-    batch_of = device_values([b for b in range(batch) for _ in range(q_heads)], k.device)[:, None]
-    kv_head_of = device_values([h // group for _ in range(batch) for h in range(q_heads)], k.device)[:, None]
-    columns = plan.columns.clamp(max=seq - 1)  # [batch * q_heads, max_columns]
-    gathered = (t[batch_of, kv_head_of, columns] for t in (k, v))  # [batch * q_heads, max_columns, head_dim]
-    return tuple(descriptor(t, list(t.shape), list(t.stride()), [1, BLOCK, head_dim]) for t in gathered)
 
 
 def _uses_tma(k: torch.Tensor, v: torch.Tensor, head_dim: int, head_dim_padded: int, varlen: bool) -> bool:
