@@ -305,6 +305,66 @@ def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage,
     assert torch.equal(BlockSparseIndex(blocks, start, count).padded().long(), want)
 
 
+@given(n_blocks=st.integers(1, 40), first=st.floats(0.0, 1.0), top_k=st.lists(st.integers(1, 45), min_size=3, max_size=3),
+       ties=st.booleans(), seed=st.integers(0, 2**31 - 1), max_chunk=st.sampled_from([2048, 16]),
+       smallest_chunk=st.sampled_from([256, 16]))
+def test_top_block_selection_on_the_gpu_equals_topk(n_blocks, first, top_k, ties, seed, max_chunk, smallest_chunk):
+    """Block-Sparse's bisection-based selection keeps what ``topk`` keeps: exactly min(top_k, m + 1)
+    blocks per row, ascending, the diagonal (scored +inf) among them; with distinct scores the same
+    set, with coarse scores (ties) a set whose every block scores at least the row's k-th best and that
+    holds every block scoring more. Negative scores included (the bisection runs on an order-preserving
+    integer image of the floats); rows held whole in registers and read in chunks, in one launch
+    or in launches of doubling widths."""
+    from sparse_prefill.kernels import coverage as coverage_kernels
+    from sparse_prefill.kernels.top_blocks import top_block_lists
+    from sparse_prefill.kinds import BlockSparseIndex
+
+    g = torch.Generator().manual_seed(seed)
+    first_block = int(first * (n_blocks - 1))
+    n_rows = n_blocks - first_block
+    scores = torch.randn(3, n_rows, n_blocks, generator=g) * 4
+    if ties:
+        scores = scores.round()
+    m = first_block + torch.arange(n_rows)
+    c = torch.arange(n_blocks)
+    scores = scores.masked_fill(c[None, None, :] > m[None, :, None], float("-inf"))
+    scores = scores.masked_fill(c[None, None, :] == m[None, :, None], float("inf")).to(DEVICE).contiguous()
+    with mock.patch.object(coverage_kernels, "MAX_CHUNK", max_chunk), \
+            mock.patch.object(coverage_kernels, "SMALLEST_CHUNK", smallest_chunk):
+        blocks, start, count = top_block_lists(scores, top_k, first_block)
+    assert torch.equal(start.view(-1)[1:], (start + count).view(-1)[:-1])  # packed back to back
+    got = BlockSparseIndex(blocks, start, count).padded().long().cpu()
+    scores = scores.cpu()
+    for row in range(3):
+        for r in range(n_rows):
+            wanted = min(top_k[row], first_block + r + 1)
+            kept = got[row, r][got[row, r] >= 0]
+            assert len(kept) == wanted and torch.equal(kept, kept.sort().values)
+            kth = scores[row, r].topk(wanted).values[-1]
+            assert (scores[row, r, kept] >= kth).all() and int((scores[row, r] > kth).sum()) <= wanted
+            assert set((scores[row, r] > kth).nonzero().flatten().tolist()) <= set(kept.tolist())
+            if not ties:
+                assert torch.equal(kept, scores[row, r].topk(wanted).indices.sort().values)
+
+
+def test_block_sparse_estimate_through_the_gpu_selection_equals_the_cpu_path():
+    """The GPU path of Block-Sparse's estimator (pooled scores, then the bisection kernel) gives the
+    same lists as its PyTorch path, heads with different budgets, in one share and in several."""
+    from sparse_prefill.kinds import block_sparse
+
+    planted = planted_qkv(batch=2, q_heads=4, kv_heads=2, seq=900, head_dim=64)
+    q, k = planted.q.to(DEVICE), planted.k.to(DEVICE)
+    patterns = [BlockSparse(3), BlockSparse(1), BlockSparse(8), BlockSparse(20)]
+    want = block_sparse.estimate(q, k, [0, 1, 2, 3], patterns, 0.125)  # float32: the PyTorch path
+    pooled_q = block_sparse.mean_pool_blocks(q)
+    pooled_k = block_sparse.mean_pool_blocks(k)[:, [0, 0, 1, 1]]
+    for step in (4, 3, 1):
+        lists = block_sparse._top_blocks_on_gpu(pooled_q, pooled_k, [3, 1, 8, 20], 0.125, 0, step)
+        got = block_sparse.split_heads(*lists, 0)
+        for head in range(4):
+            assert torch.equal(got[head].padded(), want[head].padded()), (step, head)
+
+
 def test_tma_loadable_says_which_layouts_descriptors_accept():
     """The kernels fall back to pointer loads exactly where a TMA descriptor would be refused."""
     from sparse_prefill.kernels.tma import tma_loadable

@@ -251,6 +251,16 @@ def _block_coverage_lists(case):
             coverage_block_lists(mass, _meta(rows, dtype=torch.float32), first_block)
 
 
+def _top_block_lists(case):
+    """kernels/top_blocks.py ``top_block_lists``: ``_top_blocks``, rows held whole and read in chunks."""
+    from sparse_prefill.kernels.top_blocks import top_block_lists
+
+    for rows, n_blocks, first_block in ((9, 2048, 0), (4, 16384, 0), (4, 4700, 1000), (1, 1, 0)):
+        with case(f"{rows} rows of {n_blocks} key blocks from query block {first_block}"):
+            scores = _meta(rows, n_blocks - first_block, n_blocks, dtype=torch.float32)
+            top_block_lists(scores, [64] * rows, first_block)
+
+
 def _last_query(case):
     """kernels/last_query.py ``last_query_scores`` (``_row_statistics`` then ``_column_and_block_sums``),
     then ``diagonal_scores`` (``_diagonal_scores``) on what it returns and 1000 chosen columns."""
@@ -277,7 +287,7 @@ def _last_query(case):
 
 
 LAUNCH_SITES = [_sparse_attention, _decode, _page_scores, _top_pages, _block_coverage_mass, _block_coverage_lists,
-                _last_query]
+                _top_block_lists, _last_query]
 
 
 # The kernels of _broken_kernels, and what the compiler must say about each.

@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import BLOCK, causal, check_positive_int, device_values, float_dtype, n_blocks, query_start, scaled_count
+from .common import (BLOCK, causal, check_positive_int, device_values, float_dtype, n_blocks, on_triton, query_start,
+                     scaled_count)
 
 
 @dataclass(frozen=True)
@@ -157,25 +158,50 @@ def estimate(q: torch.Tensor, k: torch.Tensor, heads: list[int], patterns: list[
     # causal key block (docs/semantics.md).
     first_block, whole = q_start // BLOCK, -(-q_start // BLOCK)
     top_ks = [min(p.top_k, nb) for p in patterns]
-    k_max = max(top_ks)
-    rank = torch.arange(k_max, device=q.device)
     ids = device_values(heads, q.device)
-    head_top_k = device_values(top_ks, q.device)
     # Pool first, then pick heads: only the pooled [blocks, dim] rows are ever copied.
     pooled_q = mean_pool_blocks(q[:, :, whole * BLOCK - q_start :])[:, ids]  # [batch, n, whole blocks, dim]
     pooled_k = mean_pool_blocks(k)[:, ids // group]
     # Scores are [rows, nb] floats per head (1 GiB at 1M tokens): as many heads at a time as fit ~1 GiB.
     step = max(1, 2**28 // (batch * max(1, nb - whole) * nb))
-    chosen = []
-    for first in range(0, len(heads), step):
+    if on_triton(q) and nb > whole:
+        lists = _top_blocks_on_gpu(pooled_q, pooled_k, top_ks, scale, whole, step)
+    else:
+        k_max = max(top_ks)
+        rank = torch.arange(k_max, device=q.device)
+        head_top_k = device_values(top_ks, q.device)
+        chosen = []
+        for first in range(0, len(heads), step):
+            part = slice(first, first + step)
+            top = pooled_scores(pooled_q[:, part], pooled_k[:, part], scale, whole).topk(k_max, dim=-1)
+            # Query block b has only b + 1 causal key blocks: the rest of its top-k are -inf, dropped.
+            keep = (top.values > float("-inf")) & (rank < head_top_k[part][None, :, None, None])
+            chosen.append(torch.where(keep, top.indices, nb).sort(dim=-1).values)
+        table = torch.cat(chosen, dim=1)
+        lists = packed_lists(torch.where(table == nb, -1, table))
+    return split_heads(*with_partial_block(*lists, q_start), first_block)
+
+
+def _top_blocks_on_gpu(pooled_q: torch.Tensor, pooled_k: torch.Tensor, top_ks: list[int], scale: float, whole: int,
+                       step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same selection by :func:`~sparse_prefill.kernels.top_blocks.top_block_lists` (one Triton
+    launch per width of rows instead of a top-k, a sort and the packing), ``step`` heads at a time."""
+    from ..kernels.top_blocks import top_block_lists  # lazy: importing the package never imports Triton
+
+    batch, n, n_rows, _ = pooled_q.shape
+    parts, starts, counts, offset = [], [], [], 0
+    for first in range(0, n, step):
         part = slice(first, first + step)
-        top = pooled_scores(pooled_q[:, part], pooled_k[:, part], scale, whole).topk(k_max, dim=-1)
-        # Query block b has only b + 1 causal key blocks: the rest of its top-k are -inf, dropped.
-        keep = (top.values > float("-inf")) & (rank < head_top_k[part][None, :, None, None])
-        chosen.append(torch.where(keep, top.indices, nb).sort(dim=-1).values)
-    table = torch.cat(chosen, dim=1)
-    lists = with_partial_block(*packed_lists(torch.where(table == nb, -1, table)), q_start)
-    return split_heads(*lists, first_block)
+        scores = pooled_scores(pooled_q[:, part], pooled_k[:, part], scale, whole)  # [batch, heads, rows, nb]
+        heads = scores.shape[1]
+        blocks, start, count = top_block_lists(scores.reshape(batch * heads, n_rows, -1), top_ks[part] * batch, whole)
+        parts.append(blocks)
+        starts.append(start.view(batch, heads, n_rows) + offset)
+        counts.append(count.view(batch, heads, n_rows))
+        offset += blocks.numel()
+    if len(parts) == 1:
+        return parts[0], starts[0], counts[0]
+    return torch.cat(parts), torch.cat(starts, dim=1), torch.cat(counts, dim=1)
 
 
 # --- the GPU kernel's share and cost -------------------------------------------------------------------
