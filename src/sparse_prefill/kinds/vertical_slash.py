@@ -139,14 +139,14 @@ def last_query_statistics(q: torch.Tensor, k: torch.Tensor, heads: list[int], la
     group = q_heads // k.shape[1]
     own_rows = [min(n, q_len) for n in last_q]  # a chunk's own queries only
     n_last = max(own_rows)  # from the Python list: no host synchronisation
-    own = device_values(own_rows, q.device)
-    row_used = (torch.arange(n_last, device=q.device)[None, :] >= n_last - own[:, None]).repeat(batch, 1)
+    # Constants of the Python lists, made once per distinct list (shared: read only).
+    row_used = device_values([tuple(x >= n_last - own for x in range(n_last)) for own in own_rows] * batch, q.device)
     ids = device_values(heads, q.device)
     if on_triton(q):
         from ..kernels.last_query import last_query_scores  # lazy: importing the package never imports Triton
 
         column_scores, block_sums, row_max, row_sum = last_query_scores(
-            q, k, ids, own.to(torch.int32).repeat(batch), n_last, scale)
+            q, k, ids, device_values(own_rows * batch, q.device, torch.int32), n_last, scale)
         return LastQueryStatistics(column_scores, block_sums, row_max, row_sum, row_used)
     dtype = float_dtype(q)
     positions = torch.arange(seq - n_last, seq, device=q.device)
@@ -165,7 +165,7 @@ def last_query_statistics(q: torch.Tensor, k: torch.Tensor, heads: list[int], la
 def ranked_with_forced(scores: torch.Tensor, count: int, forced: int) -> torch.Tensor:
     """Indices [rows, count] in rank order: ``0 .. min(forced, count) - 1``, then by descending score."""
     forced = min(forced, count)
-    first = torch.arange(forced, device=scores.device).expand(scores.shape[0], -1)
+    first = device_values(range(forced), scores.device, torch.long).expand(scores.shape[0], -1)
     best = scores[:, forced:].topk(count - forced, dim=1, sorted=True).indices + forced
     return torch.cat([first, best], dim=1)
 
