@@ -9,7 +9,7 @@ the model-level evaluation (docs/ACCURACY.md):
   perplexity, needle and RULER-style scores equal to dense within their noise (docs/ACCURACY.md).
   Stride 32 scores half the antidiagonals of stride 16 (0.023 at 2.6x on 2026-11-30, the same
   model-level scores), and the saved index time is worth more than the 0.004 of error.
-- ``"fast"``: the fastest measured budget under error 0.08 there (0.077, 6.0x cuDNN). For users
+- ``"fast"``: the fastest measured budget under error 0.08 there (0.077, 6.2x cuDNN). For users
   who measured that their task tolerates it.
 - ``"dense"``: exact attention on every call (transformers' SDPA), still through sparse_prefill's
   attention function: the baseline, and what a compressing KV cache (:mod:`sparse_prefill.kv_cache`)
