@@ -255,14 +255,14 @@ def test_antidiagonal_tile_mass_matches_pytorch(seq, stride, first_block):
     Lengths that are whole groups load through tensor descriptors, the others through masked pointers.
     Rows run in launches of 16, 32, 64 ... key blocks (the narrowest cut to 16 from 256, so that 33
     blocks take three)."""
-    from sparse_prefill.kernels import coverage as coverage_kernels
+    from sparse_prefill.kernels import row_ranges as row_range_module
     from sparse_prefill.kernels.coverage import antidiagonal_tile_mass
     from sparse_prefill.kinds.block_coverage import tile_mass
 
     q, k, _ = fresh_qkv(2, 4, 2, seq, 64, torch.float32)
     q = q[:, :, first_block * 64 :]
     heads = torch.tensor([0, 3, 2])
-    with mock.patch.object(coverage_kernels, "SMALLEST_CHUNK", 16):
+    with mock.patch.object(row_range_module, "SMALLEST_CHUNK", 16):
         got = antidiagonal_tile_mass(q, k, heads, stride, 0.125, first_block)  # [batch * 3, n_rows, n_blocks]
     n_rows, n_blocks = got.shape[1:]
     causal = torch.arange(n_blocks, device=DEVICE)[None, :] <= first_block + torch.arange(n_rows, device=DEVICE)[:, None]
@@ -285,7 +285,7 @@ def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage,
     (coverage x total - forced) are exact in float32 whatever the order of the additions and whether
     the GPU fuses the multiply-add: the two implementations then see the same numbers.
     """
-    from sparse_prefill.kernels import coverage as coverage_kernels
+    from sparse_prefill.kernels import row_ranges as row_range_module
     from sparse_prefill.kernels.coverage import coverage_block_lists
     from sparse_prefill.kinds import BlockSparseIndex
     from sparse_prefill.kinds.block_coverage import blocks_at_threshold, coverage_threshold
@@ -296,8 +296,8 @@ def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage,
     first = int(chunk * (n_blocks - 1))  # the rows of a chunk's query blocks first .. n_blocks - 1
     mass = ((mass * steps).round() / steps).tril()[:, first:].to(DEVICE).contiguous()
     cover = torch.tensor([round(coverage * 64) / 64, 1.0, 0.5], device=DEVICE)
-    with mock.patch.object(coverage_kernels, "MAX_CHUNK", max_chunk), \
-            mock.patch.object(coverage_kernels, "SMALLEST_CHUNK", smallest_chunk):
+    with mock.patch.object(row_range_module, "MAX_CHUNK", max_chunk), \
+            mock.patch.object(row_range_module, "SMALLEST_CHUNK", smallest_chunk):
         blocks, start, count = coverage_block_lists(mass, cover, first)
     want = blocks_at_threshold(mass, coverage_threshold(mass, cover, first), first)
     # Each row's list packed right after the previous one's, as many as the rule keeps.
@@ -315,7 +315,7 @@ def test_top_block_selection_on_the_gpu_equals_topk(n_blocks, first, top_k, ties
     holds every block scoring more. Negative scores included (the bisection runs on an order-preserving
     integer image of the floats); rows held whole in registers and read in chunks, in one launch
     or in launches of doubling widths."""
-    from sparse_prefill.kernels import coverage as coverage_kernels
+    from sparse_prefill.kernels import row_ranges as row_range_module
     from sparse_prefill.kernels.top_blocks import top_block_lists
     from sparse_prefill.kinds import BlockSparseIndex
 
@@ -329,8 +329,8 @@ def test_top_block_selection_on_the_gpu_equals_topk(n_blocks, first, top_k, ties
     c = torch.arange(n_blocks)
     scores = scores.masked_fill(c[None, None, :] > m[None, :, None], float("-inf"))
     scores = scores.masked_fill(c[None, None, :] == m[None, :, None], float("inf")).to(DEVICE).contiguous()
-    with mock.patch.object(coverage_kernels, "MAX_CHUNK", max_chunk), \
-            mock.patch.object(coverage_kernels, "SMALLEST_CHUNK", smallest_chunk):
+    with mock.patch.object(row_range_module, "MAX_CHUNK", max_chunk), \
+            mock.patch.object(row_range_module, "SMALLEST_CHUNK", smallest_chunk):
         blocks, start, count = top_block_lists(scores, top_k, first_block)
     assert torch.equal(start.view(-1)[1:], (start + count).view(-1)[:-1])  # packed back to back
     got = BlockSparseIndex(blocks, start, count).padded().long().cpu()

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..kinds.common import BLOCK
+from .row_ranges import row_ranges
 from .tma import descriptor, tma_loadable
 
 LOG2E = 1.4426950408889634  # 1/ln(2)
@@ -304,7 +305,7 @@ def antidiagonal_tile_mass(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TMA=tma,
     )
     mass = torch.empty(batch * n, n_rows, n_blocks, dtype=torch.float32, device=q.device)
-    for first_row, end_row, chunk in _row_ranges(first_block, n_rows):
+    for first_row, end_row, chunk in row_ranges(first_block, n_rows):
         _tile_mass[(end_row - first_row, batch * n)](block_lse, row_lse, mass, seq, first_block, first_row, n_groups,
                                                      n_rows, n_blocks, batch * n * n_groups, STRIDE=stride, BLOCK_C=chunk)
     return mass
@@ -322,7 +323,7 @@ def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor,
     rows, n_rows, n_blocks = mass.shape
     thresholds = torch.empty(rows, n_rows, dtype=torch.float32, device=mass.device)
     count = torch.empty(rows, n_rows, dtype=torch.int32, device=mass.device)
-    ranges = _row_ranges(first_block, n_rows)
+    ranges = row_ranges(first_block, n_rows)
     coverage = coverage.float().contiguous()
     for first_row, end_row, chunk in ranges:
         _coverage_threshold[(end_row - first_row, rows)](mass, coverage, thresholds, count, first_block, first_row,
@@ -340,26 +341,3 @@ def coverage_block_lists(mass: torch.Tensor, coverage: torch.Tensor,
         _write_blocks[(end_row - first_row, rows)](mass, thresholds, start, blocks, first_block, first_row, n_rows,
                                                    n_blocks, BLOCK_C=chunk)
     return blocks, start, count
-
-
-# Key blocks a program holds at a time: a row up to 2048 blocks (128K tokens) is one chunk.
-MAX_CHUNK = 2048
-# The narrowest chunk the per-row kernels get a launch of their own for.
-SMALLEST_CHUNK = 256
-
-
-def _row_ranges(first_block: int, n_rows: int) -> list[tuple[int, int, int]]:
-    """The rows of the per-row kernels as launches ``(first_row, end_row, chunk)``: query block
-    ``m`` reads key blocks ``0 .. m``, so the early rows get a narrower chunk than the last. One
-    launch with the widest chunk for every row spent half its vector work on masked lanes at 128K
-    (2048 rows); doubling widths from ``SMALLEST_CHUNK`` cut that work by a third, at three more launches
-    per kernel."""
-    ranges, row = [], 0
-    while row < n_rows:
-        widest = max(triton.next_power_of_2(first_block + n_rows), 16)  # the last row's key blocks
-        chunk = min(max(triton.next_power_of_2(first_block + row + 1), SMALLEST_CHUNK), widest, MAX_CHUNK)
-        # Rows whose key blocks 0 .. m fit the chunk; past MAX_CHUNK one chunk walks the rest.
-        end = n_rows if chunk == MAX_CHUNK else min(n_rows, chunk - first_block)
-        ranges.append((row, end, chunk))
-        row = end
-    return ranges

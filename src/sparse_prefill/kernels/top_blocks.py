@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..kinds.common import device_values
-from .coverage import _row_ranges
+from .row_ranges import row_ranges
 
 
 @triton.jit
@@ -121,7 +121,7 @@ def top_block_lists(scores: torch.Tensor, top_k: list[int], first_block: int = 0
     start = (flat - count.view(-1)).view(rows, n_rows)
     size = sum(_kept_total(k, first_block, n_blocks) for k in top_k)
     blocks = torch.empty(max(size, 1), dtype=torch.int32, device=device)
-    for first_row, end_row, chunk in _row_ranges(first_block, n_rows):
+    for first_row, end_row, chunk in row_ranges(first_block, n_rows):
         _top_blocks[(end_row - first_row, rows)](scores, budgets, start, blocks, first_block, first_row, n_rows,
                                                  n_blocks, BLOCK_C=chunk, ONE_CHUNK=first_block + end_row <= chunk)
     return blocks, start, count
