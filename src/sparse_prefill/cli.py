@@ -30,7 +30,7 @@ CPU_NOTE = (
     "(the 6K demo ran at 0.16-0.92x dense's speed on 2 cores, depending on load). The speed is on a GPU (--device "
     "cuda), where the Triton kernels compute only the kept blocks, for prompts of "
     f"{PRESETS['default'].min_seq_len_cuda // 1024}K tokens and more (the presets' crossover with dense attention): "
-    "at 128K the default preset's attention is 3.1x faster than cuDNN's on an H200 (docs/BENCHMARKS.md)."
+    "at 128K the default preset's attention is 3.7x faster than cuDNN's on an H200 (docs/BENCHMARKS.md)."
 )
 
 
@@ -307,7 +307,7 @@ def _speed_notes(device: torch.device, n_tokens: int, crossover: int, demo: bool
     return {"gpu_note": (
         f"below {crossover:,} tokens sparse prefill is slower than dense attention on a GPU too (the index costs more "
         f"than the skipped blocks save); it ran here because {why}. From {crossover:,} tokens it pays: at 128K the "
-        "default preset's attention is 3.1x faster than cuDNN's on an H200 (docs/BENCHMARKS.md)"
+        "default preset's attention is 3.7x faster than cuDNN's on an H200 (docs/BENCHMARKS.md)"
     )}
 
 
