@@ -272,6 +272,25 @@ def test_antidiagonal_tile_mass_matches_pytorch(seq, stride, first_block):
         torch.testing.assert_close(torch.where(causal, got[3 * b : 3 * b + 3], 0.0), want, rtol=1e-4, atol=1e-5)
 
 
+@given(first_block=st.integers(0, 5000), n_rows=st.integers(1, 20000), smallest=st.sampled_from([16, 64, 256]),
+       widest=st.sampled_from([16, 256, 2048]))
+def test_row_ranges_cover_every_row_once_with_a_chunk_that_fits(first_block, n_rows, smallest, widest):
+    """The per-row kernels' launches: contiguous ranges covering rows 0 .. n_rows - 1 once, each with a
+    power-of-two chunk of at least 16 and at most MAX_CHUNK that holds every row's key blocks 0 .. m
+    (rows past MAX_CHUNK blocks walk theirs in chunks), growing from range to range."""
+    from sparse_prefill.kernels import row_ranges as row_range_module
+
+    with mock.patch.object(row_range_module, "SMALLEST_CHUNK", smallest), \
+            mock.patch.object(row_range_module, "MAX_CHUNK", widest):
+        ranges = row_range_module.row_ranges(first_block, n_rows)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n_rows
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    for first_row, end_row, chunk in ranges:
+        assert first_row < end_row and 16 <= chunk <= widest and chunk & (chunk - 1) == 0
+        assert chunk == widest or first_block + end_row <= chunk  # the range's last row m fits: m + 1 <= chunk
+    assert [chunk for _, _, chunk in ranges] == sorted(chunk for _, _, chunk in ranges)
+
+
 @given(n_blocks=st.integers(1, 40), coverage=st.floats(0.05, 1.0), ties=st.booleans(), seed=st.integers(0, 2**31 - 1),
        chunk=st.floats(0.0, 1.0), max_chunk=st.sampled_from([2048, 16]), smallest_chunk=st.sampled_from([256, 16]))
 def test_coverage_selection_on_the_gpu_equals_the_definition(n_blocks, coverage, ties, seed, chunk, max_chunk,
