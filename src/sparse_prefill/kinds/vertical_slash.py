@@ -12,6 +12,7 @@ selection (:func:`estimate`) on every path: the CPU reference, the GPU plan and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
@@ -139,8 +140,7 @@ def last_query_statistics(q: torch.Tensor, k: torch.Tensor, heads: list[int], la
     group = q_heads // k.shape[1]
     own_rows = [min(n, q_len) for n in last_q]  # a chunk's own queries only
     n_last = max(own_rows)  # from the Python list: no host synchronisation
-    # Constants of the Python lists, made once per distinct list (shared: read only).
-    row_used = device_values([tuple(x >= n_last - own for x in range(n_last)) for own in own_rows] * batch, q.device)
+    row_used = _rows_used(tuple(own_rows), batch, q.device)
     ids = device_values(heads, q.device)
     if on_triton(q):
         from ..kernels.last_query import last_query_scores  # lazy: importing the package never imports Triton
@@ -160,6 +160,16 @@ def last_query_statistics(q: torch.Tensor, k: torch.Tensor, heads: list[int], la
     block_sums = padded.view(batch, len(heads), n_last, -1, BLOCK).sum(dim=-1)
     return LastQueryStatistics(probs.sum(dim=2).flatten(0, 1), block_sums.flatten(0, 1), row_max.flatten(0, 1),
                                row_sum.flatten(0, 1), row_used)
+
+
+@lru_cache(maxsize=64)
+def _rows_used(own_rows: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
+    """bool [batch * heads, max(own_rows)]: which of the last rows each head uses (its own last
+    ``own_rows[j]``). Made once per distinct list and shared (read only): every layer of a prompt asks
+    for the same, and building it costs several small GPU operations."""
+    n_last = max(own_rows)
+    rows = torch.arange(n_last)[None, :] >= n_last - torch.tensor(own_rows)[:, None]
+    return rows.repeat(batch, 1).to(device)
 
 
 def ranked_with_forced(scores: torch.Tensor, count: int, forced: int) -> torch.Tensor:
