@@ -352,6 +352,7 @@ def test_top_block_selection_on_the_gpu_equals_topk(n_blocks, first, top_k, ties
             mock.patch.object(row_range_module, "SMALLEST_CHUNK", smallest_chunk):
         blocks, start, count = top_block_lists(scores, top_k, first_block)
     assert torch.equal(start.view(-1)[1:], (start + count).view(-1)[:-1])  # packed back to back
+    assert blocks.numel() == max(int(count.sum()), 1)  # the buffer sized from the budgets alone holds them exactly
     got = BlockSparseIndex(blocks, start, count).padded().long().cpu()
     scores = scores.cpu()
     for row in range(3):
